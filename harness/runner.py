@@ -1,0 +1,406 @@
+"""Run one (method, scenario, seed): train task by task, evaluate after each task, measure.
+
+The runner owns the loop, the evaluation and every measurement; methods only see their hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from harness import metrics
+from harness.api import (
+    CLASS_IL,
+    DOMAIN_IL,
+    METHODS,
+    TASK_IL,
+    Method,
+    Protocol,
+    RunContext,
+    Scenario,
+    Task,
+    TrainingDiverged,
+    hparams_from,
+)
+from harness.backbones import build_backbone
+from harness.costs import PeakMemory, StepFlopMeter, Stopwatch, count_flops, parameter_counts
+from harness.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines one run; its resolved form is recorded with the results."""
+
+    method: str
+    scenario: str
+    seed: int = 0
+    method_set: dict[str, Any] = field(default_factory=dict)
+    scenario_set: dict[str, Any] = field(default_factory=dict)
+    protocol: Protocol = field(default_factory=Protocol)
+    label: str = ""  # method configuration name shown in tables (default: method + overrides)
+    device: str = "auto"
+    data_root: str | None = None
+    eval_split: str = "test"  # "val" during tuning: the test split is never read then
+    tuned: bool = False
+    tuned_trials: int = 0
+
+    def method_label(self) -> str:
+        if self.label:
+            return self.label
+        if not self.method_set:
+            return self.method
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.method_set.items()))
+        return f"{self.method}[{inner}]"
+
+    def key(self) -> str:
+        """File-system safe identifier of (method configuration, scenario, options, seed)."""
+        sc = self.scenario
+        if self.scenario_set:
+            sc += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.scenario_set.items())) + "]"
+        raw = f"{self.method_label()}__{sc}__ep{self.protocol.epochs}__s{self.seed}"
+        return "".join(ch if ch.isalnum() or ch in "-_.=,[]" else "_" for ch in raw)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}", "use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but no GPU is available", "use --device cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def environment_info(device: torch.device) -> dict[str, str]:
+    """Versions, git revision and hardware: what is needed to repeat a run."""
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(device),
+        "torch_threads": str(torch.get_num_threads()),
+        "git_revision": git_revision(),
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+_SCENARIO_CACHE: dict[str, Scenario] = {}
+
+
+def get_scenario(spec: RunSpec) -> Scenario:
+    """Build (or reuse, within one process) the scenario of a run."""
+    from scenarios.base import build_scenario
+
+    key = json.dumps([spec.scenario, spec.scenario_set, spec.seed, spec.data_root], sort_keys=True, default=str)
+    if key not in _SCENARIO_CACHE:
+        if len(_SCENARIO_CACHE) > 4:
+            _SCENARIO_CACHE.clear()
+        _SCENARIO_CACHE[key] = build_scenario(spec.scenario, spec.scenario_set, spec.seed, spec.data_root)
+    return _SCENARIO_CACHE[key]
+
+
+def resolve_method(name: str) -> type[Method]:
+    import methods  # noqa: F401  (registers every method)
+
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+def _class_masks(scenario: Scenario, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
+    """Additive masks: seen[k] keeps classes of tasks 0..k; own[j] keeps task j's classes."""
+    C = scenario.num_classes
+    seen, own = [], []
+    acc = torch.full((C,), float("-inf"))
+    for t in scenario.tasks:
+        m = torch.full((C,), float("-inf"))
+        m[t.classes] = 0.0
+        acc = torch.maximum(acc, m)
+        seen.append(acc.clone().to(device))
+        own.append(m.to(device))
+    return seen, own
+
+
+@torch.no_grad()
+def evaluate(
+    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
+) -> dict[str, list[float]]:
+    """Accuracy on every task's split after training task ``after_task``.
+
+    Class-IL: argmax over the classes of tasks 0..max(after_task, j) (every class seen so far;
+    for a task not yet trained, the classes up to it, so FWT's entries are defined).
+    Task-IL: argmax over task j's own classes. Domain-IL: plain argmax over all classes.
+    """
+    method.eval_mode()
+    seen, own = _class_masks(scenario, ctx.device)
+    out: dict[str, list[float]] = {s: [] for s in scenario.settings}
+    for j, task in enumerate(scenario.tasks):
+        correct = {s: torch.zeros((), dtype=torch.long, device=ctx.device) for s in scenario.settings}
+        n = 0
+        for x, y in ctx.eval_batches(task, split):
+            logits = method.predict(x)
+            n += len(y)
+            if scenario.setting == "class":
+                correct[CLASS_IL] += (( logits + seen[max(after_task, j)]).argmax(1) == y).sum()
+                correct[TASK_IL] += ((logits + own[j]).argmax(1) == y).sum()
+            else:
+                correct[DOMAIN_IL] += (logits.argmax(1) == y).sum()
+        for s in scenario.settings:
+            out[s].append(float(correct[s]) / max(n, 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+class RunObserver:
+    """Receives progress of a run (tracking, checkpoints, progress bars). All hooks optional."""
+
+    def on_start(self, record: dict[str, Any]) -> None: ...
+
+    def on_task_end(self, record: dict[str, Any], task_id: int, state_fn) -> None:
+        """``state_fn()`` returns a resumable checkpoint of the run at the start of the next task."""
+
+    def on_end(self, record: dict[str, Any]) -> None: ...
+
+
+def build_context(spec: RunSpec, scenario: Scenario, device: torch.device) -> RunContext:
+    backbone = spec.protocol.backbone or scenario.default_backbone
+
+    def factory():
+        # Same seed -> the same initial weights for every method and every call.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            return build_backbone(backbone, scenario.input_shape, scenario.num_classes)
+
+    build_backbone(backbone, scenario.input_shape, scenario.num_classes)  # validates the name early
+    return RunContext(scenario, spec.protocol, device, spec.seed, factory)
+
+
+def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[str, Any] | None = None,
+        progress: Any = None) -> dict[str, Any]:
+    """Execute one run and return its record (the same dict that is written as JSON)."""
+    observer = observer or RunObserver()
+    spec.protocol.validate()
+    device = resolve_device(spec.device)
+    cls = resolve_method(spec.method)
+    hp = hparams_from(cls.HParams, spec.method_set)
+    scenario = get_scenario(spec)
+    settings = scenario.settings
+    if not any(s in cls.SETTINGS for s in settings):
+        raise UserError(f"method {cls.NAME} does not support {scenario.name}'s setting ({', '.join(settings)})",
+                        "pick a scenario of a supported setting")
+    seed_everything(spec.seed)
+    ctx = build_context(spec, scenario, device)
+    if spec.eval_split != "test":
+        ctx.allow_test = False
+    method = cls(hp, ctx)
+    T = len(scenario.tasks)
+
+    record: dict[str, Any] = {
+        "key": spec.key(),
+        "method": spec.method,
+        "label": spec.method_label(),
+        "scenario": spec.scenario,
+        "setting": scenario.setting,
+        "settings": settings,
+        "seed": spec.seed,
+        "status": "running",
+        "tuned": spec.tuned,
+        "tuned_trials": spec.tuned_trials,
+        "eval_split": spec.eval_split,
+        "config": {
+            "method": spec.method,
+            "hparams": dataclasses.asdict(hp),
+            "scenario": spec.scenario,
+            "scenario_options": scenario.options,
+            "protocol": dataclasses.asdict(spec.protocol) | {
+                "backbone": spec.protocol.backbone or scenario.default_backbone},
+            "seed": spec.seed,
+            "data_root": spec.data_root,
+            "env": environment_info(device),
+        },
+        "n_tasks": T,
+        "tasks": [{"id": t.id, "name": t.name, "classes": t.classes, "n_train": len(t.train_idx),
+                   "n_val": len(t.val_idx), "n_test": len(t.test_idx)} for t in scenario.tasks],
+        "acc": {s: [] for s in settings},
+        "random_init_acc": {},
+        "per_task": [],
+        "method_metrics": [],
+        "artifacts": {},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    meter = StepFlopMeter()
+    ctx.step_hook = meter
+    watch = Stopwatch(device)
+    boundary_flops = 0
+    start_task = 0
+    if resume_state is not None:
+        method.load_state_dict(resume_state["method"])
+        _restore_rng(resume_state["rng"], ctx)
+        record.update({k: resume_state["record"][k] for k in ("acc", "random_init_acc", "per_task",
+                                                               "method_metrics", "artifacts")})
+        meter.total = resume_state["flops_total"]
+        boundary_flops = resume_state["boundary_flops"]
+        ctx.comm_bytes, ctx.comm_rounds = resume_state["comm"]
+        ctx.samples_seen = resume_state["samples_seen"]
+        start_task = resume_state["next_task"]
+        record["resumed_from_task"] = start_task
+    observer.on_start(record)
+
+    with PeakMemory(device) as mem:
+        if start_task == 0:
+            watch.start()
+            record["random_init_acc"] = evaluate(method, scenario, 0, spec.eval_split, ctx)
+            record["random_init_eval_s"] = watch.stop()
+        for k in range(start_task, T):
+            task = scenario.tasks[k]
+            ctx.current_task = task
+            samples_before = ctx.samples_seen
+            comm_before = ctx.comm_bytes
+            watch.start()
+            f_before, _ = count_flops(method.before_task, task)
+            method.train_task(task)
+            meter.finish_task()
+            f_after, _ = count_flops(method.after_task, task)
+            train_s = watch.stop()
+            boundary_flops += f_before + f_after
+            watch.start()
+            accs = evaluate(method, scenario, k, spec.eval_split, ctx)
+            eval_s = watch.stop()
+            for s in settings:
+                record["acc"][s].append(accs[s])
+            total_p, trainable_p = parameter_counts(method.inference_modules())
+            samples = ctx.samples_seen - samples_before
+            record["per_task"].append({
+                "task": k,
+                "train_s": train_s,
+                "eval_s": eval_s,
+                "train_samples": samples,
+                "samples_per_s": samples / train_s if train_s > 0 else 0.0,
+                "params_total": total_p,
+                "params_trainable": trainable_p,
+                "state_bytes": method.state_bytes(),
+                "comm_bytes": ctx.comm_bytes - comm_before,
+                "train_flops_per_sample": meter.per_sample,
+                "avg_acc": {s: float(np.mean(accs[s][: k + 1])) for s in settings},
+            })
+            record["method_metrics"] = [list(m) for m in ctx.metrics]
+            record["artifacts"] = ctx.artifacts
+            observer.on_task_end(
+                record, k, lambda k=k, bf=boundary_flops: capture_state(method, ctx, record, meter.total, bf, k + 1))
+            if progress is not None:
+                progress(k + 1, T, record)
+
+    # Costs of the final model.
+    x_probe = next(ctx.eval_batches(scenario.tasks[0], spec.eval_split))[0][:64]
+    method.eval_mode()
+    inf_flops, _ = count_flops(method.predict, x_probe)
+    total_p, trainable_p = parameter_counts(method.inference_modules())
+    train_samples = sum(p["train_samples"] for p in record["per_task"])
+    train_s = sum(p["train_s"] for p in record["per_task"])
+    record["costs"] = {
+        "params_total": total_p,
+        "params_trainable": trainable_p,
+        "inference_flops_per_sample": inf_flops / len(x_probe),
+        "train_flops_total": meter.total + boundary_flops,
+        "train_flops_boundary": boundary_flops,
+        "train_flops_per_sample": (meter.total + boundary_flops) / max(train_samples, 1),
+        "train_samples": train_samples,
+        "train_time_s": train_s,
+        "eval_time_s": sum(p["eval_s"] for p in record["per_task"]),
+        "samples_per_s": train_samples / train_s if train_s > 0 else 0.0,
+        "peak_memory_bytes": mem.peak_bytes,
+        "peak_memory_kind": mem.kind,
+        "method_state_bytes": method.state_bytes(),
+        "comm_bytes": ctx.comm_bytes,
+        "comm_rounds": ctx.comm_rounds,
+        "flop_steps_counted": meter.counted_steps,
+    }
+    b = record["random_init_acc"]
+    record["metrics"] = {s: metrics.summary(record["acc"][s], b[s]) for s in settings}
+    record["status"] = "finished"
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    observer.on_end(record)
+    return record
+
+
+def capture_state(method: Method, ctx: RunContext, record: dict[str, Any], meter_total: float,
+                  boundary_flops: int, next_task: int) -> dict[str, Any]:
+    """Everything needed to resume a run at the start of ``next_task``."""
+    return {
+        "method": method.state_dict(),
+        "rng": _rng_state(ctx),
+        "record": {k: record[k] for k in ("acc", "random_init_acc", "per_task", "method_metrics", "artifacts")},
+        "flops_total": meter_total,
+        "boundary_flops": boundary_flops,
+        "comm": (ctx.comm_bytes, ctx.comm_rounds),
+        "samples_seen": ctx.samples_seen,
+        "next_task": next_task,
+    }
+
+
+def _rng_state(ctx: RunContext) -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "ctx": ctx.generator.get_state(), "numpy": np.random.get_state(),
+          "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _restore_rng(st: dict[str, Any], ctx: RunContext) -> None:
+    torch.set_rng_state(st["torch"])
+    ctx.generator.set_state(st["ctx"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+__all__ = ["RunSpec", "run", "evaluate", "RunObserver", "TrainingDiverged", "Task"]

@@ -1,0 +1,119 @@
+"""Pieces shared by several methods, written once: the KD loss and the diagonal Fisher estimator.
+
+LwF, m2mKD and DMKD import :func:`kd_loss`; EWC and DMKD's knowledge preservation import
+:func:`diagonal_fisher`. Nothing here knows about the runner.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    classes: Sequence[int] | Tensor | None = None,
+) -> Tensor:
+    """τ² · KL(σ(z_teacher/τ) ‖ σ(z_student/τ)), batch mean (sum over classes, mean over samples).
+
+    ``classes`` restricts both distributions to those logits (LwF: the old classes; DMKD: the
+    classes the teacher knows). The τ² factor keeps gradient magnitudes comparable across τ
+    (Hinton et al. 2015).
+    """
+    if classes is not None:
+        idx = torch.as_tensor(classes, device=student_logits.device, dtype=torch.long)
+        student_logits = student_logits.index_select(1, idx)
+        teacher_logits = teacher_logits.index_select(1, idx)
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1).mean()
+    return kl * (t * t)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with gradients off: the teacher snapshot at a task boundary."""
+    teacher = copy.deepcopy(module)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    labels: str = "empirical",
+    max_samples: int | None = None,
+    params: dict[str, nn.Parameter] | None = None,
+    forward: Callable[[nn.Module, dict[str, Tensor], Tensor], Tensor] | None = None,
+    per_sample: str = "vmap",
+    generator: torch.Generator | None = None,
+    class_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher: mean over samples of the squared per-sample gradient of log p(y|x).
+
+    labels: ``empirical`` uses the true label y; ``sampled`` draws y ~ p_θ(·|x) (the true Fisher).
+    params: which parameters (name -> tensor) to estimate; default every trainable parameter.
+    forward: ``forward(model, params, x) -> logits``; default ``functional_call(model, params, x)``.
+    per_sample: ``vmap`` (torch.func, fast) or ``loop`` (one backward per sample, for models whose
+        forward has data-dependent control flow such as sparse routing).
+    class_mask: optional additive mask on the logits (e.g. restrict to the classes seen so far).
+    The model is evaluated in eval mode (BatchNorm uses running statistics).
+    """
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    if params is None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
+    detached = {n: params[n].detach() for n in names}
+    fwd = forward or (lambda m, p, x: functional_call(m, p, (x,)))
+    was_training = model.training
+    model.eval()
+    fisher = {n: torch.zeros_like(detached[n]) for n in names}
+    n_seen = 0
+
+    def log_lik(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = fwd(model, p, x.unsqueeze(0))
+        if class_mask is not None:
+            logits = logits + class_mask
+        return F.log_softmax(logits, dim=1)[0, y]
+
+    per_sample_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    for x, y in batches:
+        if max_samples is not None:
+            x, y = x[: max_samples - n_seen], y[: max_samples - n_seen]
+        if len(y) == 0:
+            break
+        if labels == "sampled":
+            with torch.no_grad():
+                logits = fwd(model, detached, x)
+                if class_mask is not None:
+                    logits = logits + class_mask
+                y = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+        if per_sample == "vmap":
+            g = per_sample_grad(detached, x, y)
+            for n in names:
+                fisher[n] += g[n].pow(2).sum(0)
+        else:
+            live = {n: detached[n].clone().requires_grad_(True) for n in names}
+            for i in range(len(y)):
+                gi = torch.autograd.grad(log_lik(live, x[i], y[i]), [live[n] for n in names], allow_unused=True)
+                for n, gn in zip(names, gi):
+                    if gn is not None:
+                        fisher[n] += gn.pow(2)
+        n_seen += len(y)
+        if max_samples is not None and n_seen >= max_samples:
+            break
+    model.train(was_training)
+    if n_seen == 0:
+        return fisher
+    return {n: f / n_seen for n, f in fisher.items()}
