@@ -85,7 +85,7 @@ def diagonal_fisher(
         logits = fwd(model, p, x.unsqueeze(0))
         if class_mask is not None:
             logits = logits + class_mask
-        return F.log_softmax(logits, dim=1)[0, y]
+        return F.log_softmax(logits, dim=1)[0].gather(0, y.reshape(1)).squeeze(0)
 
     per_sample_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
     for x, y in batches:
