@@ -1,3 +1,9 @@
-"""Every scenario, registered by name when this package is imported."""
+"""Every scenario, registered by name when this package is imported (one module per data family)."""
 
-from scenarios import fmnist  # noqa: F401
+import importlib
+import pkgutil
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.startswith("_") or _info.name == "base":
+        continue
+    importlib.import_module(f"{__name__}.{_info.name}")
