@@ -1,0 +1,299 @@
+"""The `dmkd` command: list, run, suite, report, tune, ablate.
+
+Errors a user can cause print one line (``error: <problem> — <fix>``) and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+DEFAULT_RESULTS = "results"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"error: {message} — see '{self.prog} --help'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_sets(items: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for it in items or []:
+        if "=" not in it or it.startswith("="):
+            raise UserError(f"--set {it!r} is not key=value", "write e.g. --set lr=0.05")
+        k, v = it.split("=", 1)
+        out.append((k.strip(), _parse_value(v.strip())))
+    return out
+
+
+def route_sets(sets: list[tuple[str, Any]], method: str, scenario: str) -> tuple[dict, dict, dict]:
+    """Send each key=value to the method's hyperparameters, the scenario's options or the protocol.
+
+    A key may be prefixed (``method.``, ``scenario.``, ``protocol.``); unprefixed keys go to the
+    first of method, scenario, protocol that has a field of that name.
+    """
+    from harness.api import Protocol
+    from harness.runner import resolve_method
+    from scenarios.base import SCENARIOS, scenario_option_names
+
+    import scenarios  # noqa: F401
+
+    m_fields = {f.name for f in dataclasses.fields(resolve_method(method).HParams)}
+    if scenario not in SCENARIOS:
+        raise UserError(f"unknown scenario {scenario!r}", f"choose one of: {', '.join(SCENARIOS)}")
+    s_fields = set(scenario_option_names(scenario))
+    p_fields = {f.name for f in dataclasses.fields(Protocol)}
+    m_set: dict[str, Any] = {}
+    s_set: dict[str, Any] = {}
+    p_set: dict[str, Any] = {}
+    for key, value in sets:
+        prefix, _, name = key.rpartition(".")
+        if prefix == "method" or (not prefix and name in m_fields):
+            m_set[name] = value
+        elif prefix == "scenario" or (not prefix and name in s_fields):
+            s_set[name] = value
+        elif prefix == "protocol" or (not prefix and name in p_fields):
+            p_set[name] = value
+        else:
+            raise UserError(
+                f"unknown option {key!r} for method {method} / scenario {scenario}",
+                f"method options: {', '.join(sorted(m_fields)) or '-'}; scenario options: {', '.join(sorted(s_fields))}; "
+                f"protocol: {', '.join(sorted(p_fields))}",
+            )
+    return m_set, s_set, p_set
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default=os.environ.get("DMKD_RESULTS", DEFAULT_RESULTS),
+                   help="results folder (JSON records, checkpoints, MLflow sqlite store)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite under --results; 'none' disables)")
+    p.add_argument("--data-root", default=None, help="folder with the data sets (else $DMKD_DATA, then defaults)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="dmkd", description="dmkd-bench: continual-learning benchmark harness")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    sub.add_parser("list", help="methods, scenarios and backbones")
+
+    r = sub.add_parser("run", help="run one method on one scenario")
+    r.add_argument("--method", required=True)
+    r.add_argument("--scenario", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--epochs", type=int, default=None)
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="method/scenario/protocol option")
+    r.add_argument("--experiment", default="adhoc")
+    r.add_argument("--nodes-backend", default=None, choices=["inprocess", "distributed"],
+                   help="decentralized methods: run nodes in one process or one process per node (torchrun)")
+    _common(r)
+
+    s = sub.add_parser("suite", help="run a suite YAML (methods x scenarios x seeds); resumable")
+    s.add_argument("config")
+    s.add_argument("--tuned", action="store_true", help="use the best parameters saved by `dmkd tune`")
+    s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    s.add_argument("--claim-ttl", type=float, default=120.0, help="seconds after which a dead worker's claim expires")
+    _common(s)
+
+    rep = sub.add_parser("report", help="write LEADERBOARD.md and report.html from recorded runs")
+    rep.add_argument("--experiment", default=None)
+    rep.add_argument("--out", default=None)
+    _common(rep)
+
+    t = sub.add_parser("tune", help="Optuna study on the validation split")
+    t.add_argument("--method", required=True)
+    t.add_argument("--scenario", required=True)
+    t.add_argument("--trials", type=int, default=20)
+    t.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")
+    t.add_argument("--study", default=None)
+    t.add_argument("--seeds", default="0", help="comma-separated seeds averaged per trial")
+    t.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _common(t)
+
+    a = sub.add_parser("ablate", help="grid over DMKD's switches (Optuna GridSampler)")
+    a.add_argument("config")
+    a.add_argument("--storage", default=None)
+    _common(a)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(e.line(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are kept, unfinished ones resume from their checkpoint", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "list":
+        return cmd_list()
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "suite":
+        return cmd_suite(args)
+    if args.cmd == "report":
+        return cmd_report(args)
+    if args.cmd == "tune":
+        from harness.tune import cmd_tune
+
+        return cmd_tune(args)
+    if args.cmd == "ablate":
+        from harness.tune import cmd_ablate
+
+        return cmd_ablate(args)
+    raise UserError(f"unknown command {args.cmd}")
+
+
+def cmd_list() -> int:
+    import methods  # noqa: F401
+    import scenarios  # noqa: F401
+    from harness.api import METHODS
+    from harness.backbones import BACKBONES
+    from scenarios.base import SCENARIOS
+
+    print("methods:")
+    for name, cls in sorted(METHODS.items()):
+        print(f"  {name:<14} {cls.DESCRIPTION or (cls.__doc__ or '').strip().splitlines()[0]}")
+    print("scenarios:")
+    for name, sp in SCENARIOS.items():
+        print(f"  {name:<20} {sp.description}  [backbone {sp.default_backbone}{'' if sp.runs_on_cpu else ', GPU'}]")
+    print("backbones:")
+    for name in BACKBONES:
+        print(f"  {name}")
+    return 0
+
+
+def _store(args, experiment: str):
+    from harness.tracking import Store
+
+    return Store(Path(args.results), experiment, args.tracking_uri)
+
+
+def cmd_run(args) -> int:
+    from harness.api import Protocol, hparams_from
+    from harness.runner import RunSpec
+    from harness.suite import execute, validate_specs
+
+    m_set, s_set, p_set = route_sets(parse_sets(args.set), args.method, args.scenario)
+    if args.epochs is not None:
+        p_set["epochs"] = args.epochs
+    if args.nodes_backend:
+        m_set.setdefault("backend", args.nodes_backend)
+    protocol = hparams_from(Protocol, p_set)
+    spec = RunSpec(args.method, args.scenario, args.seed, m_set, s_set, protocol, device=args.device,
+                   data_root=args.data_root)
+    validate_specs([spec])
+    store = _store(args, args.experiment)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"{spec.method_label()} on {spec.scenario}", unit="task", file=sys.stderr)
+
+    def prog(k, T, record):
+        bar.total = T
+        bar.n = k
+        bar.refresh()
+
+    rec = execute(spec, store, progress=prog)
+    bar.close()
+    print_records([rec])
+    print(f"record: {store.record_path(spec.key())}")
+    return 0 if rec.get("status") == "finished" else 1
+
+
+def cmd_suite(args) -> int:
+    from harness.suite import load_suite, run_suite
+
+    cfg = load_suite(args.config)
+    if args.data_root:
+        cfg.data_root = args.data_root
+    if args.device != "auto":
+        cfg.device = args.device
+    if args.tuned:
+        from harness.tune import load_best_params
+
+        cfg.tuned = load_best_params(Path(args.results), cfg)
+    store = _store(args, cfg.experiment)
+    records = run_suite(cfg, store, claim_ttl_s=args.claim_ttl)
+    print_records(records)
+    if not args.no_report:
+        _write_report(args, cfg.experiment)
+    failed = [r for r in records if r.get("status") == "failed"]
+    return 1 if failed else 0
+
+
+def _write_report(args, experiment: str | None, out: str | None = None) -> None:
+    try:
+        from reports.build import report_from_results
+    except ImportError:
+        print("(report package not available; skipping the report)", file=sys.stderr)
+        return
+    paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=None)
+    for name, p in (paths or {}).items():
+        print(f"{name}: {p}")
+
+
+def cmd_report(args) -> int:
+    _write_report(args, args.experiment, args.out)
+    return 0
+
+
+def print_records(records: list[dict[str, Any]]) -> None:
+    """The final table of a run or suite: mean over seeds per (scenario, setting, method)."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        if r.get("status") != "finished":
+            rows.append({"scenario": r.get("scenario"), "setting": "-", "method": r.get("label"),
+                         "seed": r.get("seed"), "final_acc": float("nan"), "status": r.get("status")})
+            continue
+        for s, m in r["metrics"].items():
+            rows.append({"scenario": r["scenario"], "setting": s, "method": r["label"], "seed": r["seed"],
+                         "final_acc": m["final_avg_acc"], "avg_inc_acc": m["avg_inc_acc"],
+                         "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m.get("fwt", float("nan")),
+                         "params": r["costs"]["params_total"],
+                         "train_GFLOPs": r["costs"]["train_flops_total"] / 1e9,
+                         "train_s": r["costs"]["train_time_s"], "status": "finished"})
+    if not rows:
+        print("no runs")
+        return
+    df = pd.DataFrame(rows)
+    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "params", "train_GFLOPs", "train_s")
+           if c in df]
+    g = df.groupby(["scenario", "setting", "method"], sort=False)
+    table = g[num].mean()
+    table.insert(0, "seeds", g.size())
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.float_format", "{:.4f}".format):
+        print(table.to_string())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

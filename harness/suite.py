@@ -1,0 +1,335 @@
+"""Suites: a YAML file -> many runs (methods x scenarios x seeds), resumable and shareable.
+
+Every run is executed by :func:`execute`, which writes the JSON record, the MLflow runs and a
+checkpoint after each task. Running a suite again skips finished runs and resumes unfinished
+ones from their last completed task. Several workers on the same suite and results folder divide
+the runs between them through claim files (a claim by a dead worker expires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.api import Protocol, TrainingDiverged
+from harness.errors import UserError
+from harness.runner import RunObserver, RunSpec, run
+from harness.tracking import Store, flatten
+
+SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description"}
+
+
+@dataclass
+class SuiteConfig:
+    name: str
+    experiment: str
+    seeds: list[int]
+    protocol: dict[str, Any]
+    scenarios: list[tuple[str, dict[str, Any]]]
+    methods: list[tuple[str, str, dict[str, Any]]]  # (method, label, overrides)
+    device: str = "auto"
+    data_root: str | None = None
+    description: str = ""
+    tuned: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def specs(self) -> list[RunSpec]:
+        """Every run of the suite, seeds innermost so that a method's seeds finish together."""
+        out = []
+        proto = protocol_from(self.protocol)
+        for sc_name, sc_opts in self.scenarios:
+            for m_name, label, overrides in self.methods:
+                tuned = self.tuned.get((m_name, sc_name))
+                m_set = dict(overrides)
+                trials = 0
+                if tuned is not None:
+                    m_set = {**tuned["params"], **overrides}
+                    trials = int(tuned.get("n_trials", 0))
+                for seed in self.seeds:
+                    out.append(RunSpec(
+                        method=m_name, scenario=sc_name, seed=seed, method_set=m_set, scenario_set=dict(sc_opts),
+                        protocol=dataclasses.replace(proto), label=label + ("+tuned" if tuned else ""),
+                        device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials))
+        return out
+
+
+def protocol_from(d: dict[str, Any]) -> Protocol:
+    from harness.api import hparams_from
+
+    p = hparams_from(Protocol, d)
+    p.validate()
+    return p
+
+
+def load_suite(path: str | Path) -> SuiteConfig:
+    """Parse and validate a suite YAML file; every problem is one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"suite file {path} not found", "pass a YAML file such as configs/quick.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a YAML mapping with scenarios: and methods:", "see configs/quick.yaml")
+    unknown = set(raw) - SUITE_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}", f"valid keys: {', '.join(sorted(SUITE_KEYS))}")
+    name = str(raw.get("name") or path.stem)
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"{path}: seeds must be a list of integers", "e.g. seeds: [0, 1, 2]")
+    protocol = raw.get("protocol") or {}
+    if not isinstance(protocol, dict):
+        raise UserError(f"{path}: protocol must be a mapping", "e.g. protocol: {epochs: 1, batch_size: 128}")
+    protocol_from(protocol)  # validate early
+    scenarios = [_entry(e, "scenarios", path, ("options",)) for e in _list(raw, "scenarios", path)]
+    methods = []
+    for e in _list(raw, "methods", path):
+        n, opts = _entry(e, "methods", path, ("set", "label"))
+        methods.append((n, str(opts.get("label") or ""), dict(opts.get("set") or {})))
+    cfg = SuiteConfig(name, str(raw.get("experiment") or name), seeds, protocol,
+                      [(n, dict(o.get("options") or {})) for n, o in scenarios], methods,
+                      device=str(raw.get("device", "auto")), data_root=raw.get("data_root"),
+                      description=str(raw.get("description", "")))
+    validate_specs(cfg.specs())
+    return cfg
+
+
+def _list(raw: dict, key: str, path: Path) -> list:
+    v = raw.get(key)
+    if not isinstance(v, list) or not v:
+        raise UserError(f"{path}: '{key}' must be a non-empty list", f"add a {key}: list")
+    return v
+
+
+def _entry(e: Any, what: str, path: Path, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    if isinstance(e, str):
+        return e, {}
+    if isinstance(e, dict) and isinstance(e.get("name"), str):
+        extra = set(e) - {"name", *allowed}
+        if extra:
+            raise UserError(f"{path}: {what} entry {e['name']!r} has unknown key(s) {', '.join(sorted(extra))}",
+                            f"allowed: name, {', '.join(allowed)}")
+        for k in allowed:
+            if k in ("set", "options") and e.get(k) is not None and not isinstance(e[k], dict):
+                raise UserError(f"{path}: '{k}' of {e['name']!r} must be a mapping", f"e.g. {k}: {{key: value}}")
+        return e["name"], e
+    raise UserError(f"{path}: each {what} entry must be a name or a mapping with 'name'", "see configs/quick.yaml")
+
+
+def validate_specs(specs: list[RunSpec]) -> None:
+    """Resolve names and options of every run before any training starts."""
+    from harness.api import hparams_from
+    from harness.backbones import BACKBONES
+    from harness.runner import resolve_device, resolve_method
+    from scenarios.base import SCENARIOS
+
+    import scenarios  # noqa: F401
+
+    for s in specs:
+        cls = resolve_method(s.method)
+        hparams_from(cls.HParams, s.method_set)
+        if s.scenario not in SCENARIOS:
+            raise UserError(f"unknown scenario {s.scenario!r}", f"choose one of: {', '.join(SCENARIOS)}")
+        hparams_from(SCENARIOS[s.scenario].options, s.scenario_set)
+        if s.protocol.backbone is not None and s.protocol.backbone not in BACKBONES:
+            raise UserError(f"unknown backbone {s.protocol.backbone!r}", f"choose one of: {', '.join(BACKBONES)}")
+        resolve_device(s.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing runs with tracking, checkpoints and claims
+# ---------------------------------------------------------------------------------------------
+class TrackingObserver(RunObserver):
+    """Writes the JSON record, MLflow metrics and a checkpoint as the run progresses."""
+
+    def __init__(self, store: Store, spec: RunSpec, parent_id: str | None, extra: dict[str, Any] | None = None,
+                 checkpoint: bool = True) -> None:
+        self.store, self.spec, self.parent_id = store, spec, parent_id
+        self.extra = extra or {}
+        self.checkpoint = checkpoint
+        self.run_id: str | None = None
+        self._logged_method_metrics = 0
+
+    def on_start(self, record: dict[str, Any]) -> None:
+        record.update(self.extra)
+        ml = self.store.mlflow
+        if ml is not None:
+            prev = self.store.load_record(record["key"])
+            self.run_id = (prev or {}).get("mlflow_run_id") or ml.find_or_create(
+                {"dmkd.kind": "run", "dmkd.key": record["key"]}, f"seed {record['seed']}", self.parent_id)
+            record["mlflow_run_id"] = self.run_id
+            params = flatten("", {k: v for k, v in record["config"].items()})
+            params.update({"label": record["label"], "tuned": record["tuned"], "eval_split": record["eval_split"]})
+            ml.log_params(self.run_id, params)
+            ml.set_tags(self.run_id, {"dmkd.method": record["method"], "dmkd.label": record["label"],
+                                      "dmkd.scenario": record["scenario"], "dmkd.seed": str(record["seed"])})
+        self.store.save_record(record)
+
+    def on_task_end(self, record: dict[str, Any], task_id: int, state_fn) -> None:
+        ml = self.store.mlflow
+        if ml is not None and self.run_id:
+            vals: dict[str, float] = {}
+            pt = record["per_task"][-1]
+            for s, rows in record["acc"].items():
+                row = rows[-1]
+                vals[f"{s}/avg_acc"] = pt["avg_acc"][s]
+                for j, a in enumerate(row):
+                    vals[f"{s}/acc_task_{j}"] = a
+            for k in ("train_s", "eval_s", "samples_per_s", "params_total", "state_bytes", "comm_bytes",
+                      "train_flops_per_sample"):
+                vals[f"cost/{k}"] = pt[k]
+            ml.log_metrics(self.run_id, vals, step=task_id)
+            for name, value, step in record["method_metrics"][self._logged_method_metrics:]:
+                ml.log_metrics(self.run_id, {name: value}, step=step)
+            self._logged_method_metrics = len(record["method_metrics"])
+        if self.checkpoint and task_id + 1 < record["n_tasks"]:
+            self.store.save_checkpoint(record["key"], state_fn())
+        self.store.save_record(record)
+        self.store.heartbeat(record["key"])
+
+    def on_end(self, record: dict[str, Any]) -> None:
+        ml = self.store.mlflow
+        if ml is not None and self.run_id:
+            final = {f"{s}/{k}": v for s, m in record["metrics"].items() for k, v in m.items()}
+            final.update({f"cost/{k}": v for k, v in record["costs"].items() if isinstance(v, (int, float))})
+            ml.log_metrics(self.run_id, final, step=record["n_tasks"])
+            for s, R in record["acc"].items():
+                ml.log_dict(self.run_id, {"R": R, "b": record["random_init_acc"][s]}, f"acc_matrix_{s}.json")
+            if record.get("artifacts"):
+                ml.log_dict(self.run_id, record["artifacts"], "method_artifacts.json")
+            ml.log_dict(self.run_id, record, "record.json")
+        # The record is written before MLflow hears 'FINISHED', so a crash in between is safe.
+        self.store.save_record(record)
+        if ml is not None and self.run_id:
+            ml.set_status(self.run_id, "FINISHED")
+        self.store.drop_checkpoint(record["key"])
+
+
+class _Heartbeat:
+    def __init__(self, store: Store, key: str, interval: float) -> None:
+        self.store, self.key, self.interval = store, key, interval
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.store.heartbeat(self.key)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume: bool = True,
+            progress: Any = None, extra: dict[str, Any] | None = None, checkpoint: bool = True) -> dict[str, Any]:
+    """Run one spec with tracking; resume from its checkpoint when one exists.
+
+    A run whose loss diverges is recorded as failed with the reason and returned (the caller
+    goes on); a user error propagates; a crash leaves the record 'running' and the checkpoint.
+    """
+    key = spec.key()
+    state = store.load_checkpoint(key) if resume else None
+    observer = TrackingObserver(store, spec, parent_id, extra, checkpoint=checkpoint)
+    try:
+        return run(spec, observer, resume_state=state, progress=progress)
+    except TrainingDiverged as e:
+        return _fail(store, observer, spec, str(e))
+
+
+def _fail(store: Store, observer: TrackingObserver, spec: RunSpec, reason: str) -> dict[str, Any]:
+    rec = store.load_record(spec.key()) or {"key": spec.key(), "method": spec.method, "label": spec.method_label(),
+                                             "scenario": spec.scenario, "seed": spec.seed}
+    rec["status"] = "failed"
+    rec["error"] = reason
+    store.save_record(rec)
+    if store.mlflow is not None and observer.run_id:
+        store.mlflow.set_tags(observer.run_id, {"dmkd.error": reason[:500]})
+        store.mlflow.set_status(observer.run_id, "FAILED")
+    store.drop_checkpoint(spec.key())
+    print(f"run {spec.key()} failed: {reason}", file=sys.stderr)
+    return rec
+
+
+def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, claim_ttl_s: float = 120.0,
+              poll_s: float = 2.0, debug: bool = False) -> list[dict[str, Any]]:
+    """Execute every run of a suite that is not finished yet; returns the records of all its runs."""
+    from tqdm.auto import tqdm
+
+    specs = cfg.specs()
+    ml = store.mlflow
+    suite_id = ml.find_or_create({"dmkd.kind": "suite", "dmkd.suite": cfg.name}, f"suite {cfg.name}") if ml else None
+    group_ids: dict[tuple[str, str], str | None] = {}
+    bar = tqdm(total=len(specs), desc=f"suite {cfg.name}", unit="run", disable=not show_progress, file=sys.stderr)
+    done: set[str] = set()
+    while True:
+        waiting = []
+        for spec in specs:
+            key = spec.key()
+            if key in done:
+                continue
+            rec = store.load_record(key)
+            if rec is not None and rec.get("status") in ("finished", "failed"):
+                done.add(key)
+                bar.update(1)
+                continue
+            if not store.claim(key, claim_ttl_s):
+                waiting.append(key)
+                continue
+            try:
+                rec = store.load_record(key)  # another worker may have finished it meanwhile
+                if rec is not None and rec.get("status") in ("finished", "failed"):
+                    done.add(key)
+                    bar.update(1)
+                    continue
+                gkey = (spec.method_label(), spec.scenario)
+                if ml is not None and gkey not in group_ids:
+                    group_ids[gkey] = ml.find_or_create(
+                        {"dmkd.kind": "group", "dmkd.suite": cfg.name, "dmkd.group": f"{gkey[0]}|{gkey[1]}"},
+                        f"{gkey[0]} on {gkey[1]}", suite_id)
+                bar.set_postfix_str(f"{spec.method_label()} / {spec.scenario} / seed {spec.seed}")
+                task_bar = tqdm(desc="  tasks", unit="task", leave=False, disable=not show_progress, file=sys.stderr)
+
+                def prog(k, T, record, task_bar=task_bar):
+                    task_bar.total = T
+                    task_bar.n = k
+                    task_bar.refresh()
+
+                with _Heartbeat(store, key, max(claim_ttl_s / 4, 0.5)):
+                    execute(spec, store, group_ids.get(gkey), progress=prog, extra={"suite": cfg.name})
+                task_bar.close()
+                done.add(key)
+                bar.update(1)
+            finally:
+                store.release(key)
+        if not waiting:
+            break
+        time.sleep(poll_s)  # other workers hold claims; wait for them to finish or expire
+    bar.close()
+    if ml is not None and suite_id:
+        recs = [store.load_record(s.key()) for s in specs]
+        if all(r is not None and r.get("status") in ("finished", "failed") for r in recs):
+            ml.set_status(suite_id, "FINISHED")
+            for gid in group_ids.values():
+                ml.set_status(gid, "FINISHED")
+    return [r for r in (store.load_record(s.key()) for s in specs) if r is not None]
+
+
+def format_exception(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
