@@ -3,7 +3,8 @@
 - ``mlp``: 784-400-400 (the usual Fashion-MNIST protocol; any flat input size works).
 - ``cnn``: two conv-BN-ReLU-pool blocks and a 256-unit layer, for small images.
 - ``resnet18-reduced``: the narrow ResNet-18 of GEM/Mammoth (nf=20), 3x3 stem.
-- ``resnet18``: the same topology with nf=64 (CIFAR-style stem; adaptive pooling for any size).
+- ``resnet18``: the same topology with nf=64; CIFAR-style 3x3 stem for small images, the ImageNet
+  7x7/stride-2 stem with max-pool for images of 128 px and more (PACS, OfficeHome).
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ class ResNetFeatures(nn.Module):
         super().__init__()
         c = input_shape[0] if len(input_shape) == 3 else 1
         self.unflatten = _Unflatten(input_shape)
-        self.conv1 = nn.Conv2d(c, nf, 3, 1, 1, bias=False)
+        # Small images (CIFAR, Tiny-ImageNet): 3x3 stride-1 stem. Large ones (PACS/OfficeHome at
+        # 224 px): the ImageNet stem, 7x7 stride 2 and a 3x3 max-pool, 16x cheaper there.
+        large = len(input_shape) == 3 and min(input_shape[1:]) >= 128
+        self.conv1 = nn.Conv2d(c, nf, 7, 2, 3, bias=False) if large else nn.Conv2d(c, nf, 3, 1, 1, bias=False)
+        self.stem_pool: nn.Module = nn.MaxPool2d(3, 2, 1) if large else nn.Identity()
         self.bn1 = nn.BatchNorm2d(nf)
         layers = []
         in_planes = nf
@@ -119,7 +124,7 @@ class ResNetFeatures(nn.Module):
         self.out_dim = in_planes
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.bn1(self.conv1(self.unflatten(x))))
+        x = self.stem_pool(torch.relu(self.bn1(self.conv1(self.unflatten(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.pool(x), 1)
 
