@@ -232,6 +232,10 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     cls = resolve_method(spec.method)
     hp = hparams_from(cls.HParams, spec.method_set)
     scenario = get_scenario(spec)
+    if spec.eval_split not in ("test", "val"):
+        raise UserError(f"eval_split must be test or val, got {spec.eval_split!r}", "use val for tuning")
+    for t in scenario.tasks:  # tuning runs cannot read the test split at all
+        t.test_sealed = spec.eval_split != "test"
     settings = scenario.settings
     if not any(s in cls.SETTINGS for s in settings):
         raise UserError(f"method {cls.NAME} does not support {scenario.name}'s setting ({', '.join(settings)})",

@@ -9,6 +9,8 @@ the runs between them through claim files (a claim by a dead worker expires).
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sys
 import threading
 import time
@@ -199,6 +201,9 @@ class TrackingObserver(RunObserver):
             self.store.save_checkpoint(record["key"], state_fn())
         self.store.save_record(record)
         self.store.heartbeat(record["key"])
+        kill_after = os.environ.get("DMKD_TEST_KILL_AFTER_TASK")  # testing hook: a real kill -9 mid-suite
+        if kill_after is not None and int(kill_after) == task_id:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_end(self, record: dict[str, Any]) -> None:
         ml = self.store.mlflow

@@ -1,0 +1,324 @@
+"""Optuna tuning on validation data, and ablation grids (GridSampler), on one machine or many.
+
+Tuning: the objective is the final average accuracy on the VALIDATION splits (carved from each
+task's training data); tuning runs seal the test splits so that reading them raises. After each
+task the running average validation accuracy is reported, so the pruner (median by default,
+Hyperband as an option) stops bad trials early. Every trial is an MLflow run nested under the
+study's run. Storage is sqlite under results/ by default, or any Optuna RDB URL (PostgreSQL for
+many machines), or a journal file (``journal:<path>``); several processes on one study cooperate
+and together run exactly the number of trials asked for.
+
+Ablation: a grid over method switches run with GridSampler; each cell runs every seed on the
+test split (these are reported results, not tuning) and is recorded like any suite run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.api import Protocol, hparams_from
+from harness.errors import UserError
+from harness.runner import RunObserver, RunSpec, resolve_method, run
+from harness.tracking import Store, atomic_write_json, flatten
+
+SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
+
+
+def make_storage(url: str | None, results_dir: Path):
+    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite."""
+    import optuna
+
+    if url is None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {})
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot open Optuna storage {url} ({type(e).__name__}: {str(e)[:160]})",
+                        "check the URL, that the database server is reachable and the driver installed") from None
+
+
+def make_pruner(name: str):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+class _TrialObserver(RunObserver):
+    """Reports the running validation accuracy to the pruner and logs the trial to MLflow."""
+
+    def __init__(self, trial, setting: str, step_offset: int, sink, run_id: str | None) -> None:
+        self.trial, self.setting, self.offset = trial, setting, step_offset
+        self.sink, self.run_id = sink, run_id
+
+    def on_task_end(self, record, task_id, state_fn) -> None:
+        import optuna
+
+        value = record["per_task"][-1]["avg_acc"][self.setting]
+        if self.sink is not None:
+            self.sink.log_metrics(self.run_id, {f"val/{self.setting}/avg_acc": value}, step=self.offset + task_id)
+        self.trial.report(value, self.offset + task_id)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after task {task_id} (running val accuracy {value:.4f})")
+
+
+def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_url: str | None = None,
+         study_name: str | None = None, seeds: list[int] | None = None, pruner: str = "median",
+         protocol: Protocol | None = None, scenario_set: dict | None = None, fixed: dict | None = None,
+         data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
+         show_progress: bool = True) -> dict[str, Any]:
+    """Run (this worker's share of) a study with exactly ``trials`` finished trials in total."""
+    import optuna
+    from optuna.trial import TrialState
+
+    cls = resolve_method(method)
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}", "ask for at least one trial")
+    seeds = seeds or [0]
+    protocol = protocol or Protocol()
+    fixed = dict(fixed or {})
+    hparams_from(cls.HParams, fixed)  # validate early
+    study_name = study_name or f"{method}__{scenario}"
+    storage = make_storage(storage_url, results_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                pruner=make_pruner(pruner), load_if_exists=True)
+    store = Store(results_dir, "tuning", tracking_uri)
+    sink = store.mlflow
+    study_run = sink.find_or_create({"dmkd.kind": "study", "dmkd.study": study_name}, f"study {study_name}") if sink \
+        else None
+    from harness.runner import get_scenario
+
+    probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root)
+    # The objective's setting: class-IL for class-incremental scenarios, domain-IL otherwise.
+    setting = SETTING_FOR[get_scenario(probe).setting]
+
+    def objective(trial) -> float:
+        params = {**cls.search_space(trial), **fixed}
+        trial_run = sink.find_or_create({"dmkd.kind": "trial", "dmkd.study": study_name,
+                                         "dmkd.trial": str(trial.number)}, f"trial {trial.number}", study_run) \
+            if sink else None
+        if sink:
+            sink.log_params(trial_run, {**{f"hparams.{k}": v for k, v in params.items()},
+                                        "method": method, "scenario": scenario, "seeds": ",".join(map(str, seeds))})
+        values = []
+        try:
+            for i, seed in enumerate(seeds):
+                spec = RunSpec(method, scenario, seed, params, dict(scenario_set or {}), dataclasses.replace(protocol),
+                               device=device, data_root=data_root, eval_split="val")
+                rec = run(spec, _TrialObserver(trial, setting, i * 1000, sink, trial_run))
+                values.append(rec["metrics"][setting]["final_avg_acc"])
+        except optuna.TrialPruned:
+            if sink:
+                sink.set_status(trial_run, "KILLED")
+            raise
+        except Exception:
+            if sink:
+                sink.set_status(trial_run, "FAILED")
+            raise
+        value = sum(values) / len(values)
+        if sink:
+            sink.log_metrics(trial_run, {"objective_val_final_avg_acc": value}, step=0)
+            sink.set_status(trial_run, "FINISHED")
+        return value
+
+    done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    live_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=trials, desc=f"tune {study_name}", unit="trial", disable=not show_progress, file=sys.stderr)
+    while True:
+        ts = [t for t in study.get_trials(deepcopy=False) if not t.system_attrs.get("surplus")]
+        if sum(t.state in live_states for t in ts) >= trials or sum(t.state == TrialState.FAIL for t in ts) >= trials:
+            break
+        trial = study.ask()
+        # Trial numbers are handed out atomically by the storage. If, counting the trials numbered
+        # before ours, the budget is already taken (another worker asked at the same moment), give
+        # the slot back, marked as surplus, so the study ends with exactly `trials` trials.
+        before = [t for t in study.get_trials(deepcopy=False)
+                  if t.number < trial.number and not t.system_attrs.get("surplus") and t.state in live_states]
+        if len(before) >= trials:
+            study._storage.set_trial_system_attr(trial._trial_id, "surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        try:
+            study.tell(trial, objective(trial))
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except (UserError, KeyboardInterrupt):
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as e:  # noqa: BLE001 - a diverged/failed trial does not stop the study
+            print(f"trial {trial.number} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            study._storage.set_trial_user_attr(trial._trial_id, "error", str(e)[:500])
+            study.tell(trial, state=TrialState.FAIL)
+        bar.n = sum(t.state in done_states for t in study.get_trials(deepcopy=False))
+        bar.refresh()
+    bar.close()
+    # Wait for trials other workers still run, then save the best parameters.
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not finished:
+        raise UserError(f"study {study_name}: no trial completed", "see the trial errors above")
+    best = max(finished, key=lambda t: t.value)
+    n_done = sum(t.state in done_states for t in study.get_trials(deepcopy=False))
+    out = {"method": method, "scenario": scenario, "study": study_name, "params": {**best.params, **fixed},
+           "value": best.value, "objective": "final average accuracy on the validation split",
+           "n_trials": n_done, "seeds": seeds, "best_trial": best.number}
+    atomic_write_json(best_params_path(results_dir, method, scenario), out)
+    if sink and study_run:
+        sink.log_params(study_run, {f"best.{k}": v for k, v in out["params"].items()})
+        sink.log_metrics(study_run, {"best_value": best.value, "n_trials": n_done}, step=0)
+    return out
+
+
+def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
+    return Path(results_dir) / "tuned" / f"{method}__{scenario}.json"
+
+
+def load_best_params(results_dir: Path, cfg) -> dict[tuple[str, str], dict[str, Any]]:
+    """Best parameters saved by `dmkd tune` for the (method, scenario) pairs of a suite."""
+    out = {}
+    for m, _label, _ in cfg.methods:
+        for sc, _ in cfg.scenarios:
+            p = best_params_path(results_dir, m, sc)
+            if p.exists():
+                out[(m, sc)] = json.loads(p.read_text())
+    if not out:
+        raise UserError(f"--tuned: no saved parameters under {Path(results_dir) / 'tuned'}",
+                        "run `dmkd tune --method M --scenario S` first")
+    return out
+
+
+def cmd_tune(args) -> int:
+    from harness.cli import parse_sets, route_sets
+
+    m_set, s_set, p_set = route_sets(parse_sets(args.set), args.method, args.scenario)
+    if args.epochs is not None:
+        p_set["epochs"] = args.epochs
+    protocol = hparams_from(Protocol, p_set)
+    protocol.validate()
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers", "e.g. --seeds 0,1,2") \
+            from None
+    out = tune(args.method, args.scenario, trials=args.trials, results_dir=Path(args.results),
+               storage_url=args.storage, study_name=args.study, seeds=seeds, pruner=args.pruner, protocol=protocol,
+               scenario_set=s_set, fixed=m_set, data_root=args.data_root, device=args.device,
+               tracking_uri=args.tracking_uri)
+    print(f"study {out['study']}: {out['n_trials']} trials, best validation final avg acc {out['value']:.4f}")
+    print("best parameters: " + ", ".join(f"{k}={v}" for k, v in out["params"].items()))
+    print(f"saved: {best_params_path(Path(args.results), args.method, args.scenario)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation grids
+# ---------------------------------------------------------------------------------------------
+ABLATION_KEYS = {"name", "experiment", "method", "scenario", "scenario_options", "seeds", "protocol", "grid", "fixed",
+                 "description"}
+
+
+def load_ablation(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ablation file {path} not found", "pass a YAML file such as configs/ablation.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UserError(f"{path} is not valid YAML", "fix the YAML syntax") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("grid"), dict) or not raw["grid"]:
+        raise UserError(f"{path} needs a 'grid:' mapping of switch -> list of values", "see configs/ablation.yaml")
+    unknown = set(raw) - ABLATION_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}", f"valid: {', '.join(sorted(ABLATION_KEYS))}")
+    for k, v in raw["grid"].items():
+        if not isinstance(v, list) or not v:
+            raise UserError(f"{path}: grid entry {k!r} must be a non-empty list", f"e.g. {k}: [a, b]")
+    raw.setdefault("name", path.stem)
+    raw.setdefault("experiment", raw["name"])
+    raw.setdefault("method", "dmkd")
+    raw.setdefault("scenario", "split-fmnist")
+    raw.setdefault("seeds", [0])
+    cls = resolve_method(raw["method"])
+    for combo in _grid_cells(raw["grid"]):
+        hparams_from(cls.HParams, {**(raw.get("fixed") or {}), **combo})
+    return raw
+
+
+def _grid_cells(grid: dict[str, list]) -> list[dict[str, Any]]:
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = None, tracking_uri: str | None = None,
+           data_root: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
+    """Run every grid cell (all seeds, test split) through GridSampler; cooperative across workers."""
+    import optuna
+
+    from harness.suite import execute
+
+    grid = cfg["grid"]
+    storage = make_storage(storage_url, results_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.GridSampler({k: list(v) for k, v in grid.items()}, seed=0)
+    study = optuna.create_study(study_name=f"ablation__{cfg['name']}", storage=storage, sampler=sampler,
+                                direction="maximize", load_if_exists=True)
+    store = Store(results_dir, cfg["experiment"], tracking_uri)
+    protocol = hparams_from(Protocol, cfg.get("protocol") or {})
+    fixed = dict(cfg.get("fixed") or {})
+    sink = store.mlflow
+    parent = sink.find_or_create({"dmkd.kind": "suite", "dmkd.suite": f"ablation {cfg['name']}"},
+                                 f"ablation {cfg['name']}") if sink else None
+    setting = {}
+
+    def objective(trial) -> float:
+        combo = {k: trial.suggest_categorical(k, list(v)) for k, v in grid.items()}
+        label = f"{cfg['method']}[" + ",".join(f"{k}={v}" for k, v in combo.items()) + "]"
+        vals = []
+        for seed in cfg["seeds"]:
+            spec = RunSpec(cfg["method"], cfg["scenario"], int(seed), {**fixed, **combo},
+                           dict(cfg.get("scenario_options") or {}), dataclasses.replace(protocol), label=label,
+                           device=device, data_root=data_root)
+            rec = store.load_record(spec.key())
+            if rec is None or rec.get("status") != "finished":
+                rec = execute(spec, store, parent, extra={"ablation": {"study": cfg["name"], "params": combo}})
+            if rec.get("status") != "finished":
+                raise RuntimeError(rec.get("error", "run failed"))
+            s = setting.setdefault("s", "class_il" if "class_il" in rec["metrics"] else "domain_il")
+            vals.append(rec["metrics"][s]["final_avg_acc"])
+        return sum(vals) / len(vals)
+
+    n_cells = len(_grid_cells(grid))
+    study.optimize(objective, n_trials=n_cells, callbacks=[optuna.study.MaxTrialsCallback(
+        n_cells, states=(optuna.trial.TrialState.COMPLETE,))])
+    return [r for r in store.records() if r.get("ablation", {}).get("study") == cfg["name"]]
+
+
+def cmd_ablate(args) -> int:
+    cfg = load_ablation(args.config)
+    recs = ablate(cfg, Path(args.results), args.storage, args.tracking_uri, args.data_root, args.device)
+    from harness.cli import print_records
+
+    print_records(recs)
+    return 0
+
+
+__all__ = ["tune", "ablate", "load_best_params", "best_params_path", "flatten"]
