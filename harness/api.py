@@ -463,8 +463,20 @@ class Method:
     # ---- tuning --------------------------------------------------------------------------
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        """Hyperparameters suggested by an Optuna trial (ranges from the literature)."""
-        return {}
+        """Hyperparameters suggested by an Optuna trial (ranges from the literature).
+
+        Keys are the method's hyperparameter names; ``protocol.<field>`` keys override the
+        protocol (the learning rate, tuned for every method so that budgets are equal).
+        Subclasses add their own keys to ``super().search_space(trial)``.
+        """
+        return {"protocol.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True)}
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate ``protocol.<field>`` entries from method hyperparameters."""
+    method = {k: v for k, v in params.items() if not k.startswith("protocol.")}
+    protocol = {k[len("protocol."):]: v for k, v in params.items() if k.startswith("protocol.")}
+    return method, protocol
 
 
 def check_finite(value: Tensor, method: str, task_id: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from harness.api import Protocol, TrainingDiverged
+from harness.api import Protocol, TrainingDiverged, split_params
 from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, run
 from harness.tracking import Store, flatten
@@ -50,14 +50,18 @@ class SuiteConfig:
             for m_name, label, overrides in self.methods:
                 tuned = self.tuned.get((m_name, sc_name))
                 m_set = dict(overrides)
+                run_proto = proto
                 trials = 0
                 if tuned is not None:
-                    m_set = {**tuned["params"], **overrides}
+                    t_method, t_proto = split_params(tuned["params"])
+                    m_set = {**t_method, **overrides}
+                    run_proto = dataclasses.replace(proto, **t_proto)
                     trials = int(tuned.get("n_trials", 0))
                 for seed in self.seeds:
                     out.append(RunSpec(
                         method=m_name, scenario=sc_name, seed=seed, method_set=m_set, scenario_set=dict(sc_opts),
-                        protocol=dataclasses.replace(proto), label=label + ("+tuned" if tuned else ""),
+                        protocol=dataclasses.replace(run_proto),
+                        label=(label or m_name if tuned else label) + ("+tuned" if tuned else ""),
                         device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials))
         return out
 

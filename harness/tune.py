@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from harness.api import Protocol, hparams_from
+from harness.api import Protocol, hparams_from, split_params
 from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, resolve_method, run
 from harness.tracking import Store, atomic_write_json, flatten
@@ -41,12 +42,32 @@ def make_storage(url: str | None, results_dir: Path):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {})
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot open Optuna storage {url} ({type(e).__name__}: {str(e)[:160]})",
-                        "check the URL, that the database server is reachable and the driver installed") from None
+    import random
+
+    last: Exception | None = None
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {})
+        except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
+            last = e
+            time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
+    raise UserError(f"cannot open Optuna storage {url} ({type(last).__name__}: {str(last)[:160]})",
+                    "check the URL, that the database server is reachable and the driver installed")
+
+
+def _create_study(**kwargs):
+    """create_study(load_if_exists=True), retried: concurrent workers may race to create it."""
+    import optuna
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(load_if_exists=True, **kwargs)
+        except Exception:  # noqa: BLE001
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_pruner(name: str):
@@ -96,8 +117,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     study_name = study_name or f"{method}__{scenario}"
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                pruner=make_pruner(pruner), load_if_exists=True)
+    study = _create_study(study_name=study_name, storage=storage, direction="maximize", pruner=make_pruner(pruner))
     store = Store(results_dir, "tuning", tracking_uri)
     sink = store.mlflow
     study_run = sink.find_or_create({"dmkd.kind": "study", "dmkd.study": study_name}, f"study {study_name}") if sink \
@@ -110,6 +130,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
 
     def objective(trial) -> float:
         params = {**cls.search_space(trial), **fixed}
+        trial.set_user_attr("params", params)  # keys as the method/protocol name them
         trial_run = sink.find_or_create({"dmkd.kind": "trial", "dmkd.study": study_name,
                                          "dmkd.trial": str(trial.number)}, f"trial {trial.number}", study_run) \
             if sink else None
@@ -118,8 +139,11 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
                                         "method": method, "scenario": scenario, "seeds": ",".join(map(str, seeds))})
         values = []
         try:
+            m_params, p_params = split_params(params)
+            trial_protocol = dataclasses.replace(protocol, **p_params)
+            trial_protocol.validate()
             for i, seed in enumerate(seeds):
-                spec = RunSpec(method, scenario, seed, params, dict(scenario_set or {}), dataclasses.replace(protocol),
+                spec = RunSpec(method, scenario, seed, m_params, dict(scenario_set or {}), trial_protocol,
                                device=device, data_root=data_root, eval_split="val")
                 rec = run(spec, _TrialObserver(trial, setting, i * 1000, sink, trial_run))
                 values.append(rec["metrics"][setting]["final_avg_acc"])
@@ -176,7 +200,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
         raise UserError(f"study {study_name}: no trial completed", "see the trial errors above")
     best = max(finished, key=lambda t: t.value)
     n_done = sum(t.state in done_states for t in study.get_trials(deepcopy=False))
-    out = {"method": method, "scenario": scenario, "study": study_name, "params": {**best.params, **fixed},
+    out = {"method": method, "scenario": scenario, "study": study_name, "params": dict(best.user_attrs["params"]),
            "value": best.value, "objective": "final average accuracy on the validation split",
            "n_trials": n_done, "seeds": seeds, "best_trial": best.number}
     atomic_write_json(best_params_path(results_dir, method, scenario), out)
@@ -279,8 +303,8 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.GridSampler({k: list(v) for k, v in grid.items()}, seed=0)
-    study = optuna.create_study(study_name=f"ablation__{cfg['name']}", storage=storage, sampler=sampler,
-                                direction="maximize", load_if_exists=True)
+    study = _create_study(study_name=f"ablation__{cfg['name']}", storage=storage, sampler=sampler,
+                          direction="maximize")
     store = Store(results_dir, cfg["experiment"], tracking_uri)
     protocol = hparams_from(Protocol, cfg.get("protocol") or {})
     fixed = dict(cfg.get("fixed") or {})

@@ -1,0 +1,183 @@
+"""Tuning: validation-only objective, sealed test split, exact trial counts across workers,
+PostgreSQL for many machines, tuned parameters used by suites, ablation grids."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.api import Task
+from harness.runner import RunSpec, run
+from harness.tune import ablate, load_ablation, tune
+from tests.conftest import needs_fmnist
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {"max_train_per_task": 200, "max_test_per_task": 60}
+
+
+@needs_fmnist
+def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
+    calls = []
+    orig = Task.split_indices
+
+    def spy(self, split):
+        calls.append(split)
+        return orig(self, split)
+
+    monkeypatch.setattr(Task, "split_indices", spy)
+    out = tune("ft", "split-fmnist", trials=2, results_dir=tmp_path, scenario_set=SMALL, tracking_uri="none",
+               show_progress=False)
+    assert "val" in calls and "test" not in calls
+    # The objective is the validation final accuracy of the same configuration run on its own.
+    lr = out["params"]["protocol.lr"]
+    from harness.api import Protocol
+
+    rec = run(RunSpec("ft", "split-fmnist", 0, scenario_set=SMALL, protocol=Protocol(lr=lr), eval_split="val"))
+    assert rec["metrics"]["class_il"]["final_avg_acc"] == pytest.approx(out["value"])
+    assert rec["eval_split"] == "val"
+
+
+@needs_fmnist
+def test_sealed_test_split_raises():
+    from harness.runner import get_scenario
+
+    spec = RunSpec("ft", "split-fmnist", 0, scenario_set=SMALL, eval_split="val")
+    run(spec)
+    task = get_scenario(spec).tasks[0]
+    with pytest.raises(PermissionError):
+        next(task.batches("test", 10))
+    run(RunSpec("ft", "split-fmnist", 0, scenario_set=SMALL))  # a normal run unseals it
+    assert next(task.batches("test", 10))[0].shape[0] == 10
+
+
+def _workers(n, storage, trials, tmp_path, study="s"):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = [sys.executable, "-m", "harness.cli", "tune", "--method", "ft", "--scenario", "split-fmnist",
+            "--trials", str(trials), "--storage", storage, "--study", study, "--results", str(tmp_path / "res"),
+            "--tracking-uri", "none", "--set", "max_train_per_task=200", "--set", "max_test_per_task=60",
+            "--pruner", "none"]
+    procs = [subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
+
+
+def _counted(storage_obj, study):
+    import optuna
+    from optuna.trial import TrialState
+
+    st = optuna.load_study(study_name=study, storage=storage_obj)
+    real = [t for t in st.get_trials() if not t.system_attrs.get("surplus")]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in real)
+    return sorted(t.number for t in real), st
+
+
+@needs_fmnist
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_concurrent_workers_run_exactly_the_trials_asked_for(tmp_path, kind):
+    from harness.tune import make_storage
+
+    url = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else f"journal:{tmp_path}/optuna.log"
+    _workers(3, url, 7, tmp_path)
+    numbers, st = _counted(make_storage(url, tmp_path), "s")
+    assert len(numbers) == 7 and len(set(numbers)) == 7
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throw-away PostgreSQL cluster on loopback, started and stopped by the test."""
+    bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
+    if not bindirs:
+        pytest.skip("PostgreSQL server not installed (apt-get install postgresql; CI installs it)")
+    pytest.importorskip("psycopg", reason="psycopg missing (pip install psycopg[binary]; part of [dev])")
+    bindir = bindirs[-1]
+    # pytest's tmp folders are private to root; the server user needs a folder it can enter.
+    base = Path(tempfile.mkdtemp(prefix="dmkd-pg-"))
+    data = base / "pgdata"
+    port = _free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser")
+        prefix = ["runuser", "-u", "postgres", "--"]
+        os.chmod(base, 0o777)
+        data.mkdir()
+        shutil.chown(data, "postgres")
+    tmp_path = base
+    sock = tmp_path / "sock"
+    sock.mkdir()
+    os.chmod(sock, 0o777)
+    subprocess.run(prefix + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "dmkd"], check=True,
+                   capture_output=True)
+    subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp_path / "pg.log"), "-w",
+                             "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(prefix + [str(bindir / "createdb") if (bindir / "createdb").exists() else "createdb",
+                                 "-h", "127.0.0.1", "-p", str(port), "-U", "dmkd", "optuna"], check=True,
+                       capture_output=True)
+        yield f"postgresql://dmkd@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_fmnist
+def test_three_workers_through_postgresql(tmp_path, postgres):
+    from harness.tune import make_storage
+
+    _workers(3, postgres, 6, tmp_path, study="pg")
+    numbers, _ = _counted(make_storage(postgres, tmp_path), "pg")
+    assert len(numbers) == 6 and len(set(numbers)) == 6
+
+
+@needs_fmnist
+def test_tuned_parameters_feed_the_suite(tmp_path):
+    res = tmp_path / "res"
+    out = tune("ft", "split-fmnist", trials=2, results_dir=res, scenario_set=SMALL, tracking_uri="none",
+               show_progress=False)
+    saved = json.loads((res / "tuned" / "ft__split-fmnist.json").read_text())
+    assert saved["params"] == out["params"] and saved["n_trials"] == 2
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: t\nseeds: [0]\nscenarios:\n  - {name: split-fmnist, options: "
+                     "{max_train_per_task: 200, max_test_per_task: 60}}\nmethods:\n  - ft\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "suite", str(suite), "--results", str(res), "--tuned",
+                        "--no-report", "--tracking-uri", "none"], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(next((res / "t" / "runs").glob("*.json")).read_text())
+    assert rec["tuned"] is True and rec["tuned_trials"] == 2 and rec["label"] == "ft+tuned"
+    assert rec["config"]["protocol"]["lr"] == pytest.approx(out["params"]["protocol.lr"])
+    assert rec["eval_split"] == "test"
+
+
+@needs_fmnist
+def test_ablation_grid_runs_every_cell(tmp_path):
+    cfg_path = tmp_path / "abl.yaml"
+    cfg_path.write_text("name: abl\nmethod: joint\nscenario: split-fmnist\nseeds: [0, 1]\n"
+                        "scenario_options: {max_train_per_task: 150, max_test_per_task: 50}\n"
+                        "grid:\n  reinit: [true, false]\n")
+    cfg = load_ablation(cfg_path)
+    recs = ablate(cfg, tmp_path / "res", tracking_uri="none")
+    cells = sorted((r["ablation"]["params"]["reinit"], r["seed"]) for r in recs)
+    assert cells == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert all(r["status"] == "finished" and r["eval_split"] == "test" for r in recs)
+    # Run again: nothing is re-run (records are reused).
+    t0 = time.time()
+    again = ablate(cfg, tmp_path / "res", tracking_uri="none")
+    assert sorted(r["finished_at"] for r in again) == sorted(r["finished_at"] for r in recs)
+    assert time.time() - t0 >= 0
