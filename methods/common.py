@@ -55,7 +55,7 @@ def diagonal_fisher(
     max_samples: int | None = None,
     params: dict[str, nn.Parameter] | None = None,
     forward: Callable[[nn.Module, dict[str, Tensor], Tensor], Tensor] | None = None,
-    per_sample: str = "vmap",
+    per_sample: str = "auto",
     generator: torch.Generator | None = None,
     class_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
@@ -64,8 +64,11 @@ def diagonal_fisher(
     labels: ``empirical`` uses the true label y; ``sampled`` draws y ~ p_θ(·|x) (the true Fisher).
     params: which parameters (name -> tensor) to estimate; default every trainable parameter.
     forward: ``forward(model, params, x) -> logits``; default ``functional_call(model, params, x)``.
-    per_sample: ``vmap`` (torch.func, fast) or ``loop`` (one backward per sample, for models whose
-        forward has data-dependent control flow such as sparse routing).
+    per_sample: ``auto`` (default: ``linear`` when every parameter belongs to an nn.Linear and no
+        custom forward is given, else ``vmap``); ``linear`` (exact closed form: for a Linear layer
+        the per-sample weight gradient is g_b a_bᵀ, so Σ_b of its square is (g²)ᵀ(a²); needs 2-D
+        layer inputs and each sample through each layer at most once); ``vmap`` (torch.func);
+        ``loop`` (one backward per sample, for forwards with data-dependent control flow).
     class_mask: optional additive mask on the logits (e.g. restrict to the classes seen so far).
     The model is evaluated in eval mode (BatchNorm uses running statistics).
     """
@@ -88,6 +91,11 @@ def diagonal_fisher(
         return F.log_softmax(logits, dim=1)[0].gather(0, y.reshape(1)).squeeze(0)
 
     per_sample_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    linear_of = _linear_owners(model, params)
+    if per_sample == "auto":
+        per_sample = "linear" if forward is None and linear_of is not None else "vmap"
+    if per_sample == "linear" and linear_of is None:
+        raise ValueError("per_sample='linear' needs every parameter to belong to an nn.Linear")
     for x, y in batches:
         if max_samples is not None:
             x, y = x[: max_samples - n_seen], y[: max_samples - n_seen]
@@ -99,7 +107,9 @@ def diagonal_fisher(
                 if class_mask is not None:
                     logits = logits + class_mask
                 y = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
-        if per_sample == "vmap":
+        if per_sample == "linear":
+            _linear_fisher_batch(model, linear_of, fisher, x, y, class_mask)
+        elif per_sample == "vmap":
             g = per_sample_grad(detached, x, y)
             for n in names:
                 fisher[n] += g[n].pow(2).sum(0)
@@ -117,3 +127,56 @@ def diagonal_fisher(
     if n_seen == 0:
         return fisher
     return {n: f / n_seen for n, f in fisher.items()}
+
+
+def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Linear, dict[str, str]] | None:
+    """Map each nn.Linear to {'weight': name, 'bias': name} of the requested parameters, or None
+    when some requested parameter does not belong to a Linear layer."""
+    by_id = {id(p): n for n, p in params.items()}
+    owners: dict[nn.Linear, dict[str, str]] = {}
+    covered = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            for kind in ("weight", "bias"):
+                t = getattr(mod, kind)
+                if t is not None and id(t) in by_id:
+                    owners.setdefault(mod, {})[kind] = by_id[id(t)]
+                    covered.add(id(t))
+    if len(covered) != len(by_id):
+        return None
+    return owners
+
+
+def _linear_fisher_batch(model, owners, fisher, x, y, class_mask) -> None:
+    """Add Σ_b (per-sample gradient of log p(y_b|x_b))² for every Linear parameter, in closed form."""
+    inputs: dict[nn.Linear, list[Tensor]] = {m: [] for m in owners}
+    grads: dict[nn.Linear, list[Tensor]] = {m: [] for m in owners}
+
+    def fwd_hook(mod, args, out):
+        a = args[0]
+        if a.dim() != 2:
+            raise ValueError("the closed-form Linear Fisher needs 2-D layer inputs; use per_sample='vmap'")
+        inputs[mod].append(a.detach())
+        out.register_hook(lambda g, mod=mod: grads[mod].append(g.detach()))
+
+    handles = [m.register_forward_hook(fwd_hook) for m in owners]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            if class_mask is not None:
+                logits = logits + class_mask
+            # The sum over samples: each sample's gradient reaches its own rows of g.
+            total = F.log_softmax(logits, dim=1).gather(1, y.reshape(-1, 1)).sum()
+            # autograd.grad (not backward) leaves the parameters' .grad untouched.
+            torch.autograd.grad(total, [t for m in owners for t in (m.weight, m.bias) if t is not None],
+                                allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for mod, names in owners.items():
+        # Hooks on outputs fire in reverse order of the forward calls.
+        for a, g in zip(inputs[mod], reversed(grads[mod])):
+            if "weight" in names:
+                fisher[names["weight"]] += g.pow(2).t() @ a.pow(2)
+            if "bias" in names:
+                fisher[names["bias"]] += g.pow(2).sum(0)

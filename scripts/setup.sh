@@ -9,7 +9,7 @@ PKGS="dataset-fashion-mnist"
 EXTRAS=""
 if [ "${1:-}" = "--test" ]; then
   PKGS="$PKGS chromium postgresql"
-  EXTRAS="[dev]"
+  EXTRAS="[dev,avalanche]"
 fi
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -1,0 +1,123 @@
+"""ER: experience replay with a reservoir-sampled buffer (Chaudhry et al. 2019), METHODS.md §3.
+
+Reservoir sampling (Vitter 1985): the n-th stream sample (0-based) goes to slot n while n < M;
+otherwise r ~ U{0..n} is drawn and it replaces slot r if r < M. A whole batch is inserted at once
+with the same result as inserting its samples one by one (later samples win a contested slot).
+Each step trains on the stream batch concatenated with an equally sized batch drawn without
+replacement from the buffer (Mammoth's ER). The buffer lives on the training device and holds
+inputs after the task's transform (permutation/rotation), as the model saw them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.api import HParams, Method, Task, register, require, tensor_bytes
+
+
+@dataclass
+class ERParams(HParams):
+    """buffer_size: M, stored examples (200/500/5120 are the usual sizes; default 500).
+    replay_batch: buffer samples per step (0 = the stream batch size, Mammoth's default).
+    The learning rate is the protocol's (tuned like every method's: the base search space)."""
+
+    buffer_size: int = 500
+    replay_batch: int = 0
+
+    def validate(self) -> None:
+        require(self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}", "use buffer_size=500")
+        require(self.replay_batch >= 0, "replay_batch must be >= 0", "use 0 for the stream batch size")
+
+
+class ReservoirBuffer:
+    """Fixed-size reservoir of (x, y) on one device; insertion is vectorised per batch."""
+
+    def __init__(self, size: int, device: torch.device, generator: torch.Generator) -> None:
+        self.size = size
+        self.device = device
+        self.generator = generator  # CPU generator: reproducible draws on any device
+        self.n_seen = 0
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+
+    @property
+    def filled(self) -> int:
+        return min(self.n_seen, self.size)
+
+    def slots_for(self, batch: int) -> Tensor:
+        """Target slot of each of the next ``batch`` stream samples (−1: not stored)."""
+        pos = torch.arange(self.n_seen, self.n_seen + batch)
+        draw = (torch.rand(batch, generator=self.generator, dtype=torch.float64) * (pos + 1)).long()
+        return torch.where(pos < self.size, pos, torch.where(draw < self.size, draw, -1))
+
+    @torch.no_grad()
+    def add(self, x: Tensor, y: Tensor) -> None:
+        if self.x is None:
+            self.x = torch.zeros((self.size, *x.shape[1:]), dtype=x.dtype, device=self.device)
+            self.y = torch.zeros(self.size, dtype=y.dtype, device=self.device)
+        slots = self.slots_for(len(y))
+        self.n_seen += len(y)
+        keep = slots >= 0
+        slots, src = slots[keep], torch.nonzero(keep).flatten()
+        if len(slots) == 0:
+            return
+        # Last writer wins, as in sequential insertion: the highest source index per slot.
+        winner = torch.full((self.size,), -1, dtype=torch.long)
+        winner.scatter_reduce_(0, slots, src, reduce="amax")
+        dest = torch.nonzero(winner >= 0).flatten()
+        src = winner[dest]
+        dest, src = dest.to(self.device), src.to(x.device)
+        assert self.y is not None
+        self.x.index_copy_(0, dest, x.detach().index_select(0, src).to(self.device))
+        self.y.index_copy_(0, dest, y.index_select(0, src).to(self.device))
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        assert self.x is not None and self.y is not None
+        idx = torch.randperm(self.filled, generator=self.generator)[: min(n, self.filled)].to(self.device)
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def state(self) -> dict[str, Any]:
+        return {"x": self.x, "y": self.y, "n_seen": self.n_seen, "rng": self.generator.get_state()}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.x = None if st.get("x") is None else st["x"].to(self.device)
+        self.y = None if st.get("y") is None else st["y"].to(self.device)
+        self.n_seen = int(st.get("n_seen", 0))
+        if "rng" in st:
+            self.generator.set_state(st["rng"])
+
+
+@register
+class ER(Method):
+    NAME = "er"
+    HParams = ERParams
+    DESCRIPTION = "Experience replay: reservoir buffer, stream batch + equal buffer batch"
+
+    def __init__(self, hp: ERParams, ctx) -> None:
+        super().__init__(hp, ctx)
+        gen = torch.Generator().manual_seed(ctx.seed + 2_147_483)
+        self.buffer = ReservoirBuffer(hp.buffer_size, ctx.device, gen)
+
+    def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        if self.buffer.filled > 0:
+            bx, by = self.buffer.sample(self.hp.replay_batch or len(y))
+            x, y = torch.cat([x, bx]), torch.cat([y, by])
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def after_step(self, x: Tensor, y: Tensor, task: Task) -> None:
+        self.buffer.add(x, y)
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.buffer.x, self.buffer.y)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "buffer" in state:
+            self.buffer.load(state["buffer"])
+

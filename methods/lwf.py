@@ -1,0 +1,82 @@
+"""LwF (Li & Hoiem 2016), METHODS.md §3.
+
+L = CE(z, y) over the whole head + α · T² · KL(σ(z_old/T) ‖ σ(z/T)) on the logits of the old
+classes (classes of tasks before the current one), z_old from a frozen copy of the model taken at
+the previous task boundary. The KD term is the shared ``methods.common.kd_loss`` (batchmean, T²).
+Avalanche's LwF has no T² factor: its ``alpha`` equals our α·T².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.api import HParams, Method, Task, register, require, tensor_bytes
+from methods.common import frozen_copy, kd_loss
+
+
+@dataclass
+class LwFParams(HParams):
+    """alpha: weight α of the distillation term (Li & Hoiem: λ_o = 1).
+    temperature: KD temperature T (Li & Hoiem: T = 2, following Hinton et al. 2015)."""
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+
+    def validate(self) -> None:
+        require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}", "use alpha=1")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}", "use temperature=2")
+
+
+@register
+class LwF(Method):
+    NAME = "lwf"
+    HParams = LwFParams
+    DESCRIPTION = "Learning without Forgetting: distil the previous model on the old classes"
+
+    def __init__(self, hp: LwFParams, ctx) -> None:
+        super().__init__(hp, ctx)
+        self.teacher: nn.Module | None = None
+        self.old_classes: list[int] = []
+        self._old_idx: Tensor | None = None
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self.old_classes = sorted({c for t in self.ctx.scenario.tasks[: task.id] for c in t.classes})
+        self._old_idx = torch.tensor(self.old_classes, dtype=torch.long, device=self.ctx.device)
+
+    def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if self.teacher is not None and self.old_classes and self.hp.alpha > 0:
+            with torch.no_grad():
+                old = self.teacher(x)
+            loss = loss + self.hp.alpha * kd_loss(logits, old, self.hp.temperature, self._old_idx)
+        return loss
+
+    def after_task(self, task: Task) -> None:
+        self.teacher = frozen_copy(self.model)
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.teacher)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"teacher": None if self.teacher is None else self.teacher.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        sd = state.get("teacher")
+        if sd is None:
+            self.teacher = None
+            return
+        teacher = self.ctx.make_model()
+        teacher.load_state_dict(sd)
+        self.teacher = frozen_copy(teacher)
+
+    @classmethod
+    def search_space(cls, trial: Any) -> dict[str, Any]:
+        """α log-uniform 0.1..10 (FACIL grid 0.5..10), T in {1, 2, 4} (Hinton/Li & Hoiem use 2)."""
+        return {**super().search_space(trial), "alpha": trial.suggest_float("alpha", 0.1, 10.0, log=True),
+                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0])}

@@ -1,0 +1,109 @@
+"""SI, Synaptic Intelligence (Zenke, Poole & Ganguli 2017), METHODS.md §3.
+
+Every step: ω_k += −g_k Δθ_k, with g the gradient of the *unregularised* loss and Δθ the actual
+parameter change of that step (momentum and the penalty included). At the task end:
+Ω_k += ω_k / ((θ_k(end) − θ*_k)² + ξ), ω ← 0, θ* ← θ(end). Loss: L_t + c Σ_k Ω_k (θ_k − θ*_k)².
+The penalty's gradient 2cΩ(θ − θ*) is added to the gradients after backward, so that one
+backward gives both g (for ω) and the regularised update, without a second graph.
+
+Avalanche 0.6's SynapticIntelligence differs in three ways (see the adapter docs): its g includes
+the penalty's gradient, its penalty is (λ/2)ΣΩ(θ−θ*)², and it clamps Ω to at most 0.001, which
+makes Ω almost uniform and the regulariser nearly inert at the usual λ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.api import HParams, Method, Task, register, require, tensor_bytes
+
+
+@dataclass
+class SIParams(HParams):
+    """c: penalty strength. Default 0.1, Zenke et al.'s value for split MNIST and permuted MNIST
+        (their Fig. 3/4 sweeps use c in 0.01..1); van de Ven et al. 2019 found 1..10^3 best for
+        class-IL variants, so tune it.
+    xi: damping ξ of the consolidation denominator. Default 0.1 (Zenke's split-MNIST setting;
+        they use 1e-3 for permuted MNIST)."""
+
+    c: float = 0.1
+    xi: float = 0.1
+
+    def validate(self) -> None:
+        require(self.c >= 0, f"c must be >= 0, got {self.c}", "use e.g. c=0.1")
+        require(self.xi > 0, f"xi must be > 0, got {self.xi}", "use e.g. xi=0.1")
+
+
+@register
+class SI(Method):
+    NAME = "si"
+    HParams = SIParams
+    DESCRIPTION = "Synaptic Intelligence: path-integral importance, quadratic penalty"
+
+    def __init__(self, hp: SIParams, ctx) -> None:
+        super().__init__(hp, ctx)
+        ps = self._params()
+        self.omega = {n: torch.zeros_like(p) for n, p in ps.items()}  # Ω, consolidated importance
+        self.w = {n: torch.zeros_like(p) for n, p in ps.items()}  # ω, running path integral
+        self.anchor = {n: p.detach().clone() for n, p in ps.items()}  # θ*, start of the task
+        self._grad: dict[str, Tensor] = {}
+        self._before: dict[str, Tensor] = {}
+        self._consolidated = False
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def penalty(self) -> Tensor:
+        """c Σ Ω (θ − θ*)² (for reporting and tests; training adds its gradient directly)."""
+        total = torch.zeros((), device=self.ctx.device)
+        for n, p in self._params().items():
+            total = total + (self.omega[n] * (p - self.anchor[n]).pow(2)).sum()
+        return self.hp.c * total
+
+    def after_backward(self, x: Tensor, y: Tensor, task: Task) -> None:
+        with torch.no_grad():
+            for n, p in self._params().items():
+                if p.grad is None:
+                    continue
+                self._grad[n] = p.grad.detach().clone()
+                self._before[n] = p.detach().clone()
+                if self._consolidated:
+                    p.grad.add_(self.omega[n] * (p - self.anchor[n]), alpha=2.0 * self.hp.c)
+
+    def after_step(self, x: Tensor, y: Tensor, task: Task) -> None:
+        with torch.no_grad():
+            for n, p in self._params().items():
+                if n in self._grad:
+                    self.w[n].addcmul_(self._grad[n], p.detach() - self._before[n], value=-1.0)
+
+    def after_task(self, task: Task) -> None:
+        with torch.no_grad():
+            for n, p in self._params().items():
+                delta = p.detach() - self.anchor[n]
+                self.omega[n].add_(self.w[n] / (delta.pow(2) + self.hp.xi))
+                self.w[n].zero_()
+                self.anchor[n] = p.detach().clone()
+        self._consolidated = True
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.omega, self.w, self.anchor)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"omega": self.omega, "w": self.w, "anchor": self.anchor, "consolidated": self._consolidated}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        dev = self.ctx.device
+        for key in ("omega", "w", "anchor"):
+            if key in state:
+                setattr(self, key, {n: t.to(dev) for n, t in state[key].items()})
+        self._consolidated = bool(state.get("consolidated", False))
+
+    @classmethod
+    def search_space(cls, trial: Any) -> dict[str, Any]:
+        """c log-uniform 1e-3..1e3 (Zenke 0.01..1; van de Ven up to 1e3), ξ log-uniform 1e-3..1."""
+        return {**super().search_space(trial), "c": trial.suggest_float("c", 1e-3, 1e3, log=True),
+                "xi": trial.suggest_float("xi", 1e-3, 1.0, log=True)}
