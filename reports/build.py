@@ -1,0 +1,197 @@
+"""Build LEADERBOARD.md and report.html from run records (issue #7).
+
+``make_report`` works on records in memory; ``report_from_results`` loads them first (MLflow when a
+tracking URI is given, else the JSON files) and is what ``dmkd report`` calls.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from harness.errors import UserError
+from reports import html as H
+from reports import plots
+from reports.load import load_records
+from reports.tables import (
+    Leaderboard,
+    Record,
+    ablation_tables,
+    display_frame,
+    escape,
+    failed_runs,
+    group_rows,
+    is_ablation,
+    leaderboards,
+    table_key,
+    to_html,
+    to_markdown,
+)
+
+LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Avg. incr. acc. = mean of the "
+          "average accuracy after each task; Forgetting (Chaudhry 2018), BWT, FWT as in METHODS.md §1 "
+          "(divided by T−1). Each is mean ± sample std (ddof=1) over the seeds counted in 'Seeds'. "
+          "Rank by final accuracy (1 = best). Costs are means over seeds: final parameter count, total "
+          "training FLOPs, peak memory (kind in brackets: process_rss = resident set of the process on CPU, else the GPU allocator peak), bytes "
+          "sent between nodes, wall time = training + evaluation seconds.")
+ENV_KEYS = ("git_revision", "python", "torch", "torchvision", "numpy", "platform", "processor", "device", "gpu",
+            "torch_threads")
+
+
+def _run_counts(records: list[Record]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[str(r.get("status", "?"))] += 1
+    val = sum(1 for r in records if r.get("status") == "finished" and r.get("eval_split", "test") != "test")
+    text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return text + (f" ({val} validation-split tuning runs not ranked)" if val else "")
+
+
+def run_metadata(records: list[Record]) -> dict[str, str]:
+    """Versions, git revisions, hardware and dates of the runs, plus how the report was made."""
+    meta: dict[str, str] = {}
+    experiments = sorted({str(r.get("experiment", "")) for r in records if r.get("experiment")})
+    meta["experiments"] = ", ".join(experiments) or "(records given directly)"
+    meta["runs"] = _run_counts(records)
+    for k in ENV_KEYS:
+        vals = sorted({str(r.get("config", {}).get("env", {}).get(k)) for r in records
+                       if r.get("config", {}).get("env", {}).get(k) is not None})
+        if vals:
+            meta[f"run {k}"] = " | ".join(vals)
+    starts = [str(r["started_at"]) for r in records if r.get("started_at")]
+    ends = [str(r["finished_at"]) for r in records if r.get("finished_at")]
+    if starts:
+        meta["runs started"] = f"{min(starts)} … {max(starts)}"
+    if ends:
+        meta["last run finished"] = max(ends)
+    import matplotlib
+    import pandas
+    import seaborn
+
+    meta["report generated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    meta["report made with"] = (f"python {sys.version.split()[0]}, pandas {pandas.__version__}, matplotlib "
+                                f"{matplotlib.__version__}, seaborn {seaborn.__version__} on {platform.node()}")
+    return meta
+
+
+def leaderboard_markdown(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str]) -> str:
+    """LEADERBOARD.md: protocol line above each table, then ablations, failed runs and metadata."""
+    out = [f"# {title}", "", f"Runs: {meta['runs']}. Experiments: {meta['experiments']}.", "", LEGEND, ""]
+    if not boards:
+        out += ["_No finished test-split runs yet._", ""]
+    for b in boards:
+        out += [f"## {b.title}", "", f"**Protocol:** {b.protocol}", "", to_markdown(display_frame(b)), ""]
+    for a in ablations:
+        out += [f"## {a.title}", "", to_markdown(a.frame), ""]
+    if len(failed):
+        out += ["## Failed runs", "", to_markdown(failed), ""]
+    out += ["## Run metadata", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
+    return "\n".join(out)
+
+
+def _dmkd_rows(boards: list[Leaderboard]) -> list[tuple[str, str, list[Record]]]:
+    """(scenario, label, records) of every row carrying DMKD artifacts, once per protocol."""
+    seen, out = set(), []
+    for b in boards:
+        for (label, tuned), recs in sorted(group_rows(b.records).items()):
+            key = (table_key(recs[0]), label, tuned)
+            if key in seen or not any("dmkd" in r.get("artifacts", {}) for r in recs):
+                continue
+            seen.add(key)
+            out.append((b.scenario, label + (" (tuned)" if tuned else ""), recs))
+    return out
+
+
+def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str],
+                figures: bool = True) -> str:
+    """report.html: every table and figure (figures=False: tables only); images embedded as data URIs."""
+    sections: list[H.Section] = []
+    for b in boards:
+        s = H.Section(b.anchor, b.title)
+        s.body += [f'<div class="proto"><strong>Protocol:</strong> {escape(b.protocol)}</div>',
+                   f'<div class="scroll">{to_html(display_frame(b), ranked=True)}</div>', f'<p class="note">{escape(LEGEND)}</p>']
+        sections.append(s)
+        if not figures:
+            continue
+        s.body.append(H.figure(plots.accuracy_heatmaps(b), f"Accuracy matrix per method, mean over seeds "
+                               f"(row k: after training task k; column j: task j), {b.title}."))
+        s.body.append(H.figure(plots.task_accuracy_over_time(b), f"Accuracy on each task after each later task, "
+                               f"mean over seeds, {b.title}."))
+        s.body.append(H.figure(plots.forgetting_bwt_bars(b), f"Forgetting and BWT, mean ± 1 std over seeds, "
+                               f"{b.title}."))
+        s.body.append(H.figure(plots.pareto_plots(b), "Final average accuracy (mean ± std) against total "
+                               "training FLOPs, peak memory and bytes communicated; the dashed line joins the "
+                               "Pareto-optimal configurations (no other is both cheaper and more accurate)."))
+    dmkd = _dmkd_rows(boards) if figures else []
+    if dmkd:
+        s = H.Section("dmkd", "DMKD: specialization, routing and importance")
+        for scenario, label, recs in dmkd:
+            art = plots.dmkd_artifacts(recs)
+            if art is None:
+                continue
+            name = f"{label} on {scenario} ({art['n_seeds']} seed(s))"
+            s.body.append(f"<h3>{escape(name)}</h3>")
+            s.body.append(H.figure(plots.dmkd_specialization(art, name), "Left: specialization entropy "
+                                   "H(M_i) of each expert after each task (lower = more specialised). Right: "
+                                   "class x expert routing after the last task."))
+            s.body.append(H.figure(plots.dmkd_importance(art, f"Parameter importance per module — {name}"),
+                                   "Histogram of the per-parameter importance Ω (diagonal Fisher) of each "
+                                   "module after the last task (log-scaled axes)."))
+        sections.append(s)
+    if ablations:
+        s = H.Section("ablations", "Ablations")
+        for a in ablations:
+            s.body += [f"<h3>{escape(a.title)}</h3>", f'<div class="scroll">{to_html(a.frame)}</div>']
+        sections.append(s)
+    if len(failed):
+        sections.append(H.Section("failed", "Failed runs", [f'<div class="scroll">{to_html(failed)}</div>']))
+    sections.append(H.Section("metadata", "Run metadata", [H.definition_list(meta)]))
+    if not boards:
+        sections.insert(0, H.Section("empty", "No results", ['<p>No finished test-split runs yet.</p>']))
+    subtitle = f"Runs: {meta['runs']}. Experiments: {meta['experiments']}. Generated {meta['report generated']}."
+    return H.render_page(title, subtitle, sections)
+
+
+def make_report(records: Iterable[Record], out_dir: str | Path, title: str = "dmkd-bench report",
+                ablation: Iterable[Record] | None = None, figures: bool = True) -> dict[str, Path]:
+    """Write LEADERBOARD.md and report.html into ``out_dir``; return their paths.
+
+    ``figures=False`` leaves the plots out of the HTML (fast; for tests and quick looks).
+    Records carrying an ``ablation`` field (and those passed as ``ablation``) go to the ablation
+    tables, not to the leaderboards.
+    """
+    records = list(records)
+    abl = [r for r in records if is_ablation(r)] + list(ablation or [])
+    main = [r for r in records if not is_ablation(r)]
+    boards = leaderboards(main)
+    ablations = ablation_tables(abl)
+    failed = failed_runs(records + list(ablation or []))
+    meta = run_metadata(records + list(ablation or []))
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the report folder {out} ({exc.strerror})", "pass a writable --out") from None
+    paths = {"markdown": out / "LEADERBOARD.md", "html": out / "report.html"}
+    paths["markdown"].write_text(leaderboard_markdown(title, boards, ablations, failed, meta))
+    paths["html"].write_text(html_report(title, boards, ablations, failed, meta, figures))
+    return paths
+
+
+def report_from_results(results_dir: str | Path = "results", experiment: str | None = None,
+                        out: str | Path | None = None, tracking_uri: str | None = None) -> dict[str, Path]:
+    """Load the runs of ``experiment`` (all when None) and write the report to ``out``.
+
+    ``out`` defaults to ``<results_dir>/report``. Records come from MLflow when ``tracking_uri`` is
+    given (falling back to the JSON files when it holds none), else from the JSON files.
+    """
+    records = load_records(results_dir, experiment, tracking_uri)
+    title = f"dmkd-bench report — {experiment}" if experiment else "dmkd-bench report"
+    return make_report(records, Path(out) if out is not None else Path(results_dir) / "report", title=title)
+
+
+__all__ = ["make_report", "report_from_results"]

@@ -1,0 +1,123 @@
+"""Run records from the JSON files under ``results/<experiment>/runs`` or from an MLflow store.
+
+A record is the dict returned by ``harness.runner.run`` (and written as JSON by the tracking code).
+Each loaded record gets an ``experiment`` field naming where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+RECORD_ARTIFACT = "record.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"run record {path} is unreadable or corrupt ({type(exc).__name__})",
+                        "delete that file and re-run the run (the suite resumes missing runs)") from None
+    if not isinstance(rec, dict) or "key" not in rec or "scenario" not in rec:
+        raise UserError(f"{path} is not a run record (no 'key'/'scenario' field)",
+                        "keep only run records in results/<experiment>/runs")
+    return rec
+
+
+def experiment_dirs(results_dir: Path, experiment: str | None) -> list[Path]:
+    """Folders ``results_dir/<name>`` holding a ``runs`` folder (only ``experiment`` when given)."""
+    if experiment is not None:
+        d = results_dir / experiment
+        if not (d / "runs").is_dir():
+            found = ", ".join(p.name for p in experiment_dirs(results_dir, None)) or "none"
+            raise UserError(f"no experiment {experiment!r} under {results_dir} (found: {found})",
+                            "pass one of the found names to --experiment, or run the suite first")
+        return [d]
+    if not results_dir.is_dir():
+        raise UserError(f"results folder {results_dir} does not exist", "run a suite first or pass --results PATH")
+    return sorted(p for p in results_dir.iterdir() if (p / "runs").is_dir())
+
+
+def load_json_records(results_dir: str | Path, experiment: str | None = None) -> list[dict[str, Any]]:
+    """Every ``results_dir/<experiment>/runs/*.json`` record (all experiments when None)."""
+    records = []
+    for d in experiment_dirs(Path(results_dir), experiment):
+        for f in sorted((d / "runs").glob("*.json")):
+            rec = _read_json(f)
+            rec.setdefault("experiment", d.name)
+            records.append(rec)
+    return records
+
+
+def load_mlflow_records(tracking_uri: str, experiment: str | None = None) -> list[dict[str, Any]]:
+    """Records stored as the ``record.json`` artifact of each MLflow run (parent runs have none).
+
+    MLflow is imported here, not at module level: importing it takes seconds.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exps = client.search_experiments()
+    except MlflowException as exc:
+        raise UserError(f"cannot open the MLflow store {tracking_uri} ({str(exc).splitlines()[0][:120]})",
+                        "check --tracking-uri, or omit it to read the JSON records") from None
+    if experiment is not None:
+        exps = [e for e in exps if e.name == experiment]
+        if not exps:
+            raise UserError(f"no MLflow experiment named {experiment!r} in {tracking_uri}",
+                            "check --experiment (names are those of the suites)")
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for exp in exps:
+            token = None
+            while True:
+                page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+                for r in page:
+                    try:
+                        local = mlflow.artifacts.download_artifacts(
+                            run_id=r.info.run_id, artifact_path=RECORD_ARTIFACT,
+                            dst_path=str(Path(tmp) / r.info.run_id), tracking_uri=tracking_uri)
+                    except (MlflowException, OSError):
+                        continue  # a parent run (suite, study) or a run that died before its record
+                    rec = _read_json(Path(local))
+                    rec.setdefault("experiment", exp.name)
+                    records.append(rec)
+                token = page.token
+                if not token:
+                    break
+    return records
+
+
+def latest_per_key(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (experiment, key): a finished one if any, else the most recently started."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in records:
+        k = (str(rec.get("experiment", "")), str(rec["key"]))
+        old = best.get(k)
+        rank = (rec.get("status") == "finished", str(rec.get("finished_at") or rec.get("started_at") or ""))
+        if old is None or rank > (old.get("status") == "finished",
+                                  str(old.get("finished_at") or old.get("started_at") or "")):
+            best[k] = rec
+    return list(best.values())
+
+
+def load_records(results_dir: str | Path = "results", experiment: str | None = None,
+                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Records from MLflow when ``tracking_uri`` is given and holds runs, else from the JSON files."""
+    records: list[dict[str, Any]] = []
+    if tracking_uri:
+        records = load_mlflow_records(tracking_uri, experiment)
+    if not records:
+        records = load_json_records(results_dir, experiment)
+    if not records:
+        where = f"experiment {experiment!r}" if experiment else str(results_dir)
+        raise UserError(f"no run records found in {where}", "run a suite first (dmkd suite configs/quick.yaml)")
+    return latest_per_key(records)

@@ -1,0 +1,276 @@
+"""Figures of a report as PNG bytes (matplotlib Agg + seaborn), labelled with units.
+
+Every function takes plain data (a :class:`reports.tables.Leaderboard` or a DMKD artifact dict) and
+returns the encoded PNG, so the HTML builder can embed it and tests can decode it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from reports.tables import SETTING_NAMES, Leaderboard, Record, group_rows
+
+DPI = 96
+
+
+def styled(fn: Callable[..., bytes | None]) -> Callable[..., bytes | None]:
+    """Run a plot function under seaborn's whitegrid style without changing global rcParams."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> bytes | None:
+        rc = dict(sns.axes_style("whitegrid")) | dict(sns.plotting_context("notebook", font_scale=0.9))
+        with plt.rc_context(rc):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def to_png(fig: plt.Figure) -> bytes:
+    """Encode and close a figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _grid(n: int, ncols: int = 4, size: tuple[float, float] = (3.6, 3.1)) -> tuple[plt.Figure, list[plt.Axes]]:
+    cols = max(1, min(n, ncols))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def mean_matrices(board: Leaderboard) -> dict[str, np.ndarray]:
+    """Per method row: the accuracy matrix averaged over seeds (matrices of one shape only)."""
+    out = {}
+    for (label, tuned), recs in sorted(group_rows(board.records).items()):
+        mats = [np.asarray(r["acc"][board.setting], dtype=float) for r in recs if r.get("acc", {}).get(board.setting)]
+        if mats:
+            shape = mats[0].shape
+            out[label + (" (tuned)" if tuned else "")] = np.mean([m for m in mats if m.shape == shape], axis=0)
+    return out
+
+
+def _setting(board: Leaderboard) -> str:
+    return SETTING_NAMES.get(board.setting, board.setting)
+
+
+@styled
+def accuracy_heatmaps(board: Leaderboard) -> bytes:
+    """R[k][j] (mean over seeds) per method: rows = after training task k, columns = task j."""
+    mats = mean_matrices(board)
+    fig, axes = _grid(len(mats), size=(3.4, 3.0))
+    for ax, (label, m) in zip(axes, mats.items()):
+        T = m.shape[0]
+        sns.heatmap(m, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", annot=T <= 6, fmt=".2f", cbar=False,
+                    square=True, annot_kws={"fontsize": 7},
+                    xticklabels=[str(j + 1) for j in range(T)], yticklabels=[str(k + 1) for k in range(T)])
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("evaluated on task j")
+        ax.set_ylabel("after training task k" if ax.get_subplotspec().is_first_col() else "")
+    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap="viridis"), ax=axes, shrink=0.8,
+                 label="accuracy (fraction correct)")
+    fig.suptitle(f"Accuracy matrix R[k][j] — {board.scenario}, {_setting(board)}", y=1.02)
+    return to_png(fig)
+
+
+@styled
+def task_accuracy_over_time(board: Leaderboard) -> bytes:
+    """Accuracy on each task after every later task (from the task on which it was trained)."""
+    mats = mean_matrices(board)
+    fig, axes = _grid(len(mats), size=(3.6, 2.9))
+    palette = sns.color_palette("tab10")
+    for ax, (label, m) in zip(axes, mats.items()):
+        T = m.shape[0]
+        for j in range(T):
+            ks = np.arange(j, T)
+            ax.plot(ks + 1, m[j:, j], marker="o", ms=3, lw=1.4, color=palette[j % 10], label=f"task {j + 1}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(range(1, T + 1))
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("after training task")
+        ax.set_ylabel("accuracy")
+    if mats:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 10), bbox_to_anchor=(0.5, 0.0),
+                   frameon=False, fontsize=8)
+    fig.suptitle(f"Accuracy on each task over time — {board.scenario}, {_setting(board)}", y=1.02)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+@styled
+def forgetting_bwt_bars(board: Leaderboard) -> bytes:
+    """Forgetting and BWT per method, mean with ±1 std error bars over seeds."""
+    f = board.frame
+    labels = [m + (" (tuned)" if t else "") for m, t in zip(f["method"], f["tuned"])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(labels) + 1.6), sharey=True)
+    for ax, m, title, color in ((axes[0], "forgetting", "Forgetting (lower is better)", "#d95f02"),
+                                (axes[1], "bwt", "Backward transfer BWT (higher is better)", "#1b9e77")):
+        ax.barh(labels, f[f"{m}_mean"], xerr=f[f"{m}_std"].fillna(0), color=color, alpha=0.85, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("accuracy points (fraction)")
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Forgetting and BWT — {board.scenario}, {_setting(board)}", y=1.0)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats (cost <= and acc >=, one strictly), by cost."""
+    pts = [(c, a, i) for i, (c, a) in enumerate(zip(costs, accs)) if not (math.isnan(c) or math.isnan(a))]
+    front = []
+    for c, a, i in pts:
+        dominated = any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2, _ in pts)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (costs[i], -accs[i]))
+
+
+PARETO_AXES: list[tuple[str, str, float]] = [
+    ("train_flops", "total training FLOPs (log scale when wide)", 1.0),
+    ("peak_memory_bytes", "peak memory (MiB)", 1024.0**2),
+    ("comm_bytes", "communication (bytes sent)", 1.0),
+]
+
+
+@styled
+def pareto_plots(board: Leaderboard) -> bytes:
+    """Final accuracy vs training FLOPs, peak memory and communication; the Pareto front dashed."""
+    f = board.frame
+    labels = [m + (" (tuned)" if t else "") for m, t in zip(f["method"], f["tuned"])]
+    acc = f["final_avg_acc_mean"].to_numpy(float)
+    err = f["final_avg_acc_std"].fillna(0).to_numpy(float)
+    palette = sns.color_palette("tab10", max(len(labels), 1))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (col, xlabel, scale) in zip(axes, PARETO_AXES):
+        x = f[col].to_numpy(float) / scale
+        for i, lab in enumerate(labels):
+            ax.errorbar(x[i], acc[i], yerr=err[i], fmt="o", color=palette[i % len(palette)], capsize=3, ms=6,
+                        label=lab)
+            ax.annotate(lab, (x[i], acc[i]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        front = pareto_front(list(x), list(acc))
+        if len(front) > 1:
+            ax.plot(x[front], acc[front], ls="--", color="grey", lw=1, drawstyle="steps-post", zorder=0)
+        finite = x[~np.isnan(x)]
+        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+            ax.set_xscale("log")
+        if col != "peak_memory_bytes":
+            ax.xaxis.set_major_formatter(EngFormatter(unit="FLOP" if col == "train_flops" else "B"))
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.tick_params(axis="x", labelrotation=20)
+        if finite.size and np.all(finite == 0):
+            ax.set_xlim(-1, 1)
+            ax.set_xticks([0])
+            ax.text(0.5, 0.06, "all runs centralized: 0 bytes sent", transform=ax.transAxes, ha="center",
+                    fontsize=8, color="dimgray")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"final average accuracy A_T ({_setting(board)})")
+    fig.suptitle(f"Accuracy vs cost (dashed: Pareto front) — {board.scenario}, {_setting(board)}", y=1.02)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# DMKD artifacts
+# ------------------------------------------------------------------------------------------------
+def dmkd_artifacts(recs: Sequence[Record]) -> dict[str, Any] | None:
+    """The DMKD artifacts of a row, entropies and routing averaged over seeds of equal shape."""
+    arts = [r["artifacts"]["dmkd"] for r in recs if isinstance(r.get("artifacts", {}).get("dmkd"), dict)]
+    if not arts:
+        return None
+    out = dict(arts[0])
+    for key in ("entropy_per_task", "usage_per_task", "routing_matrix"):
+        vals = [a[key] for a in arts if key in a]
+        try:
+            out[key] = np.mean(np.asarray(vals, dtype=float), axis=0).tolist()
+        except ValueError:  # ragged (experts grown differently per seed): keep the first seed's
+            out[key] = vals[0] if vals else None
+    out["n_seeds"] = len(arts)
+    return out
+
+
+@styled
+def dmkd_specialization(art: dict[str, Any], title: str) -> bytes:
+    """Expert specialization entropy H(M_i) after each task, and the class x expert routing heatmap."""
+    ent = art.get("entropy_per_task") or []
+    routing = art.get("routing_matrix")
+    names = art.get("class_names") or []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
+    ax = axes[0]
+    n_experts = max((len(row) for row in ent), default=0)
+    palette = sns.color_palette("tab10", max(n_experts, 1))
+    for i in range(n_experts):
+        pts = [(t + 1, row[i]) for t, row in enumerate(ent) if i < len(row) and row[i] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=4, color=palette[i % len(palette)], label=f"expert {i}")
+    n_classes = len(names) or (len(routing) if routing else 0)
+    if n_classes > 1:
+        ax.axhline(math.log(n_classes), ls=":", color="grey", lw=1)
+        ax.text(1, math.log(n_classes), f" log C = {math.log(n_classes):.2f} (uniform)", va="bottom", fontsize=7,
+                color="dimgray")
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("specialization entropy H(M_i) (nats)")
+    ax.set_title("Expert specialization (low = specialised)", fontsize=10)
+    if n_experts:
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_xticks(range(1, len(ent) + 1))
+    ax = axes[1]
+    if routing:
+        m = np.asarray(routing, dtype=float)
+        sns.heatmap(m, ax=ax, cmap="rocket_r", annot=m.size <= 120, fmt=".2f", annot_kws={"fontsize": 7},
+                    yticklabels=names if len(names) == m.shape[0] else True,
+                    xticklabels=[str(i) for i in range(m.shape[1])],
+                    cbar_kws={"label": str(art.get("routing_matrix_kind") or "routing weight")})
+        ax.set_xlabel("expert")
+        ax.set_ylabel("class")
+        ax.set_title("Class x expert routing", fontsize=10)
+    else:
+        ax.set_visible(False)
+    fig.suptitle(title, y=1.02)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+@styled
+def dmkd_importance(art: dict[str, Any], title: str) -> bytes | None:
+    """Distribution of the parameter importance Ω (Fisher) per module, as step histograms."""
+    hists = art.get("importance_hist") or {}
+    if not hists:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    palette = sns.color_palette("tab10", len(hists))
+    all_pos = True
+    for i, (module, h) in enumerate(sorted(hists.items())):
+        edges = np.asarray(h.get("bin_edges", []), dtype=float)
+        counts = np.asarray(h.get("counts", []), dtype=float)
+        if edges.size != counts.size + 1 or counts.size == 0:
+            continue
+        all_pos &= bool(edges[0] > 0)
+        ax.stairs(counts, edges, baseline=None, color=palette[i % len(palette)], lw=1.5, label=module)
+    if all_pos:
+        ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("importance Ω per parameter (Fisher, squared-gradient units)")
+    ax.set_ylabel("number of parameters")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)

@@ -1,0 +1,298 @@
+"""Reports: hand-computed leaderboard numbers, grouping, Pareto fronts, self-contained HTML, loading."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import metrics
+from harness.errors import UserError
+from reports.build import make_report, report_from_results
+from reports.load import latest_per_key, load_json_records, load_mlflow_records, load_records
+from reports.plots import pareto_front
+from reports.tables import ablation_tables, display_frame, failed_runs, fmt_si, leaderboards, mean_std
+
+from .conftest import TINY, needs_fmnist
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def acc_matrix(final: float, T: int = 3) -> list[list[float]]:
+    """A lower-triangular-ish matrix whose last row averages to ``final``."""
+    R = [[0.9 if j <= k else 0.1 for j in range(T)] for k in range(T)]
+    R[-1] = [final] * T
+    return R
+
+
+def fake_record(label: str, seed: int, final: float, *, scenario: str = "split-fmnist", setting: str = "class",
+                tuned: bool = False, status: str = "finished", epochs: int = 1, hparams: dict | None = None,
+                flops: float = 1e9, mem: float = 2**20, comm: float = 0.0, params: int = 1000,
+                train_s: float = 1.0, eval_s: float = 0.5, **extra) -> dict:
+    """A run record with the runner's shape; metrics computed from the matrices like the runner does."""
+    settings = ["class_il", "task_il"] if setting == "class" else ["domain_il"]
+    acc = {s: acc_matrix(final if i == 0 else min(final + 0.3, 1.0)) for i, s in enumerate(settings)}
+    b = {s: [0.1, 0.1, 0.1] for s in settings}
+    rec = {
+        "key": f"{label}__{scenario}__ep{epochs}__s{seed}", "method": label.split("[")[0], "label": label,
+        "scenario": scenario, "setting": setting, "settings": settings, "seed": seed, "status": status,
+        "tuned": tuned, "tuned_trials": 20 if tuned else 0, "eval_split": "test",
+        "config": {"method": label, "hparams": hparams or {}, "scenario": scenario,
+                   "scenario_options": {"max_train_per_task": 600},
+                   "protocol": {"epochs": epochs, "batch_size": 128, "lr": 0.01, "optimizer": "sgd",
+                                "momentum": 0.9, "backbone": "mlp"},
+                   "seed": seed, "env": {"python": "3.11.7", "torch": "2.14.1", "git_revision": "abc123",
+                                         "platform": "Linux", "processor": "x86_64", "device": "cpu"}},
+        "n_tasks": 3, "tasks": [{"id": t, "name": f"task {t}", "classes": [2 * t, 2 * t + 1]} for t in range(3)],
+        "acc": acc, "random_init_acc": b, "per_task": [], "method_metrics": [], "artifacts": {},
+        "started_at": f"2025-01-0{seed + 1}T10:00:00", "finished_at": f"2025-01-0{seed + 1}T10:05:00",
+    }
+    if status == "finished":
+        rec["metrics"] = {s: metrics.summary(acc[s], b[s]) for s in settings}
+        rec["costs"] = {"params_total": params, "train_flops_total": flops, "peak_memory_bytes": mem,
+                        "peak_memory_kind": "process_rss", "comm_bytes": comm, "train_time_s": train_s,
+                        "eval_time_s": eval_s}
+    rec.update(extra)
+    return rec
+
+
+def dmkd_artifacts(n_experts: int = 3, n_classes: int = 6, T: int = 3) -> dict:
+    rng = np.random.default_rng(0)
+    return {"entropy_per_task": [[float(x) for x in rng.uniform(0.2, 1.7, n_experts)] for _ in range(T)],
+            "usage_per_task": [[1 / n_experts] * n_experts for _ in range(T)],
+            "routing_matrix": rng.dirichlet(np.ones(n_experts), n_classes).tolist(),
+            "routing_matrix_kind": "mean gate weight", "class_names": [f"class {c}" for c in range(n_classes)],
+            "importance_hist": {f"expert_{i}": {"bin_edges": np.logspace(-8, -2, 11).tolist(),
+                                                "counts": rng.integers(0, 500, 10).tolist()}
+                                for i in range(n_experts)}}
+
+
+@pytest.fixture
+def known_runs() -> list[dict]:
+    """ft: 3 seeds (final 0.2/0.3/0.4); er: 2 tuned seeds (0.5/0.7); one failed and one running run."""
+    return ([fake_record("ft", s, f, flops=1e9 * (s + 1), train_s=1.0 + s) for s, f in enumerate([0.2, 0.3, 0.4])]
+            + [fake_record("er[buffer_size=200]", s, f, tuned=True, hparams={"buffer_size": 200}, flops=4e9)
+               for s, f in enumerate([0.5, 0.7])]
+            + [fake_record("lwf", 0, 0.0, status="failed", error="TrainingDiverged: loss is nan at task 2\ntrace"),
+               fake_record("ewc", 0, 0.0, status="running")])
+
+
+# ------------------------------------------------------------------------------------------------
+def test_mean_std_is_sample_std_by_hand():
+    ms = mean_std([0.5, 0.7, 0.6])
+    assert ms.n == 3 and ms.mean == pytest.approx(0.6) and ms.std == pytest.approx(0.1)  # sqrt(0.02/2)
+    assert mean_std([0.42]).std == 0.0 and mean_std([0.42]).n == 1
+    assert mean_std([0.2, None, 0.4]).n == 2 and mean_std([0.2, None, 0.4]).std == pytest.approx(math.sqrt(0.02))
+    assert mean_std([]).n == 0 and mean_std([]).fmt() == "–"
+    assert mean_std([0.5, 0.7]).fmt() == "0.600 ± 0.141"
+    assert mean_std([-1e-9, 1e-9]).fmt() == "0.000 ± 0.000"  # never "-0.000"
+
+
+def test_fmt_si_units():
+    assert fmt_si(478410) == "478 k"
+    assert fmt_si(4.8327e9, "FLOP") == "4.83 GFLOP"
+    assert fmt_si(3 * 2**20, "B", 1024) == "3 MiB"
+    assert fmt_si(0, "B") == "0 B"
+
+
+def test_leaderboard_numbers_match_hand_computation(known_runs):
+    boards = leaderboards(known_runs)
+    assert [(b.scenario, b.setting) for b in boards] == [("split-fmnist", "class_il"), ("split-fmnist", "task_il")]
+    f = boards[0].frame.set_index("method")
+    # er: final 0.5, 0.7 -> 0.6 ± sqrt(0.02) = 0.1414; ft: 0.2, 0.3, 0.4 -> 0.3 ± 0.1.
+    assert f.loc["er[buffer_size=200]", "final_avg_acc_mean"] == pytest.approx(0.6)
+    assert f.loc["er[buffer_size=200]", "final_avg_acc_std"] == pytest.approx(math.sqrt(0.02))
+    assert f.loc["ft", "final_avg_acc_mean"] == pytest.approx(0.3)
+    assert f.loc["ft", "final_avg_acc_std"] == pytest.approx(0.1)
+    assert f.loc["ft", "seeds"] == 3 and f.loc["er[buffer_size=200]", "seeds"] == 2
+    assert f.loc["er[buffer_size=200]", "rank"] == 1 and f.loc["ft", "rank"] == 2
+    # Forgetting by hand: every task peaks at 0.9 then ends at `final` -> 0.9 - final; BWT the negative.
+    assert f.loc["ft", "forgetting_mean"] == pytest.approx(np.mean([0.7, 0.6, 0.5]))
+    assert f.loc["ft", "bwt_mean"] == pytest.approx(-0.6)
+    # FWT: R[i-1][i] = 0.1 = b_i -> 0 for every seed.
+    assert f.loc["ft", "fwt_mean"] == pytest.approx(0.0) and f.loc["ft", "fwt_std"] == pytest.approx(0.0)
+    # Costs: mean over seeds; wall = train + eval seconds.
+    assert f.loc["ft", "train_flops"] == pytest.approx(2e9)
+    assert f.loc["ft", "wall_s"] == pytest.approx(np.mean([1.5, 2.5, 3.5]))
+    assert bool(f.loc["er[buffer_size=200]", "tuned"]) and not bool(f.loc["ft", "tuned"])
+    # Task-IL table: the +0.3 matrices.
+    t = boards[1].frame.set_index("method")
+    assert t.loc["ft", "final_avg_acc_mean"] == pytest.approx(0.6)
+    assert "buffer: er[buffer_size=200]=200" in boards[0].protocol
+    assert "backbone mlp" in boards[0].protocol and "epochs/task 1" in boards[0].protocol
+
+
+def test_display_and_markdown_show_mean_std_seeds_and_failures(known_runs, tmp_path):
+    shown = display_frame(leaderboards(known_runs)[0]).set_index("Method")
+    assert shown.loc["ft", "Final acc. A_T"] == "0.300 ± 0.100"
+    assert shown.loc["er[buffer_size=200]", "Final acc. A_T"] == "0.600 ± 0.141"
+    assert shown.loc["er[buffer_size=200]", "Tuned"] == "yes (20 trials)" and shown.loc["ft", "Tuned"] == "no"
+    assert shown.loc["ft", "Train FLOPs"] == "2 GFLOP"
+    paths = make_report(known_runs, tmp_path / "rep", title="known", figures=False)
+    md = paths["markdown"].read_text()
+    assert "| 1 | er[buffer_size=200] | 2 | 0.600 ± 0.141 |" in md
+    assert "| 2 | ft | 3 | 0.300 ± 0.100 |" in md
+    assert md.count("**Protocol:** backbone mlp; epochs/task 1; batch 128") == 2
+    assert "## Failed runs" in md and "TrainingDiverged: loss is nan at task 2" in md and "trace" not in md
+    assert "| ewc |" not in md  # running runs are not ranked
+    assert "1 failed, 5 finished, 1 running" in md
+    fr = failed_runs(known_runs)
+    assert list(fr["Method"]) == ["lwf"]
+
+
+def test_tables_split_by_protocol_and_setting():
+    recs = [fake_record("ft", 0, 0.3), fake_record("ft", 1, 0.5, epochs=2),
+            fake_record("ft", 0, 0.8, scenario="permuted-fmnist", setting="domain")]
+    boards = leaderboards(recs)
+    keys = [(b.scenario, b.setting, "epochs/task 2" in b.protocol) for b in boards]
+    assert sorted(keys) == [("permuted-fmnist", "domain_il", False), ("split-fmnist", "class_il", False),
+                            ("split-fmnist", "class_il", True), ("split-fmnist", "task_il", False),
+                            ("split-fmnist", "task_il", True)]
+    for b in boards:
+        assert len(b.frame) == 1 and b.frame["seeds"].iloc[0] == 1 and b.frame["final_avg_acc_std"].iloc[0] == 0.0
+    val = fake_record("ft", 3, 0.99, eval_split="val")
+    assert all(b.frame["seeds"].iloc[0] == 1 for b in leaderboards(recs + [val]))  # tuning runs never ranked
+
+
+def test_pareto_front_by_hand():
+    # (cost, acc): a=(1,0.5) b=(2,0.7) c=(3,0.6) dominated by b, d=(4,0.9), e=(1,0.4) dominated by a.
+    costs, accs = [1, 2, 3, 4, 1], [0.5, 0.7, 0.6, 0.9, 0.4]
+    assert pareto_front(costs, accs) == [0, 1, 3]
+    assert pareto_front([0, 0], [0.2, 0.2]) == [0, 1]  # ties dominate nobody
+    assert pareto_front([1.0, float("nan")], [0.5, 0.9]) == [0]
+
+
+def test_ablation_tables_one_per_study_with_switch_columns():
+    def abl(seed, kd, pres, final):
+        return fake_record(f"dmkd[kd={kd},preservation={pres}]", seed, final,
+                           ablation={"study": "kd_x_pres", "params": {"kd": kd, "preservation": pres}})
+    recs = [abl(0, "none", "fisher", 0.4), abl(1, "none", "fisher", 0.6), abl(0, "logits", "fisher", 0.8)]
+    tables = ablation_tables(recs)
+    assert [(t.study, t.setting) for t in tables] == [("kd_x_pres", "class_il"), ("kd_x_pres", "task_il")]
+    f = tables[0].frame
+    assert list(f.columns[:3]) == ["kd", "preservation", "Seeds"]
+    assert f.iloc[0]["kd"] == "logits" and f.iloc[0]["Final acc. A_T"] == "0.800 ± 0.000"
+    assert f.iloc[1]["kd"] == "none" and f.iloc[1]["Seeds"] == 2 and f.iloc[1]["Final acc. A_T"] == "0.500 ± 0.141"
+    assert leaderboards([]) == []
+
+
+class _Refs(HTMLParser):
+    """Collects tags and their src/href attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.tags: list[str] = []
+        self.imgs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href", "action", "srcset", "data", "poster") and v is not None:
+                self.refs.append(v)
+                if tag == "img":
+                    self.imgs.append(v)
+
+
+def test_html_is_self_contained_and_has_every_part(tmp_path, known_runs):
+    dm = [fake_record("dmkd", s, 0.6 + 0.1 * s, artifacts={"dmkd": dmkd_artifacts()}) for s in range(2)]
+    abl = [fake_record("dmkd[kd=none]", 0, 0.45, ablation={"study": "kd", "params": {"kd": "none"}})]
+    dom = [fake_record("ft", 0, 0.3, scenario="permuted-fmnist", setting="domain", comm=2.5e6)]
+    paths = make_report(known_runs + dm + dom, tmp_path / "out", ablation=abl)
+    text = paths["html"].read_text()
+    p = _Refs()
+    p.feed(text)
+    assert "script" not in p.tags and "link" not in p.tags and "iframe" not in p.tags
+    for ref in p.refs:
+        low = ref.strip().lower()
+        assert not low.startswith(("http:", "https:", "//", "file:", "ftp:")), ref
+        assert low.startswith(("#", "data:image/png;base64,")), ref
+    assert "url(" not in text and "@import" not in text
+    # 3 boards x 4 figures + DMKD (specialization + importance) = 14 embedded PNGs, each a real PNG.
+    assert len(p.imgs) == 3 * 4 + 2
+    for src in p.imgs:
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
+    for needle in ("DMKD: specialization, routing and importance", "Ablation &#x27;kd&#x27;", "Failed runs",
+                   "Run metadata", "abc123", "0.300 ± 0.100", "0.600 ± 0.141", "permuted-fmnist — domain-IL",
+                   "2.5 MB"):
+        assert needle in text, needle
+    assert "| kd | Seeds |" in paths["markdown"].read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+def _write_results(root: Path, exp: str, recs: list[dict]) -> None:
+    d = root / exp / "runs"
+    d.mkdir(parents=True, exist_ok=True)
+    for r in recs:
+        (d / f"{r['key']}.json").write_text(json.dumps(r))
+
+
+def test_report_from_json_results(tmp_path, known_runs):
+    res = tmp_path / "results"
+    _write_results(res, "quick", known_runs)
+    _write_results(res, "other", [fake_record("joint", 0, 0.9)])
+    assert {r["experiment"] for r in load_json_records(res)} == {"quick", "other"}
+    assert len(load_json_records(res, "other")) == 1
+    paths = report_from_results(res, experiment="quick")
+    assert paths["html"] == res / "report" / "report.html" and paths["html"].is_file()
+    md = paths["markdown"].read_text()
+    assert "0.300 ± 0.100" in md and "joint" not in md and "dmkd-bench report — quick" in md
+    with pytest.raises(UserError, match="no experiment 'nope'.*found: other, quick"):
+        report_from_results(res, experiment="nope")
+    (res / "quick" / "runs" / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        load_records(res, "quick")
+    with pytest.raises(UserError, match="does not exist"):
+        load_records(tmp_path / "missing")
+    (tmp_path / "empty" / "e" / "runs").mkdir(parents=True)
+    with pytest.raises(UserError, match="no run records"):
+        load_records(tmp_path / "empty")
+
+
+def test_latest_per_key_prefers_finished_then_latest():
+    a = fake_record("ft", 0, 0.3, status="failed")
+    b = fake_record("ft", 0, 0.5)
+    c = copy.deepcopy(b)
+    c["finished_at"] = "2030-01-01T00:00:00"
+    c["metrics"]["class_il"]["final_avg_acc"] = 0.77
+    out = latest_per_key([a, b, c])
+    assert len(out) == 1 and out[0]["metrics"]["class_il"]["final_avg_acc"] == 0.77
+    assert latest_per_key([a])[0]["status"] == "failed"
+
+
+def test_mlflow_records_are_read_from_record_artifacts(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp_id = mlflow.create_experiment("quick", artifact_location=(tmp_path / "artifacts").as_uri())
+    rec = fake_record("ft", 0, 0.35)
+    try:
+        with (mlflow.start_run(experiment_id=exp_id, run_name="suite"),  # parent without a record
+              mlflow.start_run(experiment_id=exp_id, nested=True, run_name=rec["key"])):
+            mlflow.log_dict(rec, "record.json")
+    finally:
+        mlflow.set_tracking_uri(None)
+    got = load_mlflow_records(uri, "quick")
+    assert len(got) == 1 and got[0]["key"] == rec["key"] and got[0]["experiment"] == "quick"
+    assert got[0]["metrics"]["class_il"]["final_avg_acc"] == pytest.approx(0.35)
+    with pytest.raises(UserError, match="no MLflow experiment named 'x'"):
+        load_mlflow_records(uri, "x")
+
+
+@needs_fmnist
+def test_report_of_real_runner_records(tmp_path):
+    from harness.runner import RunSpec, run
+
+    recs = [run(RunSpec("ft", "split-fmnist", s, scenario_set=dict(TINY))) for s in (0, 1)]
+    finals = [r["metrics"]["class_il"]["final_avg_acc"] for r in recs]
+    expect = f"{np.mean(finals):.3f} ± {np.std(finals, ddof=1):.3f}"
+    md = make_report(recs, tmp_path, figures=False)["markdown"].read_text()
+    assert f"| 1 | ft | 2 | {expect} |" in md
+    assert f"{recs[0]['costs']['params_total'] / 1000:.3g} k" in md
