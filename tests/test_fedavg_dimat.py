@@ -1,0 +1,116 @@
+"""FedAvg, DIMAT and WA: analytic byte counts, determinism, faults, exact permutation recovery."""
+
+import copy
+
+import pytest
+import torch
+
+from harness.backbones import build_backbone
+from harness.nodes import NodeFailure
+from harness.runner import RunSpec, run
+from methods.dimat import match_units, permutation_spec, permute_state
+from tests.conftest import TINY, needs_fmnist
+
+MLP_PARAMS = 784 * 400 + 400 + 400 * 400 + 400 + 400 * 10 + 10
+SMALL = TINY | {"n_tasks": 2}
+
+
+def _run(method, **mset):
+    return run(RunSpec(method, "split-fmnist", 0, method_set=mset, scenario_set=SMALL))
+
+
+@needs_fmnist
+def test_fedavg_bytes_determinism_and_client_fraction():
+    a = _run("fedavg", rounds=2)
+    assert a["costs"]["comm_bytes"] == 2 * MLP_PARAMS * 4 * 4 * 2 * 2  # 2|θ|4 x 4 clients x 2 rounds x 2 tasks
+    assert a["costs"]["comm_rounds"] == 4
+    b = _run("fedavg", rounds=2)
+    assert a["acc"] == b["acc"]  # same seed, same numbers
+    half = _run("fedavg", rounds=2, client_fraction=0.5)
+    assert half["costs"]["comm_bytes"] == 2 * MLP_PARAMS * 4 * 2 * 2 * 2
+    sizes = a["artifacts"]["partition"]["0"]["sizes"]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == a["tasks"][0]["n_train"]
+
+
+@needs_fmnist
+def test_fedavg_failed_client_is_dropped_or_stops_the_run():
+    rec = _run("fedavg", rounds=2, simulate_fault="3@2")  # client 3 silent from round 2 (of 4)
+    assert rec["costs"]["comm_bytes"] == 2 * MLP_PARAMS * 4 * (4 + 3 + 3 + 3)
+    events = rec["artifacts"]["node_events"]
+    assert [e["round"] for e in events] == [2, 3, 4] and all(e["outcome"] == "dropped" for e in events)
+    assert all(e["missing"] == [3] for e in events)
+    with pytest.raises(NodeFailure):
+        _run("fedavg", rounds=2, simulate_fault="3@2", on_fault="stop")
+
+
+@needs_fmnist
+def test_dimat_and_wa_bytes_and_agent_metric():
+    d = _run("dimat", rounds=1, topology="ring")
+    w = _run("wa", rounds=1, topology="ring")
+    expect = 8 * MLP_PARAMS * 4 * 2  # 8 directed ring edges x |θ| x 4 bytes x 2 rounds
+    assert d["costs"]["comm_bytes"] == expect and w["costs"]["comm_bytes"] == expect
+    assert d["config"]["hparams"]["permute"] is True and w["config"]["hparams"]["permute"] is False
+    names = [m[0] for m in d["method_metrics"]]
+    assert names.count("agents_mean_val_acc") == 2
+
+
+def _permute_hidden(model, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(grp.size, generator=g) for grp in groups]
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(permute_state(model.state_dict(), groups, perms))
+    return twin, perms
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (784,)), ("cnn", (1, 28, 28))])
+def test_matching_recovers_a_known_permutation_exactly(name, shape):
+    torch.manual_seed(0)
+    model = build_backbone(name, shape, 10)
+    if name == "cnn":  # narrow the CNN so the test stays fast
+        from harness.backbones import cnn
+
+        model = cnn(shape, 10, width=8, hidden=32)
+    model.eval()
+    groups = permutation_spec(model, shape)
+    assert len(groups) == (2 if name == "mlp" else 3)
+    twin, perms = _permute_hidden(model, groups, seed=1)
+    x = torch.randn(256, *shape)
+    with torch.no_grad():
+        assert torch.allclose(model(x), twin(x), atol=1e-5)  # same function, different unit order
+    found = match_units(model, twin, [x[:128], x[128:]], groups)
+    for p, q in zip(found, perms):
+        assert torch.equal(p, torch.argsort(q))  # unit a of the model is unit q^-1[a] of the twin
+    back = permute_state(twin.state_dict(), groups, found)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_unsupported_backbone_is_a_user_error():
+    from harness.errors import UserError
+
+    model = build_backbone("resnet18-reduced", (3, 8, 8), 10)
+    with pytest.raises(UserError, match="mlp and cnn"):
+        permutation_spec(model, (3, 8, 8))
+
+
+def test_dimat_merge_of_permuted_twins_gives_the_original_wa_does_not():
+    """Two agents computing the same function in different unit orders: DIMAT's merge is exact."""
+    from types import SimpleNamespace
+
+    from harness.nodes import make_nodes
+    from methods.dimat import Dimat
+
+    torch.manual_seed(0)
+    model = build_backbone("mlp", (784,), 10)
+    groups = permutation_spec(model, (784,))
+    twin, _ = _permute_hidden(model, groups, seed=2)
+    x = [torch.randn(128, 784)]
+    own = {k: p.detach() for k, p in model.named_parameters()}
+    theirs = {k: p.detach() for k, p in twin.named_parameters()}
+    for permute, exact in ((True, True), (False, False)):
+        fake = SimpleNamespace(hp=SimpleNamespace(permute=permute), agents={0: model}, groups=groups,
+                               nodes=make_nodes("inprocess", 2, "full"), _scratch=[copy.deepcopy(model)])
+        fake._scratch_models = lambda k, f=fake: f._scratch[:k]
+        merged = Dimat.merge(fake, 0, own, {1: theirs}, x)
+        close = all(torch.allclose(merged[k], own[k], atol=1e-6) for k in own)
+        assert close is exact
