@@ -211,7 +211,13 @@ def cmd_run(args) -> int:
     spec = RunSpec(args.method, args.scenario, args.seed, m_set, s_set, protocol, device=args.device,
                    data_root=args.data_root)
     validate_specs([spec])
+    rank = int(os.environ.get("RANK", "0"))
+    if args.nodes_backend == "distributed" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_distributed(spec, args, rank)
     store = _store(args, args.experiment)
+    from harness.runner import get_scenario
+
+    get_scenario(spec)  # data problems surface here, before anything is recorded
     from tqdm.auto import tqdm
 
     bar = tqdm(desc=f"{spec.method_label()} on {spec.scenario}", unit="task", file=sys.stderr)
@@ -221,10 +227,34 @@ def cmd_run(args) -> int:
         bar.n = k
         bar.refresh()
 
-    rec = execute(spec, store, progress=prog)
-    bar.close()
+    try:
+        rec = execute(spec, store, progress=prog)
+    finally:
+        bar.close()
     print_records([rec])
     print(f"record: {store.record_path(spec.key())}")
+    return 0 if rec.get("status") == "finished" else 1
+
+
+def _run_distributed(spec, args, rank: int) -> int:
+    """Under torchrun: every rank trains its node; rank 0 alone records the run (JSON + MLflow)."""
+    import torch.distributed as dist
+
+    from harness.runner import run
+    from harness.suite import execute
+
+    try:
+        if rank == 0:
+            store = _store(args, args.experiment)
+            # No checkpoints: a resumable state would need every rank's node state.
+            rec = execute(spec, store, resume=False, checkpoint=False)
+            print_records([rec])
+            print(f"record: {store.record_path(spec.key())}")
+        else:
+            rec = run(spec)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0 if rec.get("status") == "finished" else 1
 
 

@@ -216,9 +216,25 @@ class MlflowSink:
                 return None
         return None
 
+    def _reachable(self) -> bool:
+        """An http(s) tracking server must answer /health within a few seconds, else we fall back."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as r:
+                return r.status == 200
+        except Exception as e:  # noqa: BLE001
+            self._warn(e)
+            return False
+
     @property
     def client(self):
         if self._client is None:
+            if not self._reachable():
+                self.disabled = True
+                raise ConnectionError(f"tracking server {self.uri} is unreachable")
             import logging
 
             logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -172,6 +172,8 @@ def candidate_roots(data_root: str | None, *extra: str) -> list[Path]:
         p = Path(data_root).expanduser()
         if not p.exists():
             raise UserError(f"data root {p} does not exist", "pass an existing folder to --data-root")
+        if not p.is_dir():
+            raise UserError(f"data root {p} is not a folder", "pass the folder that holds the data to --data-root")
         if not os.access(p, os.R_OK | os.X_OK):
             raise UserError(f"data root {p} is not readable", "fix its permissions or pass another --data-root")
         roots.append(p)
