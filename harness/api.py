@@ -559,7 +559,7 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
             raise ValueError
         if tname in ("str",):
             return str(value)
-        if tname.startswith("str|None") or tname.startswith("None|str") or tname == "Optional[str]":
+        if tname.startswith(("str|None", "None|str")) or tname == "Optional[str]":
             return None if value in (None, "none", "None", "") else str(value)
         if tname.startswith("float|None"):
             return None if value in (None, "none", "None", "") else float(value)

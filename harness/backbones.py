@@ -70,7 +70,7 @@ class _Unflatten(nn.Module):
         elif len(input_shape) == 2:
             self.shape = (1, *input_shape)
         else:
-            side = int(math.isqrt(input_shape[0]))
+            side = math.isqrt(input_shape[0])
             if side * side != input_shape[0]:
                 raise UserError(f"the cnn backbone needs image inputs, got shape {input_shape}", "use --set backbone=mlp")
             self.shape = (1, side, side)

@@ -49,11 +49,10 @@ def route_sets(sets: list[tuple[str, Any]], method: str, scenario: str) -> tuple
     A key may be prefixed (``method.``, ``scenario.``, ``protocol.``); unprefixed keys go to the
     first of method, scenario, protocol that has a field of that name.
     """
+    import scenarios  # noqa: F401
     from harness.api import Protocol
     from harness.runner import resolve_method
     from scenarios.base import SCENARIOS, scenario_option_names
-
-    import scenarios  # noqa: F401
 
     m_fields = {f.name for f in dataclasses.fields(resolve_method(method).HParams)}
     if scenario not in SCENARIOS:

@@ -98,7 +98,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._proc = psutil.Process(os.getpid())
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034
         self.peak_rss = self._proc.memory_info().rss
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

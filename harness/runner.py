@@ -119,9 +119,9 @@ def environment_info(device: torch.device) -> dict[str, str]:
 def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
+                             timeout=5, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
         return (rev + ("+dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -407,4 +407,4 @@ def _restore_rng(st: dict[str, Any], ctx: RunContext) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-__all__ = ["RunSpec", "run", "evaluate", "RunObserver", "TrainingDiverged", "Task"]
+__all__ = ["RunObserver", "RunSpec", "Task", "TrainingDiverged", "evaluate", "run"]

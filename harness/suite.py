@@ -137,12 +137,11 @@ def _entry(e: Any, what: str, path: Path, allowed: tuple[str, ...]) -> tuple[str
 
 def validate_specs(specs: list[RunSpec]) -> None:
     """Resolve names and options of every run before any training starts."""
+    import scenarios  # noqa: F401
     from harness.api import hparams_from
     from harness.backbones import BACKBONES
     from harness.runner import resolve_device, resolve_method
     from scenarios.base import SCENARIOS
-
-    import scenarios  # noqa: F401
 
     for s in specs:
         cls = resolve_method(s.method)

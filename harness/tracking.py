@@ -17,6 +17,7 @@ carry on, so no number is ever lost.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -294,7 +295,7 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in values.items() if v == v]
+        items = [Metric(k, float(v), ts, int(step)) for k, v in values.items() if not math.isnan(float(v))]
         for i in range(0, len(items), 500):
             self._guard(self.client.log_batch, run_id, metrics=items[i : i + 500])
 

@@ -63,7 +63,7 @@ def _create_study(**kwargs):
     for attempt in range(5):
         try:
             return optuna.create_study(load_if_exists=True, **kwargs)
-        except Exception:  # noqa: BLE001
+        except Exception:
             if attempt == 4:
                 raise
             time.sleep(0.5 * (attempt + 1))
@@ -345,4 +345,4 @@ def cmd_ablate(args) -> int:
     return 0
 
 
-__all__ = ["tune", "ablate", "load_best_params", "best_params_path", "flatten"]
+__all__ = ["ablate", "best_params_path", "flatten", "load_best_params", "tune"]

@@ -95,7 +95,7 @@ def split_train_val(
     for c in torch.unique(labels).tolist():
         ix = indices[labels == c]
         ix = ix[torch.randperm(len(ix), generator=generator)]
-        n_val = int(round(len(ix) * val_fraction))
+        n_val = round(len(ix) * val_fraction)
         va.append(ix[:n_val])
         tr.append(ix[n_val:])
     return torch.cat(tr).sort().values, torch.cat(va).sort().values

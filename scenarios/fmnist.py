@@ -21,7 +21,14 @@ from torch import Tensor
 
 from harness.api import Scenario, Task, TensorSource
 from harness.errors import UserError
-from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, register_scenario, split_train_val, cap
+from scenarios.base import (
+    ScenarioOptions,
+    candidate_roots,
+    cap,
+    class_split_tasks,
+    register_scenario,
+    split_train_val,
+)
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.api import split_params, Protocol, RunContext, Scenario, Task, TensorSource, hparams_from
+from harness.api import Protocol, RunContext, Scenario, Task, TensorSource, hparams_from, split_params
 from harness.backbones import mlp
 from harness.errors import UserError
 from methods.common import diagonal_fisher, kd_loss

@@ -87,8 +87,8 @@ def test_bad_arguments(capsys, recorded, argv, expect):
 
 
 def test_k_greater_than_n_is_rejected(capsys, recorded):
-    from harness.api import METHODS
     import methods  # noqa: F401
+    from harness.api import METHODS
 
     if "dmkd" not in METHODS:
         pytest.skip("dmkd not available")
@@ -154,8 +154,8 @@ def test_a_real_process_prints_one_line_and_debug_shows_the_traceback(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     args = [sys.executable, "-m", "harness.cli", "run", "--method", "nosuch", "--scenario", "split-fmnist",
             "--results", str(tmp_path)]
-    p = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    p = subprocess.run(args, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: unknown method 'nosuch'")
-    p = subprocess.run(args + ["--debug"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    p = subprocess.run(args + ["--debug"], check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode != 0 and "Traceback" in p.stderr

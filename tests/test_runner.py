@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness import metrics
-from harness.api import RunContext, Protocol, Scenario, Task, TensorSource
+from harness.api import Protocol, RunContext, Scenario, Task, TensorSource
 from harness.errors import UserError
 from harness.runner import RunSpec, evaluate, run
 from tests.conftest import TINY, needs_fmnist
@@ -54,7 +54,7 @@ def test_class_il_and_task_il_masks_hand_computed():
 
 @needs_fmnist
 def test_same_seed_same_numbers_and_metrics_match_matrix():
-    spec = lambda: RunSpec("ft", "split-fmnist", 3, scenario_set=TINY)  # noqa: E731
+    spec = lambda: RunSpec("ft", "split-fmnist", 3, scenario_set=TINY)
     a, b = run(spec()), run(spec())
     assert a["acc"] == b["acc"]
     assert a["random_init_acc"] == b["random_init_acc"]

@@ -43,7 +43,7 @@ def test_split_tasks_from_a_data_root(tmp_path):
         labels = t.source.targets
         assert set(labels[t.val_idx].tolist()) == set(t.classes)
         assert all(i >= 200 for i in te)  # test samples come from the test files
-        x, y = next(t.batches("test", 1000))
+        _, y = next(t.batches("test", 1000))
         assert set(y.tolist()) <= set(t.classes)
 
 
@@ -52,7 +52,7 @@ def test_pixels_normalised(tmp_path):
     raw = read_idx(tmp_path / "fm" / "train-images-idx3-ubyte.gz")
     sc = build_scenario("split-fmnist", {"val_fraction": 0.0}, 0, str(tmp_path / "fm"))
     t0 = sc.tasks[0]
-    x, y = next(t0.batches("train", 1000))
+    x, _ = next(t0.batches("train", 1000))
     i = int(t0.train_idx[0])
     assert torch.allclose(x[0, 0], (raw[i].float() / 255 - MEAN) / STD, atol=1e-6)
 
@@ -63,7 +63,7 @@ def test_class_order_from_seed(tmp_path):
     a = build_scenario("split-fmnist", {"shuffle_classes": True}, 1, root)
     b = build_scenario("split-fmnist", {"shuffle_classes": True}, 1, root)
     c = build_scenario("split-fmnist", {"shuffle_classes": True}, 2, root)
-    order = lambda s: [k for t in s.tasks for k in t.classes]  # noqa: E731
+    order = lambda s: [k for t in s.tasks for k in t.classes]
     assert order(a) == order(b) and sorted(order(a)) == list(range(10))
     assert order(a) != order(c)
     assert torch.equal(a.tasks[0].val_idx, b.tasks[0].val_idx)
