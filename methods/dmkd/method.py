@@ -1,0 +1,384 @@
+"""DMKD, centralized mode (METHODS.md §4, with the autoencoder router of §5 as an extension).
+
+Per batch: L = CE + λ_KD·L_KD + λ_balance·CV²(importance) + λ_diversity·D + λ_pres·penalty.
+At every boundary: specialization on the validation data of the tasks so far (logged), optional
+entropy-guided bias, pruning/merging, importance (Fisher or magnitude) and salient sets, then the
+teacher snapshot. Under routing=autoencoder each task trains one "home" expert (hard-routed: the task
+id is known during training, never at test) and its autoencoder; at test the autoencoders pick
+the top-K experts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.api import Method, RunContext, Task, register, tensor_bytes
+from harness.errors import UserError
+from methods.common import frozen_copy, kd_loss
+from methods.dmkd.hparams import DMKDParams
+from methods.dmkd.model import DMKDModel, build_encoder, top_k_gates
+from methods.dmkd.preservation import (
+    Preservation,
+    fisher_importance,
+    importance_histograms,
+    magnitude_importance,
+)
+from methods.dmkd.specialization import Specialization, measure, specialization_scores
+
+
+def load_external_teacher(path: str | None, device: torch.device) -> nn.Module:
+    """A pickled nn.Module (torch.save(model)) mapping inputs to logits over every class."""
+    p = Path(path or "")
+    if not p.is_file():
+        raise UserError(f"teacher_path {p} does not exist", "point teacher_path to a torch.save(model) file")
+    try:
+        teacher = torch.load(p, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"cannot load teacher {p}: {e}", "save the teacher with torch.save(model, path)") from None
+    if not isinstance(teacher, nn.Module):
+        raise UserError(f"teacher {p} is not an nn.Module", "save the whole model: torch.save(model, path)")
+    return frozen_copy(teacher)
+
+
+def balance_loss(gates: Tensor) -> Tensor:
+    """Coefficient of variation squared of expert importance Σ_x g_i(x) (Shazeer et al. 2017)."""
+    imp = gates.sum(dim=0)
+    return imp.var(unbiased=False) / imp.mean().pow(2).clamp_min(1e-12)
+
+
+def diversity_loss(gates: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """Mean pairwise cosine similarity of the experts' in-batch class profiles Σ_{x:y=c} g_i(x)."""
+    n = gates.shape[1]
+    if n < 2:
+        return gates.new_zeros(())
+    prof = F.normalize(torch.zeros(num_classes, n, device=gates.device, dtype=gates.dtype).index_add(0, y, gates),
+                       dim=0)
+    sim = prof.t() @ prof
+    return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+
+
+@register
+class DMKD(Method):
+    NAME = "dmkd"
+    HParams = DMKDParams
+    DESCRIPTION = "DMKD: modular experts, top-K router, KD from snapshots, salient-parameter preservation"
+
+    def __init__(self, hp: DMKDParams, ctx: RunContext) -> None:
+        self.hp, self.ctx = hp, ctx
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ae_optimizer: torch.optim.Optimizer | None = None
+        self.model = self.build_model(hp, ctx)
+        self.teacher: nn.Module | None = None
+        if hp.teacher == "external":
+            if hp.kd == "module":
+                raise UserError("kd=module needs a snapshot teacher with the same experts",
+                                "use kd=logits with teacher=external")
+            self.teacher = load_external_teacher(hp.teacher_path, ctx.device)
+        self.teacher_classes: list[int] = []
+        self.seen_classes: list[int] = []
+        self.pres = Preservation()
+        self.frozen: dict[str, tuple[Tensor, Tensor]] = {}  # inject: param name -> (mask, fixed values)
+        self.home = 0
+        self.history: dict[str, list[list[float]]] = {"entropy_per_task": [], "usage_per_task": []}
+
+    @staticmethod
+    def build_model(hp: DMKDParams, ctx: RunContext) -> DMKDModel:
+        sc = ctx.scenario
+        backbone = ctx.make_model() if hp.encoder == "backbone" else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            encoder, d_enc = build_encoder(hp.encoder, sc.input_shape, hp.encoder_dim, backbone)
+            model = DMKDModel(encoder, d_enc, math.prod(sc.input_shape), sc.num_classes, hp.n_experts,
+                              hp.expert_hidden, hp.top_k, hp.routing, hp.ae_hidden, hp.ae_temperature,
+                              hp.ae_relative, hp.combine)
+        if hp.routing == "static":
+            model.router.requires_grad_(False)
+        return model.to(ctx.device)
+
+    @property
+    def ae_routing(self) -> bool:
+        return self.hp.routing == "autoencoder"
+
+    # ---- task boundaries -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _probe_gates(self, task: Task, n: int = 1024) -> Tensor:
+        """Full gates of up to n training samples of the task (mean over samples, N)."""
+        x, _ = next(task.batches("train", n, device=self.ctx.device))
+        self.model.eval()
+        _, g = self.model.gates(x)
+        self.model.train()
+        return g
+
+    def before_task(self, task: Task) -> None:
+        hp, model = self.hp, self.model
+        new_expert: int | None = None
+        has_owner = bool(model.owned.any()) if self.ae_routing else task.id > 0
+        g = self._probe_gates(task) if has_owner else None
+        if self.ae_routing:
+            free = (~model.owned).nonzero().flatten().tolist()
+            if free:
+                self.home = new_expert = free[0]
+            elif hp.growth and model.n_experts < hp.n_max:
+                self.home = new_expert = self._grow()
+            else:  # every expert owns data: reuse the one that reconstructs this task best (Expert Gate)
+                assert g is not None
+                self.home = int(g.mean(0).argmax())
+        elif hp.growth and g is not None and model.n_experts < hp.n_max:
+            h_norm = float(-(g * g.clamp_min(1e-30).log()).sum(1).mean()) / math.log(max(model.n_experts, 2))
+            if h_norm > hp.growth_threshold:
+                new_expert = self._grow()
+        if new_expert is not None and g is not None and hp.transfer in ("init", "inject"):
+            donor = int(g.mean(0)[: g.shape[1]].argmax())
+            if donor != new_expert:
+                self._transfer(donor, new_expert)
+        params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("autoencoders")]
+        self.optimizer = self.ctx.make_optimizer(params)
+        if self.ae_routing:
+            self.ae_optimizer = torch.optim.Adam(model.autoencoders[self.home].parameters(), lr=hp.ae_lr)
+        model.routed_counts.zero_()
+
+    def _grow(self) -> int:
+        j = self.model.add_expert()
+        self.pres.on_expert_added(self.model)
+        return j
+
+    def _transfer(self, donor: int, target: int) -> None:
+        """init: copy the donor expert; inject: copy its salient parameters and keep them fixed."""
+        src, dst = self.model.experts[donor], self.model.experts[target]
+        if self.hp.transfer == "init":
+            dst.load_state_dict(src.state_dict())
+            return
+        with torch.no_grad():
+            for (name, p_dst), p_src in zip(dst.named_parameters(), src.parameters()):
+                mask = self.pres.masks.get(f"experts.{donor}.{name}")
+                if mask is None:
+                    continue
+                p_dst.copy_(torch.where(mask, p_src, p_dst))
+                self.frozen[f"experts.{target}.{name}"] = (mask.clone(), p_src.detach().clone())
+
+    # ---- training --------------------------------------------------------------------------------
+    def training_step(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ae_optimizer is not None:
+            self.ae_optimizer.zero_grad(set_to_none=True)
+        loss = self.training_loss(x, y, task)
+        loss.backward()
+        self.after_backward(x, y, task)
+        self.optimizer.step()
+        if self.ae_optimizer is not None:
+            self.ae_optimizer.step()
+        self.after_step(x, y, task)
+        return loss
+
+    def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        hp, model = self.hp, self.model
+        if self.ae_routing:
+            h = model.encoder(x)
+            route = torch.full((len(y),), self.home, dtype=torch.long, device=x.device)
+            logits = model.combine(h, torch.ones(len(y), 1, device=x.device), route.unsqueeze(1))
+            model.routed_counts[self.home] += len(y)
+            flat = x.reshape(len(y), -1)
+            loss = F.cross_entropy(logits, y) + F.mse_loss(model.autoencoders[self.home](flat), flat)
+        else:
+            h, g = model.gates(x)
+            w, idx = top_k_gates(g, model.top_k)
+            logits = model.combine(h, w, idx)
+            with torch.no_grad():
+                model.routed_counts += F.one_hot(idx, model.n_experts).sum(dim=(0, 1)).to(model.routed_counts)
+            loss = F.cross_entropy(logits, y)
+            if hp.lambda_balance > 0 and hp.routing != "static":
+                loss = loss + hp.lambda_balance * balance_loss(g)
+            if hp.lambda_diversity > 0:
+                loss = loss + hp.lambda_diversity * diversity_loss(g, y, model.num_classes)
+        if self.teacher is not None and hp.kd != "none" and hp.lambda_kd > 0 and self.teacher_classes:
+            loss = loss + hp.lambda_kd * self._kd(x, h, logits)
+        if hp.preservation != "none" and hp.transfer == "regularize" and self.pres.weights and hp.lambda_pres > 0:
+            loss = loss + hp.lambda_pres * self.pres.penalty(model)
+        return loss
+
+    def _kd(self, x: Tensor, h: Tensor, logits: Tensor) -> Tensor:
+        """L_KD: logits (combined output vs teacher) or module (each expert and the router vs its snapshot)."""
+        teacher, classes, tau = self.teacher, self.teacher_classes, self.hp.tau
+        assert teacher is not None
+        if self.hp.kd == "logits":
+            with torch.no_grad():
+                t_out = teacher(x)
+            return kd_loss(logits, t_out, tau, classes)
+        assert isinstance(teacher, DMKDModel)
+        with torch.no_grad():
+            h_t = teacher.encoder(x)
+            old = [i for i in range(min(teacher.n_experts, self.model.n_experts))
+                   if not self.ae_routing or bool(teacher.owned[i])]
+            t_logits = [teacher.experts[i](h_t) for i in old]
+            t_router = teacher.router(h_t) if not self.ae_routing and self.hp.routing != "static" else None
+        terms = [kd_loss(self.model.experts[i](h), t, tau, classes) for i, t in zip(old, t_logits)]
+        if t_router is not None and t_router.shape[1] == self.model.n_experts:
+            terms.append(kd_loss(self.model.router(h), t_router, tau))
+        return torch.stack(terms).mean() if terms else logits.new_zeros(())
+
+    def after_backward(self, x: Tensor, y: Tensor, task: Task) -> None:
+        if self.frozen:
+            params = dict(self.model.named_parameters())
+            for n, (mask, _) in self.frozen.items():
+                if n in params and params[n].grad is not None:
+                    params[n].grad.masked_fill_(mask, 0.0)
+
+    def after_step(self, x: Tensor, y: Tensor, task: Task) -> None:
+        if self.frozen:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, (mask, value) in self.frozen.items():
+                    if n in params:
+                        params[n].copy_(torch.where(mask, value, params[n]))
+
+    # ---- after a task ------------------------------------------------------------------------------
+    def after_task(self, task: Task) -> None:
+        hp, model = self.hp, self.model
+        self.seen_classes = sorted(set(self.seen_classes) | set(task.classes))
+        model.eval()
+        if self.ae_routing:
+            self._calibrate_autoencoder(task)
+        spec: Specialization | None = None
+        need_spec = hp.log_specialization or hp.routing == "entropy" or hp.scale_by_specialization \
+            or hp.prune != "off"
+        if need_spec:
+            spec = self._specialization(task)
+        if spec is not None and hp.routing == "entropy":
+            model.spec_bias.copy_(hp.beta * specialization_scores(spec.expert_entropy, model.num_classes).float())
+        if spec is not None and hp.prune != "off":
+            spec = self._prune(spec)
+        if hp.preservation != "none":
+            self._update_importance(task, spec)
+        if hp.teacher == "snapshot" and hp.kd != "none":
+            self.teacher = frozen_copy(model)
+        self.teacher_classes = list(self.seen_classes)
+        model.train()
+
+    @torch.no_grad()
+    def _calibrate_autoencoder(self, task: Task) -> None:
+        """Mark the home expert as owning data; store its autoencoder's mean training error."""
+        ae = self.model.autoencoders[self.home]
+        err_sum, n = torch.zeros((), device=self.ctx.device), 0
+        for x, _ in task.batches("train", self.ctx.protocol.eval_batch_size, device=self.ctx.device):
+            flat = x.reshape(len(x), -1)
+            err_sum += (ae(flat) - flat).pow(2).mean(1).sum()
+            n += len(x)
+        self.model.ae_scale[self.home] = err_sum / max(n, 1)
+        self.model.owned[self.home] = True
+
+    def _specialization(self, task: Task) -> Specialization:
+        ctx, model = self.ctx, self.model
+        tasks = ctx.scenario.tasks[: task.id + 1]
+        spec = measure(model, (b for t in tasks for b in ctx.eval_batches(t, "val")), model.num_classes)
+        for i in range(model.n_experts):
+            ctx.log_metric(f"dmkd/expert_{i}_entropy", float(spec.expert_entropy[i]), step=task.id)
+            ctx.log_metric(f"dmkd/expert_{i}_usage", float(spec.usage[i]), step=task.id)
+        ctx.log_metric("dmkd/gate_entropy", spec.gate_entropy, step=task.id)
+        ctx.log_metric("dmkd/n_experts", model.n_experts, step=task.id)
+        self.history["entropy_per_task"].append(spec.expert_entropy.tolist())
+        self.history["usage_per_task"].append(spec.usage.tolist())
+        art = ctx.artifacts.setdefault("dmkd", {})
+        art.update(self.history)
+        art["routing_matrix"] = spec.routing_matrix()
+        art["routing_matrix_kind"] = "p(expert|class) from softmax gate mass on the validation data of tasks so far"
+        art["class_names"] = list(ctx.scenario.class_names) or [str(c) for c in range(model.num_classes)]
+        return spec
+
+    def _prune(self, spec: Specialization) -> Specialization:
+        """Remove (or merge into the most similar expert) experts that are rarely used and unspecialised."""
+        hp, model = self.hp, self.model
+        h_norm = spec.expert_entropy / math.log(model.num_classes)
+        cands = [i for i in range(model.n_experts)
+                 if float(spec.usage[i]) < hp.prune_usage and float(h_norm[i]) > hp.prune_entropy
+                 and (not self.ae_routing or bool(model.owned[i]))]
+        mass = spec.mass.clone()
+        for i in sorted(cands, reverse=True):
+            if model.n_experts <= max(hp.top_k, 1):
+                break
+            target = None
+            if hp.prune == "merge":
+                prof = F.normalize(mass, dim=0)
+                sim = (prof.t() @ prof[:, i]).masked_fill(torch.arange(mass.shape[1]) == i, -2.0)
+                target = int(sim.argmax())
+                total = float(spec.usage[i] + spec.usage[target])
+                w = float(spec.usage[i]) / total if total > 0 else 0.5
+                model.remove_expert(i, merge_into=target, weight=w)
+            else:
+                model.remove_expert(i)
+            self.pres.on_expert_removed(i)
+            keep = [j for j in range(mass.shape[1]) if j != i]
+            mass = mass[:, keep]
+            spec = Specialization(mass, spec.counts[:, keep], spec.expert_entropy[keep], spec.usage[keep],
+                                  spec.gate_entropy, spec.n_samples)
+            self.frozen = {}
+        self.home = min(self.home, model.n_experts - 1)
+        return spec
+
+    def _update_importance(self, task: Task, spec: Specialization | None) -> None:
+        hp, model = self.hp, self.model
+        if hp.preservation == "fisher":
+            mask = torch.full((model.num_classes,), -1e4, device=self.ctx.device)
+            mask[self.seen_classes] = 0.0
+            batches = task.batches("train", 64, device=self.ctx.device)
+            omega = fisher_importance(model, batches, hp.fisher_samples, class_mask=mask)
+        else:
+            omega = magnitude_importance(model)
+        scale = None
+        if hp.scale_by_specialization and spec is not None:
+            s = specialization_scores(spec.expert_entropy, model.num_classes)
+            scale = {f"expert_{i}": float(s[i]) for i in range(model.n_experts)}
+        self.pres.update(model, omega, accumulate=hp.preservation == "fisher", p=hp.salient_p, module_scale=scale)
+        self.ctx.artifacts.setdefault("dmkd", {})["importance_hist"] = importance_histograms(self.pres.importance)
+
+    # ---- inference and accounting ----------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def state_bytes(self) -> int:
+        teacher = tensor_bytes(self.teacher) if self.hp.teacher == "snapshot" else 0
+        aes = tensor_bytes(self.model.autoencoders)
+        return teacher + aes + self.pres.nbytes() + tensor_bytes([v for pair in self.frozen.values() for v in pair])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "n_experts": self.model.n_experts, "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.resize(int(state.get("n_experts", self.model.n_experts)))
+        self.model.load_state_dict(state["model"])
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        snap = self.teacher if self.hp.teacher == "snapshot" and isinstance(self.teacher, DMKDModel) else None
+        return {
+            "teacher": None if snap is None else snap.state_dict(),
+            "teacher_n": None if snap is None else snap.n_experts,
+            "teacher_classes": self.teacher_classes,
+            "seen_classes": self.seen_classes,
+            "pres": self.pres.state(),
+            "frozen": self.frozen,
+            "home": self.home,
+            "history": self.history,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if state.get("teacher") is not None:
+            snap = frozen_copy(self.model)
+            snap.resize(int(state["teacher_n"]))
+            snap.load_state_dict(state["teacher"])
+            self.teacher = frozen_copy(snap)
+        self.teacher_classes = list(state.get("teacher_classes", []))
+        self.seen_classes = list(state.get("seen_classes", []))
+        self.pres.load(state.get("pres", {}))
+        self.frozen = dict(state.get("frozen", {}))
+        self.home = int(state.get("home", 0))
+        self.history = state.get("history", self.history)

@@ -1,0 +1,226 @@
+"""DMKD's model: shared encoder, N experts, a router, optional autoencoder gates, sparse top-K dispatch.
+
+Each sample runs only through its K selected experts (index_select the routed rows, run the expert,
+index_add back), so FlopCounterMode sees FLOPs that grow with K, not with N. ``dense=True`` computes
+every expert and masks the gates instead: the same numbers, used as the reference in tests and as a
+vmap-friendly forward for per-sample Fisher gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def make_expert(d_in: int, hidden: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+class TiedAutoencoder(nn.Module):
+    """x -> W^T relu(W x + b) + c: an undercomplete autoencoder with tied weights (half the parameters)."""
+
+    def __init__(self, d_in: int, hidden: int) -> None:
+        super().__init__()
+        self.encode = nn.Linear(d_in, hidden)
+        self.decode_bias = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        return F.linear(torch.relu(self.encode(flat)), self.encode.weight.t(), self.decode_bias)
+
+
+def make_autoencoder(d_in: int, hidden: int) -> nn.Module:
+    return TiedAutoencoder(d_in, hidden)
+
+
+def top_k_gates(gates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The K largest gates per row, renormalised to sum to 1, and their expert indices."""
+    values, index = gates.topk(k, dim=1)
+    return values / values.sum(dim=1, keepdim=True).clamp_min(1e-12), index
+
+
+class DMKDModel(nn.Module):
+    """f_enc, experts M_1..M_N, router g(x) = softmax(W f_enc(x) + b + bias), autoencoders (optional).
+
+    Buffers: ``spec_bias`` (entropy-guided routing term, added to router logits), ``owned`` (experts
+    that hold data; only they are eligible under autoencoder routing), ``ae_scale`` (mean training
+    reconstruction error per autoencoder) and ``routed_counts`` (samples routed to each expert during
+    training since the last reset: the weights of a module-wise average across nodes).
+    """
+
+    def __init__(self, encoder: nn.Module, d_enc: int, d_in: int, num_classes: int, n_experts: int,
+                 expert_hidden: int, top_k: int, routing: str = "learned", ae_hidden: int = 32,
+                 ae_temperature: float = 0.02, ae_relative: bool = False, combine: str = "logits") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.d_enc, self.d_in, self.num_classes = d_enc, d_in, num_classes
+        self.expert_hidden, self.ae_hidden = expert_hidden, ae_hidden
+        self.top_k = top_k
+        self.routing = routing
+        self.ae_temperature = ae_temperature
+        self.ae_relative = ae_relative
+        self.combine_mode = combine
+        self.experts = nn.ModuleList(make_expert(d_enc, expert_hidden, num_classes) for _ in range(n_experts))
+        self.router = nn.Linear(d_enc, n_experts)
+        self.autoencoders = nn.ModuleList(
+            make_autoencoder(d_in, ae_hidden) for _ in range(n_experts if routing == "autoencoder" else 0))
+        self.register_buffer("spec_bias", torch.zeros(n_experts))
+        self.register_buffer("owned", torch.zeros(n_experts, dtype=torch.bool))
+        self.register_buffer("ae_scale", torch.ones(n_experts))
+        self.register_buffer("routed_counts", torch.zeros(n_experts))
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    # ---- routing ---------------------------------------------------------------------------
+    def reconstruction_errors(self, x: Tensor) -> Tensor:
+        """B x N mean squared reconstruction error of every autoencoder on the flattened input."""
+        flat = x.reshape(x.shape[0], -1)
+        return torch.stack([(ae(flat) - flat).pow(2).mean(dim=1) for ae in self.autoencoders], dim=1)
+
+    def gate_logits(self, h: Tensor, x: Tensor) -> Tensor:
+        """Router logits (before softmax) for encoded inputs h / raw inputs x."""
+        if self.routing == "autoencoder":
+            err = self.reconstruction_errors(x)
+            if self.ae_relative:
+                err = err / self.ae_scale
+            logits = -err / self.ae_temperature + self.spec_bias
+            # Only experts that own data compete (all of them before the first task ends).
+            eligible = torch.where(self.owned.any(), self.owned, torch.ones_like(self.owned))
+            return logits.masked_fill(~eligible, float("-inf"))
+        return self.router(h) + self.spec_bias
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(encoded inputs, full softmax gates B x N)."""
+        h = self.encoder(x)
+        return h, F.softmax(self.gate_logits(h, x), dim=1)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def combine(self, h: Tensor, weights: Tensor, index: Tensor, dense: bool = False) -> Tensor:
+        """y = sum_k weights[:, k] * M_{index[:, k]}(h), running each expert only on its rows."""
+        out = h.new_zeros(h.shape[0], self.num_classes)
+        if dense:
+            for i, expert in enumerate(self.experts):
+                w = (weights * (index == i)).sum(dim=1, keepdim=True)
+                out = out + w * self._output(expert(h))
+            return self._finish(out)
+        for i, expert in enumerate(self.experts):
+            hit = (index == i) & (weights > 0)  # a zero gate (ineligible expert) runs nothing
+            rows = hit.any(dim=1).nonzero().squeeze(1)
+            w = (weights * hit).sum(dim=1).index_select(0, rows).unsqueeze(1)
+            out = out.index_add(0, rows, w * self._output(expert(h.index_select(0, rows))))
+        return self._finish(out)
+
+    def _output(self, logits: Tensor) -> Tensor:
+        return F.softmax(logits, dim=1) if self.combine_mode == "probs" else logits
+
+    def _finish(self, out: Tensor) -> Tensor:
+        """combine=probs returns log Σ g̃_i softmax(M_i(x)) (a mixture of the experts' distributions)."""
+        return out.clamp_min(1e-30).log() if self.combine_mode == "probs" else out
+
+    def forward(self, x: Tensor, dense: bool = False, route: Tensor | None = None,
+                count: bool = False) -> Tensor:
+        """Logits over all classes. ``route`` (B,) forces one expert per sample (gate 1)."""
+        if route is not None:
+            h = self.encoder(x)
+            weights, index = torch.ones_like(route, dtype=h.dtype).unsqueeze(1), route.unsqueeze(1)
+        else:
+            h, g = self.gates(x)
+            weights, index = top_k_gates(g, self.top_k)
+        if count:
+            with torch.no_grad():
+                self.routed_counts += F.one_hot(index, self.n_experts).sum(dim=(0, 1)).to(self.routed_counts)
+        return self.combine(h, weights, index, dense=dense)
+
+    def expert_logits(self, h: Tensor) -> Tensor:
+        """B x N x C logits of every expert (dense; used by module-wise KD)."""
+        return torch.stack([e(h) for e in self.experts], dim=1)
+
+    # ---- module-wise state (decentralized issue) -------------------------------------------
+    def module_names(self) -> list[str]:
+        return ["encoder", "router", *[f"expert_{i}" for i in range(self.n_experts)]]
+
+    def module(self, name: str) -> nn.Module:
+        if name.startswith("expert_"):
+            return self.experts[int(name.split("_")[1])]
+        return getattr(self, name)
+
+    def module_state(self, i: int) -> dict[str, Tensor]:
+        """Parameters of expert i (and its autoencoder), detached: what a node sends for module i."""
+        state = {f"expert.{k}": v.detach() for k, v in self.experts[i].state_dict().items()}
+        if self.routing == "autoencoder":
+            state |= {f"ae.{k}": v.detach() for k, v in self.autoencoders[i].state_dict().items()}
+        return state
+
+    def load_module_state(self, i: int, state: dict[str, Tensor]) -> None:
+        self.experts[i].load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("expert.")})
+        if self.routing == "autoencoder":
+            self.autoencoders[i].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ae.")})
+
+    # ---- growth and pruning ----------------------------------------------------------------
+    def add_expert(self) -> int:
+        """Append a freshly initialised expert (and router row, autoencoder); returns its index."""
+        dev = self.router.weight.device
+        self.experts.append(make_expert(self.d_enc, self.expert_hidden, self.num_classes).to(dev))
+        if self.routing == "autoencoder":
+            self.autoencoders.append(make_autoencoder(self.d_in, self.ae_hidden).to(dev))
+        old = self.router
+        self.router = nn.Linear(self.d_enc, old.out_features + 1).to(dev)
+        with torch.no_grad():
+            self.router.weight[:-1].copy_(old.weight)
+            self.router.bias[:-1].copy_(old.bias)
+        self.router.weight.requires_grad_(old.weight.requires_grad)
+        self.router.bias.requires_grad_(old.bias.requires_grad)
+        self.spec_bias = torch.cat([self.spec_bias, self.spec_bias.new_zeros(1)])
+        self.owned = torch.cat([self.owned, self.owned.new_zeros(1)])
+        self.ae_scale = torch.cat([self.ae_scale, self.ae_scale.new_ones(1)])
+        self.routed_counts = torch.cat([self.routed_counts, self.routed_counts.new_zeros(1)])
+        return self.n_experts - 1
+
+    def remove_expert(self, i: int, merge_into: int | None = None, weight: float = 0.5) -> None:
+        """Drop expert i; with ``merge_into`` first average it into that expert (weight of expert i)."""
+        if merge_into is not None:
+            with torch.no_grad():
+                for p_dst, p_src in zip(self.experts[merge_into].parameters(), self.experts[i].parameters()):
+                    p_dst.mul_(1 - weight).add_(weight * p_src)
+        keep = [j for j in range(self.n_experts) if j != i]
+        self.experts = nn.ModuleList(self.experts[j] for j in keep)
+        if self.routing == "autoencoder":
+            self.autoencoders = nn.ModuleList(self.autoencoders[j] for j in keep)
+        old = self.router
+        self.router = nn.Linear(self.d_enc, len(keep)).to(old.weight.device)
+        with torch.no_grad():
+            self.router.weight.copy_(old.weight[keep])
+            self.router.bias.copy_(old.bias[keep])
+        self.router.weight.requires_grad_(old.weight.requires_grad)
+        self.router.bias.requires_grad_(old.bias.requires_grad)
+        idx = torch.tensor(keep, device=self.spec_bias.device)
+        for name in ("spec_bias", "owned", "ae_scale", "routed_counts"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+
+    def resize(self, n: int) -> None:
+        """Grow or shrink to n experts (checkpoint loading of a grown/pruned model)."""
+        while self.n_experts < n:
+            self.add_expert()
+        while self.n_experts > n:
+            self.remove_expert(self.n_experts - 1)
+
+
+def build_encoder(kind: str, input_shape: tuple[int, ...], dim: int, backbone: nn.Module | None) -> tuple[nn.Module, int]:
+    """(encoder, output dimension) for encoder kind linear | none | backbone."""
+    d_in = math.prod(input_shape)
+    if kind == "none":
+        return nn.Flatten(), d_in
+    if kind == "backbone":
+        assert backbone is not None
+        return backbone.features, int(backbone.feature_dim)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, dim), nn.ReLU()), dim
+
+
+def describe(model: DMKDModel) -> dict[str, Any]:
+    return {"n_experts": model.n_experts, "top_k": model.top_k, "routing": model.routing}

@@ -1,0 +1,137 @@
+"""m2mKD adapted for continual learning (Lo et al. 2024; METHODS.md §3).
+
+The backbone is cut into a sequence of modules T_1..T_N (one per Linear/Conv stage, the head last).
+At a task boundary the model becomes the frozen teacher. At the next task:
+Phase 1, for each i: the hybrid z_S = T_{>i}(S_i(T_{<i}(x))) trains only S_i (a copy of module i) with
+(1−α)·CE(z_S, y) + α·τ²·KL(σ(z_T/τ) ‖ σ(z_S/τ)), z_T the full teacher's logits; the trained S_i are
+then assembled. Phase 2: the assembled student trains end to end with CE + α·τ²·KL (same KD term).
+KL reduction: batchmean (sum over classes, mean over samples; methods.common.kd_loss), restricted to
+the classes the teacher has seen (the CL adaptation; new classes have no teacher signal). The official
+code divides by batch×classes instead. Task 0 has no teacher: plain CE.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.api import HParams, Method, RunContext, Task, check_finite, register, require, tensor_bytes
+from methods.common import frozen_copy, kd_loss
+
+
+@dataclass
+class M2MKDParams(HParams):
+    """alpha=0.5: KD weight (1−α on CE in phase 1); tau=1.0: KD temperature (the paper's values);
+    phase1_epochs=1: epochs of hybrid training per module (0 skips phase 1)."""
+
+    alpha: float = 0.5
+    tau: float = 1.0
+    phase1_epochs: int = 1
+
+    def validate(self) -> None:
+        require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}", "use alpha=0.5")
+        require(self.tau > 0, f"tau must be > 0, got {self.tau}", "use tau=1")
+        require(self.phase1_epochs >= 0, "phase1_epochs must be >= 0", "use phase1_epochs=1")
+
+
+def split_modules(backbone: nn.Module) -> nn.Sequential:
+    """The backbone as a sequence of modules: a new module starts at every Linear/Conv of a
+    Sequential feature extractor (leading shape-only layers join the first); the head is last."""
+    feats, head = backbone.features, backbone.head
+    if not isinstance(feats, nn.Sequential):
+        return nn.Sequential(feats, head)
+    blocks: list[list[nn.Module]] = [[]]
+    for layer in feats:
+        starts = isinstance(layer, (nn.Linear, nn.Conv2d))
+        if starts and any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in blocks[-1]):
+            blocks.append([])
+        blocks[-1].append(layer)
+    return nn.Sequential(*[nn.Sequential(*b) for b in blocks], head)
+
+
+def hybrid_forward(teacher: nn.Sequential, student_module: nn.Module, i: int, x: Tensor) -> Tensor:
+    """z_S = T_{>i}(S_i(T_{<i}(x))): only the student module carries gradients."""
+    with torch.no_grad():
+        for j in range(i):
+            x = teacher[j](x)
+    x = student_module(x)
+    for j in range(i + 1, len(teacher)):
+        x = teacher[j](x)
+    return x
+
+
+@register
+class M2MKD(Method):
+    NAME = "m2mkd"
+    HParams = M2MKDParams
+    DESCRIPTION = "m2mKD (CL): module-wise hybrid distillation from the previous task's snapshot, then end to end"
+
+    def __init__(self, hp: M2MKDParams, ctx: RunContext) -> None:
+        super().__init__(hp, ctx)
+        self.model = split_modules(self.model)
+        self.teacher: nn.Sequential | None = None
+        self.teacher_classes: list[int] = []
+
+    def _loss(self, z: Tensor, y: Tensor, z_t: Tensor | None, phase1: bool) -> Tensor:
+        ce = F.cross_entropy(z, y)
+        if z_t is None:
+            return ce
+        kd = kd_loss(z, z_t, self.hp.tau, self.teacher_classes)
+        return ((1 - self.hp.alpha) * ce if phase1 else ce) + self.hp.alpha * kd
+
+    def train_task(self, task: Task) -> None:
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        teacher = self.teacher
+        if teacher is not None and self.hp.phase1_epochs > 0:
+            students = []
+            for i in range(len(self.model)):
+                s_i = copy.deepcopy(teacher[i]).train()
+                s_i.requires_grad_(True)
+                opt = self.ctx.make_optimizer(s_i.parameters())
+                for x, y in self.ctx.train_batches(task, epochs=self.hp.phase1_epochs):
+                    opt.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        z_t = teacher(x)
+                    loss = self._loss(hybrid_forward(teacher, s_i, i, x), y, z_t, phase1=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum = loss_sum + loss.detach()
+                students.append(s_i)
+            with torch.no_grad():
+                for module, s_i in zip(self.model, students):
+                    module.load_state_dict(s_i.state_dict())
+        assert self.optimizer is not None
+        self.model.train()
+        for x, y in self.ctx.train_batches(task):
+            self.optimizer.zero_grad(set_to_none=True)
+            z_t = None
+            if teacher is not None:
+                with torch.no_grad():
+                    z_t = teacher(x)
+            loss = self._loss(self.model(x), y, z_t, phase1=False)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum = loss_sum + loss.detach()
+        check_finite(loss_sum, self.NAME, task.id)
+
+    def after_task(self, task: Task) -> None:
+        self.teacher = frozen_copy(self.model)
+        self.teacher_classes = sorted(set(self.teacher_classes) | set(task.classes))
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.teacher)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "teacher_classes": self.teacher_classes}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("teacher") is not None:
+            self.teacher = frozen_copy(self.model)
+            self.teacher.load_state_dict(state["teacher"])
+        self.teacher_classes = list(state.get("teacher_classes", []))
