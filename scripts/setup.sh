@@ -18,4 +18,4 @@ if [ -n "$missing" ] && command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e ".${EXTRAS}"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".${EXTRAS}"
