@@ -1,11 +1,14 @@
-"""Accuracy against bytes sent: FedAvg, DIMAT, WA (and DMKD full / salient once it is decentralized).
+"""Accuracy against bytes sent: FedAvg, DIMAT, WA, DMKD full and DMKD salient (p = 10%).
 
 Split Fashion-MNIST (5 x 2 classes, class-IL and task-IL), P = 4 nodes, IID and Dirichlet(α = 0.5)
-partitions, 1 local epoch per round, ``--rounds`` rounds per task, in-process backend. Prints one row
-per (method, partition): final average accuracy (class-IL / task-IL), forgetting (class-IL), total
-bytes, rounds, training wall seconds, and each method's bytes relative to FedAvg's on the same split.
+partitions, 1 local epoch per round, ``--rounds`` rounds per task (``--rounds 1``: one epoch of each
+task's data per task), in-process backend. Prints one row per (method, partition): final average
+accuracy (class-IL / task-IL), forgetting (class-IL), total bytes, rounds, training wall seconds, and
+each method's bytes relative to FedAvg's on the same split; then the goal check per partition.
+DMKD runs with its defaults (autoencoder routing, one expert per task), training=decentralized on a
+fully connected topology; a sync sends only the modules routed to since the last sync.
 
-    OMP_NUM_THREADS=2 python bench/communication.py --rounds 3
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python bench/communication.py --rounds 1
 
 Goal (issue #5): DMKD salient (p = 10%) sends <= 0.25x FedAvg's bytes at <= 0.02 lower final accuracy.
 """
@@ -33,11 +36,7 @@ def rows(rounds: int) -> list[tuple[str, str, dict]]:
 
 
 def dmkd_rows(rounds: int) -> list[tuple[str, str, dict]]:
-    """Hook for DMKD: rows are added only if dmkd's options include training/communication switches.
-
-    Expected option names (METHODS.md §4): training=decentralized, communication=full|salient, p.
-    Adjust here when DMKD's decentralized mode lands.
-    """
+    """DMKD full and salient (salient_p = 0.1), if dmkd has its decentralized options."""
     resolve_method("ft")  # imports every method
     cls = METHODS.get("dmkd")
     if cls is None:
@@ -45,9 +44,26 @@ def dmkd_rows(rounds: int) -> list[tuple[str, str, dict]]:
     names = {f.name for f in fields(cls.HParams)}
     if not {"training", "communication", "n_nodes"} <= names:
         return []
-    base = {"training": "decentralized", "n_nodes": P, "rounds": rounds}
+    base = {"training": "decentralized", "n_nodes": P, "rounds": rounds, "local_epochs": 1, "topology": "full"}
     return [("DMKD full", "dmkd", base | {"communication": "full"}),
-            ("DMKD salient", "dmkd", base | {"communication": "salient", "p": 0.1})]
+            ("DMKD salient", "dmkd", base | {"communication": "salient", "salient_p": 0.1})]
+
+
+def goal_check(table: list[dict]) -> list[str]:
+    """Per partition: DMKD salient bytes <= 0.25x FedAvg's and accuracy >= FedAvg's - 0.02 (both settings)."""
+    lines = []
+    for part in dict.fromkeys(r["partition"] for r in table):
+        by = {r["method"]: r for r in table if r["partition"] == part}
+        if "FedAvg" not in by or "DMKD salient" not in by:
+            continue
+        f, d = by["FedAvg"], by["DMKD salient"]
+        ratio = d["bytes"] / f["bytes"]
+        gaps = {s: d[f"final_acc_{s}"] - f[f"final_acc_{s}"] for s in ("class_il", "task_il")}
+        ok = ratio <= 0.25 and all(g >= -0.02 for g in gaps.values())
+        lines.append(f"goal {part}: DMKD salient bytes x{ratio:.3f} of FedAvg (<= 0.25), accuracy difference "
+                     f"class-IL {gaps['class_il']:+.3f}, task-IL {gaps['task_il']:+.3f} (>= -0.02): "
+                     f"{'met' if ok else 'NOT met'}")
+    return lines
 
 
 def main() -> None:
@@ -80,7 +96,9 @@ def main() -> None:
                   f"{r['final_acc_task_il']:.3f}  forg {r['forgetting_class_il']:.3f}  bytes {r['bytes'] / 1e6:8.1f} MB"
                   f"  x{r['bytes_vs_fedavg']:.2f}  rounds {r['rounds']:3d}  train {r['train_s']:6.1f}s", flush=True)
     if not dmkd_rows(args.rounds):
-        print("DMKD full / salient: not run (dmkd has no decentralized mode yet; see dmkd_rows)")
+        print("DMKD full / salient: not run (dmkd has no decentralized options; see dmkd_rows)")
+    for line in goal_check(table):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.api import register
+from harness.api import register, require
 from methods.dmkd.hparams import DMKDParams
 from methods.dmkd.method import DMKD
 
@@ -23,6 +23,11 @@ class MoEParams(DMKDParams):
     kd: str = "none"
     preservation: str = "none"
     log_specialization: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.training == "centralized", "moe is a centralized baseline (training=decentralized is DMKD's)",
+                "use --method dmkd --set training=decentralized for the decentralized mixture")
 
 
 @register

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from harness.api import HParams, choice, require
-from harness.errors import UserError
+from methods.fedavg import NodesParams
 
 KD_KINDS = ("none", "logits", "module")
 PRESERVATION_KINDS = ("none", "magnitude", "fisher")
@@ -18,6 +18,7 @@ TEACHER_KINDS = ("snapshot", "aggregate", "external")
 ENCODER_KINDS = ("linear", "none", "backbone")
 PRUNE_KINDS = ("off", "prune", "merge")
 COMBINE_KINDS = ("logits", "probs")
+SALIENT_BY_KINDS = ("update", "importance")
 
 
 @dataclass
@@ -66,7 +67,17 @@ class DMKDParams(HParams):
       growth=False: add an expert (up to n_max=8) when the new task's mean normalised gate entropy
           exceeds growth_threshold=0.9. prune="off": off | prune | merge experts whose usage is below
           prune_usage=0.02 and whose normalised entropy exceeds prune_entropy=0.9.
-    Decentralized (next issue): training="centralized", topology="full", communication="full".
+    Decentralized (methods/dmkd/decentralized.py; the nodes options mean what they mean for FedAvg/DIMAT)
+      training="centralized" | decentralized (P = n_nodes >= 2 full DMKD learners, one shard of every task
+          each); n_nodes=1. topology="full" (network average) | ring (gossip with the two neighbours).
+      partition="iid" | dirichlet (alpha=0.5) | round_robin. rounds=3 synchronisations per task, each after
+          local_epochs=1 local epochs (R); protocol.epochs is not used then (as for FedAvg).
+      communication="full": module-wise weighted average of the modules routed to since the last sync |
+          salient: only the top salient_p share of each such module (values + int32 indices).
+      salient_by="update": which entries are salient for the exchange: update (|theta - theta at the last
+          sync|) | importance (the preservation map Omega where it is non-zero, else the update).
+      backend="inprocess" | distributed (torchrun, one rank per node); round_timeout_s=300, on_fault="drop",
+          simulate_fault="" (in-process only, node@round).
     """
 
     encoder: str = "none"
@@ -104,6 +115,24 @@ class DMKDParams(HParams):
     training: str = "centralized"
     topology: str = "full"
     communication: str = "full"
+    n_nodes: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    rounds: int = 3
+    local_epochs: int = 1
+    salient_by: str = "update"
+    backend: str = "inprocess"
+    round_timeout_s: float = 300.0
+    on_fault: str = "drop"
+    simulate_fault: str = ""
+
+    def nodes_params(self) -> NodesParams:
+        """The nodes options as FedAvg/DIMAT's NodesParams (same meaning, same validation)."""
+        names = {f.name for f in fields(NodesParams)}
+        return NodesParams(**{n: getattr(self, n) for n in names})
+
+    def faults(self) -> dict[int, int]:
+        return self.nodes_params().faults()
 
     def validate(self) -> None:
         for value, allowed, key in (
@@ -118,6 +147,7 @@ class DMKDParams(HParams):
             (self.training, TRAINING_KINDS, "training"),
             (self.topology, TOPOLOGIES, "topology"),
             (self.communication, COMMUNICATION_KINDS, "communication"),
+            (self.salient_by, SALIENT_BY_KINDS, "salient_by"),
         ):
             choice(value, allowed, key)
         require(self.n_experts >= 1, f"n_experts must be >= 1, got {self.n_experts}", "set n_experts=4 for example")
@@ -138,6 +168,17 @@ class DMKDParams(HParams):
                 "prune_usage, prune_entropy and growth_threshold are fractions in [0, 1]", "use values in [0, 1]")
         if self.teacher == "external":
             require(bool(self.teacher_path), "teacher=external needs teacher_path", "set teacher_path=/path/model.pt")
-        if self.training == "decentralized" or self.teacher == "aggregate":
-            raise UserError("decentralized DMKD (training=decentralized, teacher=aggregate) is not yet available",
-                            "use training=centralized teacher=snapshot")
+        if self.training == "centralized":
+            require(self.teacher != "aggregate", "teacher=aggregate needs training=decentralized",
+                    "use teacher=snapshot, or training=decentralized n_nodes=4")
+            require(self.n_nodes == 1, f"n_nodes={self.n_nodes} needs training=decentralized",
+                    "set training=decentralized, or leave n_nodes at 1")
+            return
+        require(self.n_nodes >= 2, f"training=decentralized needs n_nodes >= 2, got {self.n_nodes}",
+                "set n_nodes=4 for example")
+        self.nodes_params().validate()
+        require(self.prune == "off", "prune/merge is not available with training=decentralized",
+                "set prune=off (nodes could disagree on which experts exist)")
+        require(not self.growth or self.routing == "autoencoder",
+                "growth with training=decentralized needs routing=autoencoder",
+                "set growth=false or routing=autoencoder (other routers grow on local data; nodes could disagree)")

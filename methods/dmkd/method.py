@@ -5,14 +5,16 @@ At every boundary: specialization on the validation data of the tasks so far (lo
 entropy-guided bias, pruning/merging, importance (Fisher or magnitude) and salient sets, then the
 teacher snapshot. Under routing=autoencoder each task trains one "home" expert (hard-routed: the task
 id is known during training, never at test) and its autoencoder; at test the autoencoders pick
-the top-K experts.
+the top-K experts. ``training=decentralized`` (and ``teacher=aggregate``) runs the P-node version in
+methods/dmkd/decentralized.py: constructing DMKD with it returns a DecentralizedDMKD.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,14 @@ class DMKD(Method):
     HParams = DMKDParams
     DESCRIPTION = "DMKD: modular experts, top-K router, KD from snapshots, salient-parameter preservation"
 
+    def __new__(cls, hp: DMKDParams | None = None, *args: Any, **kwargs: Any) -> Self:
+        """training=decentralized: the registered name builds the P-node method (same options)."""
+        if cls is DMKD and hp is not None and hp.training == "decentralized":
+            from methods.dmkd.decentralized import DecentralizedDMKD
+
+            return super().__new__(DecentralizedDMKD)
+        return super().__new__(cls)
+
     def __init__(self, hp: DMKDParams, ctx: RunContext) -> None:
         self.hp, self.ctx = hp, ctx
         self.optimizer: torch.optim.Optimizer | None = None
@@ -106,10 +116,14 @@ class DMKD(Method):
         return self.hp.routing == "autoencoder"
 
     # ---- task boundaries -------------------------------------------------------------------------
+    def train_data(self, task: Task, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Unshuffled training batches for boundary work (probe, calibration, Fisher); a node: its shard."""
+        return task.batches("train", batch_size, device=self.ctx.device)
+
     @torch.no_grad()
     def _probe_gates(self, task: Task, n: int = 1024) -> Tensor:
         """Full gates of up to n training samples of the task (mean over samples, N)."""
-        x, _ = next(task.batches("train", n, device=self.ctx.device))
+        x, _ = next(self.train_data(task, n))
         self.model.eval()
         _, g = self.model.gates(x)
         self.model.train()
@@ -266,7 +280,7 @@ class DMKD(Method):
         """Mark the home expert as owning data; store its autoencoder's mean training error."""
         ae = self.model.autoencoders[self.home]
         err_sum, n = torch.zeros((), device=self.ctx.device), 0
-        for x, _ in task.batches("train", self.ctx.protocol.eval_batch_size, device=self.ctx.device):
+        for x, _ in self.train_data(task, self.ctx.protocol.eval_batch_size):
             flat = x.reshape(len(x), -1)
             err_sum += (ae(flat) - flat).pow(2).mean(1).sum()
             n += len(x)
@@ -326,7 +340,7 @@ class DMKD(Method):
         if hp.preservation == "fisher":
             mask = torch.full((model.num_classes,), -1e4, device=self.ctx.device)
             mask[self.seen_classes] = 0.0
-            batches = task.batches("train", 64, device=self.ctx.device)
+            batches = self.train_data(task, 64)
             omega = fisher_importance(model, batches, hp.fisher_samples, class_mask=mask)
         else:
             omega = magnitude_importance(model)
@@ -343,7 +357,7 @@ class DMKD(Method):
         return self.model(x)
 
     def state_bytes(self) -> int:
-        teacher = tensor_bytes(self.teacher) if self.hp.teacher == "snapshot" else 0
+        teacher = tensor_bytes(self.teacher) if self.hp.teacher in ("snapshot", "aggregate") else 0
         aes = tensor_bytes(self.model.autoencoders)
         return teacher + aes + self.pres.nbytes() + tensor_bytes([v for pair in self.frozen.values() for v in pair])
 
@@ -356,7 +370,8 @@ class DMKD(Method):
         self.load_extra_state(state.get("extra", {}))
 
     def extra_state(self) -> dict[str, Any]:
-        snap = self.teacher if self.hp.teacher == "snapshot" and isinstance(self.teacher, DMKDModel) else None
+        own = self.hp.teacher in ("snapshot", "aggregate")
+        snap = self.teacher if own and isinstance(self.teacher, DMKDModel) else None
         return {
             "teacher": None if snap is None else snap.state_dict(),
             "teacher_n": None if snap is None else snap.n_experts,
