@@ -99,7 +99,7 @@ class PeakMemory:
         self._proc = psutil.Process(os.getpid())
 
     def __enter__(self) -> PeakMemory:  # noqa: PYI034
-        self.peak_rss = self._proc.memory_info().rss
+        self.peak_rss = self.start_rss = self._proc.memory_info().rss
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -121,6 +121,13 @@ class PeakMemory:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return int(self.peak_rss)
+
+    @property
+    def increase_bytes(self) -> int:
+        """Peak minus the level at the start of the run: what this run itself added (CPU)."""
+        if self.device.type == "cuda":
+            return self.peak_bytes
+        return int(max(self.peak_rss - self.start_rss, 0))
 
     @property
     def kind(self) -> str:

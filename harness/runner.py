@@ -362,6 +362,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "samples_per_s": train_samples / train_s if train_s > 0 else 0.0,
         "peak_memory_bytes": mem.peak_bytes,
         "peak_memory_kind": mem.kind,
+        "peak_memory_increase_bytes": mem.increase_bytes,
         "method_state_bytes": method.state_bytes(),
         "comm_bytes": ctx.comm_bytes,
         "comm_rounds": ctx.comm_rounds,
