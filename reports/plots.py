@@ -83,9 +83,11 @@ def accuracy_heatmaps(board: Leaderboard) -> bytes:
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("evaluated on task j")
         ax.set_ylabel("after training task k" if ax.get_subplotspec().is_first_col() else "")
+    # Room between rows so that a title never sits on the x-label of the heatmap above it.
+    fig.subplots_adjust(hspace=0.55, wspace=0.25, top=0.9)
     fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap="viridis"), ax=axes, shrink=0.8,
                  label="accuracy (fraction correct)")
-    fig.suptitle(f"Accuracy matrix R[k][j] — {board.scenario}, {_setting(board)}", y=1.02)
+    fig.suptitle(f"Accuracy matrix R[k][j] — {board.scenario}, {_setting(board)}", y=0.97)
     return to_png(fig)
 
 
