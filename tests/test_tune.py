@@ -182,3 +182,24 @@ def test_ablation_grid_runs_every_cell(tmp_path):
     again = ablate(cfg, tmp_path / "res", tracking_uri="none")
     assert sorted(r["finished_at"] for r in again) == sorted(r["finished_at"] for r in recs)
     assert time.time() - t0 >= 0
+
+
+@needs_fmnist
+def test_trials_are_mlflow_runs_nested_under_the_study(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    res = tmp_path / "res"
+    tune("ft", "split-fmnist", trials=2, results_dir=res, scenario_set=SMALL, show_progress=False, study_name="st")
+    client = MlflowClient(f"sqlite:///{res.resolve()}/mlflow.db")
+    exp = client.get_experiment_by_name("tuning")
+    runs = client.search_runs([exp.experiment_id])
+    study = [r for r in runs if r.data.tags.get("dmkd.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("dmkd.kind") == "trial"]
+    assert len(study) == 1 and len(trials) == 2
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == study[0].info.run_id
+        assert "hparams.protocol.lr" in t.data.params and t.info.status == "FINISHED"
+        assert "objective_val_final_avg_acc" in t.data.metrics
+        history = client.get_metric_history(t.info.run_id, "val/class_il/avg_acc")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # one value per task
+    assert study[0].data.metrics["n_trials"] == 2
