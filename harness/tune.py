@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from harness.api import Protocol, hparams_from, split_params
+from harness.api import Protocol, TrainingDiverged, hparams_from, split_params
 from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, resolve_method, run
 from harness.tracking import Store, atomic_write_json, flatten
@@ -113,7 +113,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     seeds = seeds or [0]
     protocol = protocol or Protocol()
     fixed = dict(fixed or {})
-    hparams_from(cls.HParams, fixed)  # validate early
+    hparams_from(cls.HParams, split_params(fixed)[0])  # validate early
     study_name = study_name or f"{method}__{scenario}"
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -138,6 +138,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             sink.log_params(trial_run, {**{f"hparams.{k}": v for k, v in params.items()},
                                         "method": method, "scenario": scenario, "seeds": ",".join(map(str, seeds))})
         values = []
+        diverged = False
         try:
             m_params, p_params = split_params(params)
             trial_protocol = dataclasses.replace(protocol, **p_params)
@@ -145,8 +146,15 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             for i, seed in enumerate(seeds):
                 spec = RunSpec(method, scenario, seed, m_params, dict(scenario_set or {}), trial_protocol,
                                device=device, data_root=data_root, eval_split="val")
-                rec = run(spec, _TrialObserver(trial, setting, i * 1000, sink, trial_run))
-                values.append(rec["metrics"][setting]["final_avg_acc"])
+                try:
+                    rec = run(spec, _TrialObserver(trial, setting, i * 1000, sink, trial_run))
+                    values.append(rec["metrics"][setting]["final_avg_acc"])
+                except TrainingDiverged as e:
+                    # A diverging configuration scores 0 rather than failing, so that the sampler
+                    # learns to avoid its region (failed trials are invisible to TPE).
+                    trial.set_user_attr("diverged", str(e))
+                    diverged = True
+                    values.append(0.0)
         except optuna.TrialPruned:
             if sink:
                 sink.set_status(trial_run, "KILLED")
@@ -157,18 +165,21 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             raise
         value = sum(values) / len(values)
         if sink:
+            if diverged:
+                sink.set_tags(trial_run, {"dmkd.diverged": "true"})
             sink.log_metrics(trial_run, {"objective_val_final_avg_acc": value}, step=0)
             sink.set_status(trial_run, "FINISHED")
         return value
 
     done_states = (TrialState.COMPLETE, TrialState.PRUNED)
-    live_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    # Every trial of the budget counts, failed ones too, so a study holds exactly `trials` trials.
+    live_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=trials, desc=f"tune {study_name}", unit="trial", disable=not show_progress, file=sys.stderr)
     while True:
         ts = [t for t in study.get_trials(deepcopy=False) if not t.system_attrs.get("surplus")]
-        if sum(t.state in live_states for t in ts) >= trials or sum(t.state == TrialState.FAIL for t in ts) >= trials:
+        if sum(t.state in live_states for t in ts) >= trials:
             break
         trial = study.ask()
         # Trial numbers are handed out atomically by the storage. If, counting the trials numbered
@@ -199,7 +210,8 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     if not finished:
         raise UserError(f"study {study_name}: no trial completed", "see the trial errors above")
     best = max(finished, key=lambda t: t.value)
-    n_done = sum(t.state in done_states for t in study.get_trials(deepcopy=False))
+    n_done = sum(t.state in (*done_states, TrialState.FAIL) and not t.system_attrs.get("surplus")
+                 for t in study.get_trials(deepcopy=False))
     out = {"method": method, "scenario": scenario, "study": study_name, "params": dict(best.user_attrs["params"]),
            "value": best.value, "objective": "final average accuracy on the validation split",
            "n_trials": n_done, "seeds": seeds, "best_trial": best.number}
@@ -236,6 +248,8 @@ def cmd_tune(args) -> int:
         p_set["epochs"] = args.epochs
     protocol = hparams_from(Protocol, p_set)
     protocol.validate()
+    # Values the user fixes with --set win over the search space (protocol ones included).
+    m_set = {**m_set, **{f"protocol.{k}": v for k, v in p_set.items()}}
     try:
         seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError:

@@ -123,6 +123,13 @@ class M2MKD(Method):
         self.teacher = frozen_copy(self.model)
         self.teacher_classes = sorted(set(self.teacher_classes) | set(task.classes))
 
+    @classmethod
+    def search_space(cls, trial: Any) -> dict[str, Any]:
+        """lr (base), KD weight α in 0.1..0.9 and τ in {1, 2, 4} (the paper uses α=0.5, τ=1)."""
+        return {**super().search_space(trial),
+                "alpha": trial.suggest_float("alpha", 0.1, 0.9),
+                "tau": trial.suggest_categorical("tau", [1.0, 2.0, 4.0])}
+
     def state_bytes(self) -> int:
         return tensor_bytes(self.teacher)
 

@@ -203,3 +203,34 @@ def test_trials_are_mlflow_runs_nested_under_the_study(tmp_path):
         history = client.get_metric_history(t.info.run_id, "val/class_il/avg_acc")
         assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # one value per task
     assert study[0].data.metrics["n_trials"] == 2
+
+
+def test_every_search_space_gives_valid_settings():
+    import optuna
+
+    import methods  # noqa: F401
+    from harness.api import METHODS, Protocol, hparams_from, split_params
+
+    for name, cls in METHODS.items():
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(5):
+            m_part, p_part = split_params(cls.search_space(study.ask()))
+            assert "lr" in p_part, name  # the learning rate is tuned for every method: equal budgets
+            hparams_from(cls.HParams, m_part)
+            hparams_from(Protocol, p_part).validate()
+
+
+@needs_fmnist
+def test_diverging_trials_score_zero_and_count_in_the_budget(tmp_path):
+    import optuna
+
+    from harness.tune import make_storage
+
+    # A fixed lr of 1e9 (fixed values win over the search space) makes every trial diverge: each
+    # completes with value 0, so the sampler sees it, and the study holds exactly the budget.
+    out = tune("ft", "split-fmnist", trials=3, results_dir=tmp_path, scenario_set=SMALL, tracking_uri="none",
+               show_progress=False, study_name="div", fixed={"protocol.lr": 1e9})
+    assert out["n_trials"] == 3 and out["value"] == 0.0
+    st = optuna.load_study(study_name="div", storage=make_storage(None, tmp_path))
+    assert [t.state.name for t in st.trials] == ["COMPLETE"] * 3
+    assert all("NaN/inf" in t.user_attrs["diverged"] for t in st.trials)
