@@ -320,7 +320,7 @@ def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, cla
                     task_bar.refresh()
 
                 with _Heartbeat(store, key, max(claim_ttl_s / 4, 0.5)):
-                    execute(spec, store, group_ids.get(gkey), progress=prog, extra={"suite": cfg.name})
+                    execute(spec, store, group_ids.get(gkey), progress=prog, extra={"suite": cfg.name, "worker": store.worker_id})
                 task_bar.close()
                 done.add(key)
                 bar.update(1)

@@ -242,7 +242,18 @@ class MlflowSink:
             logging.getLogger("mlflow").setLevel(logging.WARNING)
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            if self.uri.startswith("sqlite:"):
+                # Workers starting together would race to create the database's tables (MLflow
+                # migrates a new sqlite store on first use): one at a time, under a file lock.
+                import fcntl
+
+                with open(self.results_dir / ".mlflow-init.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    client = MlflowClient(tracking_uri=self.uri)
+                    client.search_experiments(max_results=1)  # forces the store (and its tables) into being
+                    self._client = client
+            else:
+                self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
     def experiment_id(self) -> str | None:

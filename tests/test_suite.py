@@ -134,7 +134,7 @@ def test_three_workers_share_a_suite(tmp_path):
     res = tmp_path / "res"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-m", "harness.cli", "suite", str(suite), "--results", str(res),
-                               "--no-report", "--tracking-uri", "none"], cwd=REPO, env=env,
+                               "--no-report"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
@@ -144,6 +144,14 @@ def test_three_workers_share_a_suite(tmp_path):
     starts = [json.loads(p.read_text())["started_at"] for p in (res / "tiny" / "runs").glob("*.json")]
     assert len(starts) == 6
     assert not list((res / "tiny" / "claims").glob("*.claim"))
+    assert not any("warning" in o[1] for o in outs)  # MLflow worked for every worker (no fallback)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{res.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              filter_string="tags.`dmkd.kind` = 'run'")
+    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["dmkd.key"] for r in runs}) == 6
 
 
 def test_claims_are_exclusive_until_they_expire(tmp_path):
