@@ -307,7 +307,7 @@ def _grid_cells(grid: dict[str, list]) -> list[dict[str, Any]]:
 
 
 def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = None, tracking_uri: str | None = None,
-           data_root: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
+           data_root: str | None = None, device: str = "auto", show_progress: bool = True) -> list[dict[str, Any]]:
     """Run every grid cell (all seeds, test split) through GridSampler; cooperative across workers."""
     import optuna
 
@@ -345,8 +345,8 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
         return sum(vals) / len(vals)
 
     n_cells = len(_grid_cells(grid))
-    study.optimize(objective, n_trials=n_cells, callbacks=[optuna.study.MaxTrialsCallback(
-        n_cells, states=(optuna.trial.TrialState.COMPLETE,))])
+    study.optimize(objective, n_trials=n_cells, show_progress_bar=show_progress,
+                   callbacks=[optuna.study.MaxTrialsCallback(n_cells, states=(optuna.trial.TrialState.COMPLETE,))])
     return [r for r in store.records() if r.get("ablation", {}).get("study") == cfg["name"]]
 
 

@@ -173,13 +173,13 @@ def test_ablation_grid_runs_every_cell(tmp_path):
                         "scenario_options: {max_train_per_task: 150, max_test_per_task: 50}\n"
                         "grid:\n  reinit: [true, false]\n")
     cfg = load_ablation(cfg_path)
-    recs = ablate(cfg, tmp_path / "res", tracking_uri="none")
+    recs = ablate(cfg, tmp_path / "res", tracking_uri="none", show_progress=False)
     cells = sorted((r["ablation"]["params"]["reinit"], r["seed"]) for r in recs)
     assert cells == [(False, 0), (False, 1), (True, 0), (True, 1)]
     assert all(r["status"] == "finished" and r["eval_split"] == "test" for r in recs)
     # Run again: nothing is re-run (records are reused).
     t0 = time.time()
-    again = ablate(cfg, tmp_path / "res", tracking_uri="none")
+    again = ablate(cfg, tmp_path / "res", tracking_uri="none", show_progress=False)
     assert sorted(r["finished_at"] for r in again) == sorted(r["finished_at"] for r in recs)
     assert time.time() - t0 >= 0
 
