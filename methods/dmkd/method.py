@@ -1,12 +1,14 @@
-"""DMKD, centralized mode (METHODS.md §4, with the autoencoder router of §5 as an extension).
+"""DMKD, centralized mode (METHODS.md §4, with the autoencoder and Gaussian routers of §5 as extensions).
 
 Per batch: L = CE + λ_KD·L_KD + λ_balance·CV²(importance) + λ_diversity·D + λ_pres·penalty.
 At every boundary: specialization on the validation data of the tasks so far (logged), optional
 entropy-guided bias, pruning/merging, importance (Fisher or magnitude) and salient sets, then the
 teacher snapshot. Under routing=autoencoder each task trains one "home" expert (hard-routed: the task
 id is known during training, never at test) and its autoencoder; at test the autoencoders pick
-the top-K experts. ``training=decentralized`` (and ``teacher=aggregate``) runs the P-node version in
-methods/dmkd/decentralized.py: constructing DMKD with it returns a DecentralizedDMKD.
+the top-K experts. routing=gaussian (SEED-like) trains home experts the same way and, after each task,
+fits per-class Gaussians of the home expert's hidden features on the task's training data; at test
+the likelihoods pick the top-K experts. ``training=decentralized`` (and ``teacher=aggregate``) runs the
+P-node version in methods/dmkd/decentralized.py: constructing DMKD with it returns a DecentralizedDMKD.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class DMKD(Method):
             encoder, d_enc = build_encoder(hp.encoder, sc.input_shape, hp.encoder_dim, backbone)
             model = DMKDModel(encoder, d_enc, math.prod(sc.input_shape), sc.num_classes, hp.n_experts,
                               hp.expert_hidden, hp.top_k, hp.routing, hp.ae_hidden, hp.ae_temperature,
-                              hp.ae_relative, hp.combine)
+                              hp.ae_relative, hp.combine, hp.gauss_temperature)
         if hp.routing == "static":
             model.router.requires_grad_(False)
         return model.to(ctx.device)
@@ -114,6 +116,11 @@ class DMKD(Method):
     @property
     def ae_routing(self) -> bool:
         return self.hp.routing == "autoencoder"
+
+    @property
+    def owner_routing(self) -> bool:
+        """Routers that gate by what each expert keeps about its own data: one home expert per task."""
+        return self.hp.routing in ("autoencoder", "gaussian")
 
     # ---- task boundaries -------------------------------------------------------------------------
     def train_data(self, task: Task, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -132,15 +139,15 @@ class DMKD(Method):
     def before_task(self, task: Task) -> None:
         hp, model = self.hp, self.model
         new_expert: int | None = None
-        has_owner = bool(model.owned.any()) if self.ae_routing else task.id > 0
+        has_owner = bool(model.owned.any()) if self.owner_routing else task.id > 0
         g = self._probe_gates(task) if has_owner else None
-        if self.ae_routing:
+        if self.owner_routing:
             free = (~model.owned).nonzero().flatten().tolist()
             if free:
                 self.home = new_expert = free[0]
             elif hp.growth and model.n_experts < hp.n_max:
                 self.home = new_expert = self._grow()
-            else:  # every expert owns data: reuse the one that reconstructs this task best (Expert Gate)
+            else:  # every expert owns data: reuse the one that reconstructs (or fits) this task best
                 assert g is not None
                 self.home = int(g.mean(0).argmax())
         elif hp.growth and g is not None and model.n_experts < hp.n_max:
@@ -193,13 +200,15 @@ class DMKD(Method):
 
     def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
         hp, model = self.hp, self.model
-        if self.ae_routing:
+        if self.owner_routing:
             h = model.encoder(x)
             route = torch.full((len(y),), self.home, dtype=torch.long, device=x.device)
             logits = model.combine(h, torch.ones(len(y), 1, device=x.device), route.unsqueeze(1))
             model.routed_counts[self.home] += len(y)
-            flat = x.reshape(len(y), -1)
-            loss = F.cross_entropy(logits, y) + F.mse_loss(model.autoencoders[self.home](flat), flat)
+            loss = F.cross_entropy(logits, y)
+            if self.ae_routing:
+                flat = x.reshape(len(y), -1)
+                loss = loss + F.mse_loss(model.autoencoders[self.home](flat), flat)
         else:
             h, g = model.gates(x)
             w, idx = top_k_gates(g, model.top_k)
@@ -229,9 +238,9 @@ class DMKD(Method):
         with torch.no_grad():
             h_t = teacher.encoder(x)
             old = [i for i in range(min(teacher.n_experts, self.model.n_experts))
-                   if not self.ae_routing or bool(teacher.owned[i])]
+                   if not self.owner_routing or bool(teacher.owned[i])]
             t_logits = [teacher.experts[i](h_t) for i in old]
-            t_router = teacher.router(h_t) if not self.ae_routing and self.hp.routing != "static" else None
+            t_router = teacher.router(h_t) if not self.owner_routing and self.hp.routing != "static" else None
         terms = [kd_loss(self.model.experts[i](h), t, tau, classes) for i, t in zip(old, t_logits)]
         if t_router is not None and t_router.shape[1] == self.model.n_experts:
             terms.append(kd_loss(self.model.router(h), t_router, tau))
@@ -259,6 +268,8 @@ class DMKD(Method):
         model.eval()
         if self.ae_routing:
             self._calibrate_autoencoder(task)
+        elif self.hp.routing == "gaussian":
+            self._fit_gaussians(task)
         spec: Specialization | None = None
         need_spec = hp.log_specialization or hp.routing == "entropy" or hp.scale_by_specialization \
             or hp.prune != "off"
@@ -287,6 +298,32 @@ class DMKD(Method):
         self.model.ae_scale[self.home] = err_sum / max(n, 1)
         self.model.owned[self.home] = True
 
+    @torch.no_grad()
+    def _fit_gaussians(self, task: Task) -> None:
+        """Per class of the task, the mean of the home expert's hidden features on the task's training data
+        and the expert's pooled within-class (biased) diagonal variance, clamped at gauss_var_floor."""
+        model, home, classes = self.model, self.home, list(task.classes)
+        hdim, dev = model.expert_hidden, self.ctx.device
+        total = torch.zeros(model.num_classes, hdim, dtype=torch.float64, device=dev)
+        total_sq = torch.zeros_like(total)
+        count = torch.zeros(model.num_classes, dtype=torch.float64, device=dev)
+        for x, y in self.train_data(task, self.ctx.protocol.eval_batch_size):
+            f = model.expert_features(home, model.encoder(x)).double()
+            total.index_add_(0, y, f)
+            total_sq.index_add_(0, y, f * f)
+            count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        idx = torch.tensor([c for c in classes if float(count[c]) > 0], dtype=torch.long, device=dev)
+        if len(idx) == 0:
+            return
+        n = count[idx].unsqueeze(1)
+        mean = total[idx] / n
+        within = (total_sq[idx] - n * mean.pow(2)).sum(dim=0) / n.sum()
+        var = within.clamp_min(self.hp.gauss_var_floor)
+        model.gauss_mean[home, idx] = mean.to(model.gauss_mean)
+        model.gauss_var[home, idx] = var.to(model.gauss_var).expand(len(idx), hdim)
+        model.gauss_owned[home, idx] = True
+        model.owned[home] = True
+
     def _specialization(self, task: Task) -> Specialization:
         ctx, model = self.ctx, self.model
         tasks = ctx.scenario.tasks[: task.id + 1]
@@ -311,7 +348,7 @@ class DMKD(Method):
         h_norm = spec.expert_entropy / math.log(model.num_classes)
         cands = [i for i in range(model.n_experts)
                  if float(spec.usage[i]) < hp.prune_usage and float(h_norm[i]) > hp.prune_entropy
-                 and (not self.ae_routing or bool(model.owned[i]))]
+                 and (not self.owner_routing or bool(model.owned[i]))]
         mass = spec.mass.clone()
         for i in sorted(cands, reverse=True):
             if model.n_experts <= max(hp.top_k, 1):
@@ -359,7 +396,9 @@ class DMKD(Method):
     def state_bytes(self) -> int:
         teacher = tensor_bytes(self.teacher) if self.hp.teacher in ("snapshot", "aggregate") else 0
         aes = tensor_bytes(self.model.autoencoders)
-        return teacher + aes + self.pres.nbytes() + tensor_bytes([v for pair in self.frozen.values() for v in pair])
+        m = self.model
+        gauss = tensor_bytes([m.gauss_mean, m.gauss_var, m.gauss_owned]) if self.hp.routing == "gaussian" else 0
+        return teacher + aes + gauss + self.pres.nbytes() + tensor_bytes([v for pair in self.frozen.values() for v in pair])
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "n_experts": self.model.n_experts, "extra": self.extra_state()}

@@ -1,4 +1,4 @@
-"""DMKD's model: shared encoder, N experts, a router, optional autoencoder gates, sparse top-K dispatch.
+"""DMKD's model: shared encoder, N experts, a router, optional autoencoder/Gaussian gates, sparse top-K dispatch.
 
 Each sample runs only through its K selected experts (index_select the routed rows, run the expert,
 index_add back), so FlopCounterMode sees FLOPs that grow with K, not with N. ``dense=True`` computes
@@ -37,6 +37,15 @@ def make_autoencoder(d_in: int, hidden: int) -> nn.Module:
     return TiedAutoencoder(d_in, hidden)
 
 
+LOG_2PI = math.log(2 * math.pi)
+
+
+def diag_gaussian_log_density(f: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """B x C log N(f_b; mean_c, diag(var_c)) for features f (B, H), means and variances (C, H)."""
+    diff = f.unsqueeze(1) - mean.unsqueeze(0)
+    return -0.5 * ((diff.pow(2) / var.unsqueeze(0)).sum(dim=2) + var.log().sum(dim=1) + f.shape[1] * LOG_2PI)
+
+
 def top_k_gates(gates: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The K largest gates per row, renormalised to sum to 1, and their expert indices."""
     values, index = gates.topk(k, dim=1)
@@ -47,14 +56,18 @@ class DMKDModel(nn.Module):
     """f_enc, experts M_1..M_N, router g(x) = softmax(W f_enc(x) + b + bias), autoencoders (optional).
 
     Buffers: ``spec_bias`` (entropy-guided routing term, added to router logits), ``owned`` (experts
-    that hold data; only they are eligible under autoencoder routing), ``ae_scale`` (mean training
-    reconstruction error per autoencoder) and ``routed_counts`` (samples routed to each expert during
-    training since the last reset: the weights of a module-wise average across nodes).
+    that hold data; only they are eligible under autoencoder/Gaussian routing), ``ae_scale`` (mean training
+    reconstruction error per autoencoder), ``routed_counts`` (samples routed to each expert during
+    training since the last reset: the weights of a module-wise average across nodes) and, for
+    routing="gaussian" (SEED-like), ``gauss_mean`` / ``gauss_var`` (N x C x H: per expert and class the
+    mean and diagonal variance of the expert's hidden features, Linear+ReLU output) and ``gauss_owned``
+    (N x C: which class Gaussians an expert holds). They are empty (H = 0) under the other routers.
     """
 
     def __init__(self, encoder: nn.Module, d_enc: int, d_in: int, num_classes: int, n_experts: int,
                  expert_hidden: int, top_k: int, routing: str = "learned", ae_hidden: int = 32,
-                 ae_temperature: float = 0.02, ae_relative: bool = False, combine: str = "logits") -> None:
+                 ae_temperature: float = 0.02, ae_relative: bool = False, combine: str = "logits",
+                 gauss_temperature: float = 1.0) -> None:
         super().__init__()
         self.encoder = encoder
         self.d_enc, self.d_in, self.num_classes = d_enc, d_in, num_classes
@@ -63,6 +76,7 @@ class DMKDModel(nn.Module):
         self.routing = routing
         self.ae_temperature = ae_temperature
         self.ae_relative = ae_relative
+        self.gauss_temperature = gauss_temperature
         self.combine_mode = combine
         self.experts = nn.ModuleList(make_expert(d_enc, expert_hidden, num_classes) for _ in range(n_experts))
         self.router = nn.Linear(d_enc, n_experts)
@@ -72,6 +86,10 @@ class DMKDModel(nn.Module):
         self.register_buffer("owned", torch.zeros(n_experts, dtype=torch.bool))
         self.register_buffer("ae_scale", torch.ones(n_experts))
         self.register_buffer("routed_counts", torch.zeros(n_experts))
+        gh = expert_hidden if routing == "gaussian" else 0
+        self.register_buffer("gauss_mean", torch.zeros(n_experts, num_classes, gh))
+        self.register_buffer("gauss_var", torch.ones(n_experts, num_classes, gh))
+        self.register_buffer("gauss_owned", torch.zeros(n_experts, num_classes, dtype=torch.bool))
 
     @property
     def n_experts(self) -> int:
@@ -83,8 +101,33 @@ class DMKDModel(nn.Module):
         flat = x.reshape(x.shape[0], -1)
         return torch.stack([(ae(flat) - flat).pow(2).mean(dim=1) for ae in self.autoencoders], dim=1)
 
+    def expert_features(self, i: int, h: Tensor) -> Tensor:
+        """Expert i's hidden layer relu(W1 h + b1): the feature space of its class Gaussians."""
+        expert = self.experts[i]
+        assert isinstance(expert, nn.Sequential)
+        return expert[1](expert[0](h))
+
+    def gaussian_scores(self, h: Tensor) -> Tensor:
+        """B x N: s_i(x) = max over expert i's classes of log N(f_i(x); mu_ic, diag var_ic); -inf without any.
+
+        Runs the first layer of every expert that owns Gaussians (router FLOPs grow with N, as the
+        autoencoder router's do)."""
+        scores = h.new_full((h.shape[0], self.n_experts), float("-inf"))
+        for i in range(self.n_experts):
+            own = self.gauss_owned[i]
+            if not bool(own.any()):
+                continue
+            logp = diag_gaussian_log_density(self.expert_features(i, h), self.gauss_mean[i], self.gauss_var[i])
+            scores[:, i] = logp.masked_fill(~own, float("-inf")).amax(dim=1)
+        return scores
+
     def gate_logits(self, h: Tensor, x: Tensor) -> Tensor:
         """Router logits (before softmax) for encoded inputs h / raw inputs x."""
+        if self.routing == "gaussian":
+            if not bool(self.gauss_owned.any()):  # before the first fit: every expert alike
+                return h.new_zeros(h.shape[0], self.n_experts) + self.spec_bias
+            # Per-dimension log-likelihood over the temperature; experts without Gaussians get -inf.
+            return self.gaussian_scores(h) / (self.gauss_temperature * self.expert_hidden) + self.spec_bias
         if self.routing == "autoencoder":
             err = self.reconstruction_errors(x)
             if self.ae_relative:
@@ -180,6 +223,9 @@ class DMKDModel(nn.Module):
         self.owned = torch.cat([self.owned, self.owned.new_zeros(1)])
         self.ae_scale = torch.cat([self.ae_scale, self.ae_scale.new_ones(1)])
         self.routed_counts = torch.cat([self.routed_counts, self.routed_counts.new_zeros(1)])
+        self.gauss_mean = torch.cat([self.gauss_mean, self.gauss_mean.new_zeros(1, *self.gauss_mean.shape[1:])])
+        self.gauss_var = torch.cat([self.gauss_var, self.gauss_var.new_ones(1, *self.gauss_var.shape[1:])])
+        self.gauss_owned = torch.cat([self.gauss_owned, self.gauss_owned.new_zeros(1, self.num_classes)])
         return self.n_experts - 1
 
     def remove_expert(self, i: int, merge_into: int | None = None, weight: float = 0.5) -> None:
@@ -200,7 +246,7 @@ class DMKDModel(nn.Module):
         self.router.weight.requires_grad_(old.weight.requires_grad)
         self.router.bias.requires_grad_(old.bias.requires_grad)
         idx = torch.tensor(keep, device=self.spec_bias.device)
-        for name in ("spec_bias", "owned", "ae_scale", "routed_counts"):
+        for name in ("spec_bias", "owned", "ae_scale", "routed_counts", "gauss_mean", "gauss_var", "gauss_owned"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def resize(self, n: int) -> None:
