@@ -23,7 +23,9 @@ D_IN, C = 16, 4
 # ------------------------------------------------------------------------------------------------
 # Synthetic two-task scenario: four well separated Gaussian classes, tasks {0,1} and {2,3}.
 # ------------------------------------------------------------------------------------------------
-def synthetic_scenario(seed: int = 0, n_train: int = 96, n_val: int = 24, n_test: int = 24) -> Scenario:
+def synthetic_scenario(seed: int = 0, n_train: int = 96, n_val: int = 24, n_test: int = 24,
+                       noise: float = 0.7) -> Scenario:
+    """Tasks {0,1} and {2,3}; each task lives on its own 8 input dimensions (well separated)."""
     g = torch.Generator().manual_seed(seed)
     means = torch.zeros(C, D_IN)
     for c in range(C):  # task t lives on its own block of dimensions; classes differ inside it
@@ -31,7 +33,7 @@ def synthetic_scenario(seed: int = 0, n_train: int = 96, n_val: int = 24, n_test
         means[c, (c // 2) * 8 + (c % 2) * 4 : (c // 2) * 8 + (c % 2) * 4 + 4] += 2.0
     per = n_train + n_val + n_test
     y = torch.arange(C).repeat_interleave(per)
-    x = means[y] + 0.7 * torch.randn(len(y), D_IN, generator=g)
+    x = means[y] + noise * torch.randn(len(y), D_IN, generator=g)
     source = TensorSource(x, y)
     tasks = []
     for t in range(2):

@@ -8,36 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from harness.api import Protocol, RunContext, Scenario, Task, TensorSource, hparams_from
+from harness.api import Protocol, RunContext, Scenario, Task, hparams_from
 from harness.backbones import build_backbone
 from harness.errors import UserError
 from methods.dmkd import DMKD, DMKDModel, DMKDParams
 from methods.dmkd.model import diag_gaussian_log_density
+from tests.test_dmkd import synthetic_scenario
 
 D_IN, C = 16, 4
 
 
-def two_task_scenario(seed: int = 0, n_train: int = 80, n_val: int = 20, n_test: int = 20) -> Scenario:
-    """Tasks {0,1} and {2,3}; each task lives on its own 8 input dimensions (well separated)."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.zeros(C, D_IN)
-    for c in range(C):
-        block = (c // 2) * 8
-        means[c, block : block + 8] = 3.0
-        means[c, block + (c % 2) * 4 : block + (c % 2) * 4 + 4] += 2.0
-    per = n_train + n_val + n_test
-    y = torch.arange(C).repeat_interleave(per)
-    x = means[y] + 0.5 * torch.randn(len(y), D_IN, generator=g)
-    source = TensorSource(x, y)
-    tasks = []
-    for t in range(2):
-        parts: list[list[torch.Tensor]] = [[], [], []]
-        for c in (2 * t, 2 * t + 1):
-            b = c * per
-            for j, (lo, hi) in enumerate(((0, n_train), (n_train, n_train + n_val), (n_train + n_val, per))):
-                parts[j].append(torch.arange(b + lo, b + hi))
-        tasks.append(Task(t, [2 * t, 2 * t + 1], source, *(torch.cat(p) for p in parts)))
-    return Scenario("two-task", "class", tasks, C, (D_IN,), "mlp", [f"c{c}" for c in range(C)])
+def two_task_scenario(seed: int = 0) -> Scenario:
+    """Tasks {0,1} and {2,3} on separate input blocks, less noisy than test_dmkd's default."""
+    return synthetic_scenario(seed, n_train=80, n_val=20, n_test=20, noise=0.5)
 
 
 def make_method(**overrides: object) -> DMKD:
