@@ -128,6 +128,7 @@ def forgetting_bwt_bars(board: Leaderboard) -> bytes:
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("accuracy points (fraction)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))  # small values otherwise crowd the axis
     axes[0].invert_yaxis()
     fig.suptitle(f"Forgetting and BWT — {board.scenario}, {_setting(board)}", y=1.0)
     fig.tight_layout()
