@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--study", default=None)
     t.add_argument("--seeds", default="0", help="comma-separated seeds averaged per trial")
     t.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    t.add_argument("--objective", default="auto", choices=["auto", "class_il", "task_il", "domain_il"],
+                   help="setting whose validation accuracy is maximised (auto: class-IL, or domain-IL)")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     _common(t)

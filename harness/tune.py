@@ -102,8 +102,12 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
          study_name: str | None = None, seeds: list[int] | None = None, pruner: str = "median",
          protocol: Protocol | None = None, scenario_set: dict | None = None, fixed: dict | None = None,
          data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
-         show_progress: bool = True) -> dict[str, Any]:
-    """Run (this worker's share of) a study with exactly ``trials`` finished trials in total."""
+         show_progress: bool = True, objective: str = "auto") -> dict[str, Any]:
+    """Run (this worker's share of) a study with exactly ``trials`` finished trials in total.
+
+    ``objective``: the setting whose validation final accuracy is maximised; ``auto`` is class-IL
+    for class-incremental scenarios and domain-IL otherwise.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -126,7 +130,12 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
 
     probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root)
     # The objective's setting: class-IL for class-incremental scenarios, domain-IL otherwise.
-    setting = SETTING_FOR[get_scenario(probe).setting]
+    scenario_setting = get_scenario(probe).setting
+    setting = SETTING_FOR[scenario_setting] if objective == "auto" else objective
+    allowed = ("class_il", "task_il") if scenario_setting == "class" else ("domain_il",)
+    if setting not in allowed:
+        raise UserError(f"objective {setting} does not apply to {scenario} ({scenario_setting}-incremental)",
+                        f"use --objective auto or one of {', '.join(allowed)}")
 
     def objective(trial) -> float:
         params = {**cls.search_space(trial), **fixed}
@@ -213,7 +222,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     n_done = sum(t.state in (*done_states, TrialState.FAIL) and not t.system_attrs.get("surplus")
                  for t in study.get_trials(deepcopy=False))
     out = {"method": method, "scenario": scenario, "study": study_name, "params": dict(best.user_attrs["params"]),
-           "value": best.value, "objective": "final average accuracy on the validation split",
+           "value": best.value, "objective": f"final average accuracy ({setting}) on the validation split",
            "n_trials": n_done, "seeds": seeds, "best_trial": best.number}
     atomic_write_json(best_params_path(results_dir, method, scenario), out)
     if sink and study_run:
@@ -258,7 +267,7 @@ def cmd_tune(args) -> int:
     out = tune(args.method, args.scenario, trials=args.trials, results_dir=Path(args.results),
                storage_url=args.storage, study_name=args.study, seeds=seeds, pruner=args.pruner, protocol=protocol,
                scenario_set=s_set, fixed=m_set, data_root=args.data_root, device=args.device,
-               tracking_uri=args.tracking_uri)
+               tracking_uri=args.tracking_uri, objective=args.objective)
     print(f"study {out['study']}: {out['n_trials']} trials, best validation final avg acc {out['value']:.4f}")
     print("best parameters: " + ", ".join(f"{k}={v}" for k, v in out["params"].items()))
     print(f"saved: {best_params_path(Path(args.results), args.method, args.scenario)}")

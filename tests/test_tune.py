@@ -234,3 +234,17 @@ def test_diverging_trials_score_zero_and_count_in_the_budget(tmp_path):
     st = optuna.load_study(study_name="div", storage=make_storage(None, tmp_path))
     assert [t.state.name for t in st.trials] == ["COMPLETE"] * 3
     assert all("NaN/inf" in t.user_attrs["diverged"] for t in st.trials)
+
+
+@needs_fmnist
+def test_objective_setting_can_be_chosen(tmp_path):
+    from harness.errors import UserError
+
+    out = tune("ft", "split-fmnist", trials=1, results_dir=tmp_path, scenario_set=SMALL, tracking_uri="none",
+               show_progress=False, objective="task_il", fixed={"protocol.lr": 0.01})
+    rec = run(RunSpec("ft", "split-fmnist", 0, scenario_set=SMALL, eval_split="val"))
+    assert out["value"] == pytest.approx(rec["metrics"]["task_il"]["final_avg_acc"])
+    assert "task_il" in out["objective"]
+    with pytest.raises(UserError, match="does not apply"):
+        tune("ft", "split-fmnist", trials=1, results_dir=tmp_path, scenario_set=SMALL, tracking_uri="none",
+             show_progress=False, objective="domain_il")
