@@ -255,6 +255,7 @@ class RunContext:
         self.artifacts: dict[str, Any] = {}  # name -> JSON-able object, written by the runner
         self.step_hook: Callable[[int], None] | None = None  # set by the runner (FLOP meter)
         self.samples_seen = 0
+        self.extra_flops = 0  # FLOPs of work outside training steps and task boundaries (see counted)
         self.current_task: Task | None = None
         self.allow_test = True  # False during tuning: test splits must not be read
 
@@ -305,6 +306,19 @@ class RunContext:
         return task.batches(split, self.protocol.eval_batch_size, device=self.device)
 
     # ---- meters ------------------------------------------------------------------------
+    def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run training work that happens between steps (DIMAT's matching passes, BatchNorm
+        resets) and add its FLOPs to the run's training FLOPs."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        pause = getattr(self.step_hook, "pause", None)
+        if pause is not None:
+            pause()  # an open step counter would count this work twice
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*args, **kwargs)
+        self.extra_flops += int(counter.get_total_flops())
+        return out
+
     def add_communication(self, nbytes: int, rounds: int = 0) -> None:
         self.comm_bytes += int(nbytes)
         self.comm_rounds += int(rounds)

@@ -79,6 +79,10 @@ class StepFlopMeter:
         self._uncharged = 0
         self.counted_steps += 1
 
+    def pause(self) -> None:
+        """Close the open step counter early (work that follows is counted elsewhere)."""
+        self._close_counter()
+
     def finish_task(self) -> None:
         """Close the task's last counter and charge its remaining steps at the latest rate."""
         self._close_counter()

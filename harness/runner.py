@@ -294,6 +294,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         boundary_flops = resume_state["boundary_flops"]
         ctx.comm_bytes, ctx.comm_rounds = resume_state["comm"]
         ctx.samples_seen = resume_state["samples_seen"]
+        ctx.extra_flops = resume_state.get("extra_flops", 0)
         start_task = resume_state["next_task"]
         record["resumed_from_task"] = start_task
     observer.on_start(record)
@@ -342,6 +343,11 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             if progress is not None:
                 progress(k + 1, T, record)
 
+    extra_flops = ctx.extra_flops
+    world, boundary_flops = _combine_ranks(record, meter, boundary_flops + extra_flops)  # torchrun: totals
+    extra_flops = 0  # now inside boundary_flops
+    if world > 1:
+        record["ranks"] = world
     # Costs of the final model.
     x_probe = next(ctx.eval_batches(scenario.tasks[0], spec.eval_split))[0][:64]
     method.eval_mode()
@@ -353,9 +359,9 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "params_total": total_p,
         "params_trainable": trainable_p,
         "inference_flops_per_sample": inf_flops / len(x_probe),
-        "train_flops_total": meter.total + boundary_flops,
-        "train_flops_boundary": boundary_flops,
-        "train_flops_per_sample": (meter.total + boundary_flops) / max(train_samples, 1),
+        "train_flops_total": meter.total + boundary_flops + extra_flops,
+        "train_flops_boundary": boundary_flops + extra_flops,
+        "train_flops_per_sample": (meter.total + boundary_flops + extra_flops) / max(train_samples, 1),
         "train_samples": train_samples,
         "train_time_s": train_s,
         "eval_time_s": sum(p["eval_s"] for p in record["per_task"]),
@@ -376,6 +382,29 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     return record
 
 
+def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops: int) -> tuple[int, int]:
+    """Under torch.distributed (one process per node) make the costs system totals, like the
+    in-process backend's: training samples and FLOPs are summed over ranks, times are the slowest
+    rank's. Communication is already counted system-wide by the nodes API.
+    Returns (world size, boundary FLOPs of all ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1, boundary_flops
+    per_task = record["per_task"]
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    sums = torch.tensor([meter.total, boundary_flops] + [p["train_samples"] for p in per_task],
+                        dtype=torch.float64, device=dev)
+    slowest = torch.tensor([p["train_s"] for p in per_task], dtype=torch.float64, device=dev)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    meter.total = float(sums[0])
+    for p, n, t in zip(per_task, sums[2:].tolist(), slowest.tolist()):
+        p["train_samples"], p["train_s"] = int(n), t
+        p["samples_per_s"] = n / t if t > 0 else 0.0
+    return dist.get_world_size(), int(sums[1])
+
+
 def capture_state(method: Method, ctx: RunContext, record: dict[str, Any], meter_total: float,
                   boundary_flops: int, next_task: int) -> dict[str, Any]:
     """Everything needed to resume a run at the start of ``next_task``."""
@@ -387,6 +416,7 @@ def capture_state(method: Method, ctx: RunContext, record: dict[str, Any], meter
         "boundary_flops": boundary_flops,
         "comm": (ctx.comm_bytes, ctx.comm_rounds),
         "samples_seen": ctx.samples_seen,
+        "extra_flops": ctx.extra_flops,
         "next_task": next_task,
     }
 

@@ -277,13 +277,14 @@ class Dimat(NodesMethod):
             live = [i for i in self.nodes.local_ids if i not in failed]
             batches = {i: self._stat_batches(task, i) for i in live}
             for i in live:  # (1)
-                reset_bn(self.agents[i], batches[i])
+                self.ctx.counted(reset_bn, self.agents[i], batches[i])
             states = {i: {k: p.detach().clone() for k, p in a.named_parameters()} for i, a in self.agents.items()}
             got = self.nodes.neighbour_exchange(states)  # (2) parameters of the neighbours that answered
-            merged = {i: self.merge(i, states[i], got[i], batches[i]) for i in live}  # (2)-(4)
+            # (2)-(4); matching passes and BN resets count as training FLOPs
+            merged = {i: self.ctx.counted(self.merge, i, states[i], got[i], batches[i]) for i in live}
             for i in live:
                 self.agents[i].load_state_dict(merged[i], strict=False)
-                reset_bn(self.agents[i], batches[i])  # (5)
+                self.ctx.counted(reset_bn, self.agents[i], batches[i])  # (5)
                 self.local_train(self.agents[i], task, i)  # (6)
             self.record_communication()
 

@@ -102,3 +102,19 @@ def test_unknown_names_are_user_errors():
         run(RunSpec("ft", "split-fmnist", 0, method_set={"bogus": 1}))
     with pytest.raises(UserError, match="lr must be"):
         run(RunSpec("ft", "split-fmnist", 0, protocol=Protocol(lr=-1.0)))
+
+
+def test_counted_work_between_steps_adds_exact_flops_once():
+    from harness.costs import StepFlopMeter
+
+    sc = _toy_scenario()
+    ctx = RunContext(sc, Protocol(), torch.device("cpu"), 0, lambda: None)
+    meter = StepFlopMeter(every=1)
+    ctx.step_hook = meter
+    lin = torch.nn.Linear(8, 3)
+    meter(4)  # a step counter is open, as right after a batch was handed out
+    with torch.no_grad():
+        ctx.counted(lin, torch.randn(5, 8))
+    meter.finish_task()
+    assert ctx.extra_flops == 2 * 5 * 8 * 3
+    assert meter.total == 0  # the open step counter was closed first: no double count
