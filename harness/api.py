@@ -436,6 +436,10 @@ class Method:
     def after_task(self, task: Task) -> None:
         """Task boundary work: snapshots, importance estimates, consolidation."""
 
+    def after_evaluation(self, task: Task) -> None:
+        """Diagnostics after the runner's evaluation of ``task`` (extra metrics); not counted as
+        training time or FLOPs. It must read validation data only (ctx.eval_batches(task, "val"))."""
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Logits over all classes of the scenario (the runner applies the masks)."""

@@ -318,6 +318,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             boundary_flops += f_before + f_after
             watch.start()
             accs = evaluate(method, scenario, k, spec.eval_split, ctx)
+            method.after_evaluation(task)
             eval_s = watch.stop()
             for s in settings:
                 record["acc"][s].append(accs[s])

@@ -288,7 +288,7 @@ class Dimat(NodesMethod):
                 self.local_train(self.agents[i], task, i)  # (6)
             self.record_communication()
 
-    def after_task(self, task: Task) -> None:
+    def after_evaluation(self, task: Task) -> None:
         """Log the agents' mean accuracy (class-IL over the classes seen, validation split)."""
         seen = sorted({c for t in self.ctx.scenario.tasks[: task.id + 1] for c in t.classes})
         mask = torch.full((self.ctx.num_classes,), float("-inf"), device=self.ctx.device)

@@ -277,7 +277,9 @@ class DecentralizedDMKD(NodesMethod, DMKD):
         self.learners[self.reported].after_task(task)  # last: its artifacts are the ones kept
         if self.hp.teacher == "aggregate" and self.hp.kd != "none":
             self.aggregate_teachers()
-        self._log_nodes_accuracy(task)
+
+    def after_evaluation(self, task: Task) -> None:
+        self._log_nodes_accuracy(task)  # a diagnostic: outside the counted training work
 
     def aggregate_teachers(self) -> None:
         """Each node's teacher := uniform average of its neighbours' models (one counted round)."""
