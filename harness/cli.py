@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -286,7 +287,19 @@ def _write_report(args, experiment: str | None, out: str | None = None) -> None:
     except ImportError:
         print("(report package not available; skipping the report)", file=sys.stderr)
         return
-    paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=None)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and (Path(args.results) / "mlflow.db").exists():
+        uri = f"sqlite:///{(Path(args.results) / 'mlflow.db').resolve()}"
+    if uri in ("none", "off", ""):
+        uri = None  # JSON records only
+    try:
+        paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=uri)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unreachable tracking store must not cost the report
+        print(f"warning: reading runs from MLflow at {uri} failed ({type(e).__name__}); using the JSON records",
+              file=sys.stderr)
+        paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=None)
     for name, p in (paths or {}).items():
         print(f"{name}: {p}")
 
