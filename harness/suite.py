@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,6 +337,3 @@ def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, cla
                 ml.set_status(gid, "FINISHED")
     return [r for r in (store.load_record(s.key()) for s in specs) if r is not None]
 
-
-def format_exception(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()

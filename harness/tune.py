@@ -26,7 +26,7 @@ import yaml
 from harness.api import Protocol, TrainingDiverged, hparams_from, split_params
 from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, resolve_method, run
-from harness.tracking import Store, atomic_write_json, flatten
+from harness.tracking import Store, atomic_write_json
 
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
 
@@ -368,4 +368,4 @@ def cmd_ablate(args) -> int:
     return 0
 
 
-__all__ = ["ablate", "best_params_path", "flatten", "load_best_params", "tune"]
+__all__ = ["ablate", "best_params_path", "load_best_params", "tune"]
