@@ -13,7 +13,7 @@ from harness.backbones import build_backbone
 from harness.errors import UserError
 from methods.dmkd import DMKD, DMKDModel, DMKDParams
 from methods.dmkd.model import diag_gaussian_log_density
-from tests.test_dmkd import synthetic_scenario
+from tests.test_dmkd import synthetic_scenario, train_tasks
 
 D_IN, C = 16, 4
 
@@ -31,14 +31,6 @@ def make_method(**overrides: object) -> DMKD:
             "kd": "none", "preservation": "none", "log_specialization": False}
     torch.manual_seed(0)
     return DMKD(hparams_from(DMKDParams, base | overrides), ctx)
-
-
-def train_tasks(m: DMKD, n: int = 2) -> None:
-    for task in m.ctx.scenario.tasks[:n]:
-        m.ctx.current_task = task
-        m.before_task(task)
-        m.train_task(task)
-        m.after_task(task)
 
 
 @pytest.fixture(scope="module")
