@@ -214,10 +214,17 @@ class Protocol:
             raise UserError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}", "use a positive batch size")
+        if self.eval_batch_size < 1:
+            raise UserError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}",
+                            "use a positive evaluation batch size, e.g. eval_batch_size=1024")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"lr must be a positive number, got {self.lr}", "set lr=0.01 for example")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise UserError("momentum and weight_decay must be >= 0", "fix the protocol settings")
+        for name in ("momentum", "weight_decay"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise UserError(f"{name} must be a finite number >= 0, got {v}", f"set e.g. {name}=0")
+        if self.momentum >= 1:
+            raise UserError(f"momentum must be < 1, got {self.momentum}", "use e.g. momentum=0.9")
         if self.optimizer not in ("sgd", "adam"):
             raise UserError(f"unknown optimizer {self.optimizer!r}", "use sgd or adam")
 
@@ -565,7 +572,10 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
         if tname in ("float",):
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            out = float(value)
+            if not math.isfinite(out):
+                raise UserError(f"option {key}={value!r} is not a finite number", f"give {key} a finite value")
+            return out
         if tname in ("bool",):
             if isinstance(value, bool):
                 return value
@@ -580,7 +590,9 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
         if tname.startswith(("str|None", "None|str")) or tname == "Optional[str]":
             return None if value in (None, "none", "None", "") else str(value)
         if tname.startswith("float|None"):
-            return None if value in (None, "none", "None", "") else float(value)
+            if value in (None, "none", "None", ""):
+                return None
+            return coerce(value, "float", key)
         if tname.startswith("int|None"):
             return None if value in (None, "none", "None", "") else int(value)
     except (TypeError, ValueError):

@@ -25,11 +25,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_value(text: str) -> Any:
-    import yaml
+    from harness.yamlio import load_yaml_text
 
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml_text(text, "--set value")
+    except UserError:
         return text
 
 
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # An unreachable tracking server must cost seconds, not minutes of MLflow's retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -233,6 +236,9 @@ def cmd_run(args) -> int:
         rec = execute(spec, store, progress=prog)
     finally:
         bar.close()
+    if rec.get("reused"):
+        print(f"this exact configuration has already run to the end; its record is kept as it is "
+              f"(delete {store.record_path(spec.key())} to run it again)", file=sys.stderr)
     print_records([rec])
     print(f"record: {store.record_path(spec.key())}")
     return 0 if rec.get("status") == "finished" else 1
@@ -261,8 +267,13 @@ def _run_distributed(spec, args, rank: int) -> int:
 
 
 def cmd_suite(args) -> int:
+    import math
+
     from harness.suite import load_suite, run_suite
 
+    if not (math.isfinite(args.claim_ttl) and args.claim_ttl > 0):
+        raise UserError(f"--claim-ttl must be a positive number of seconds, got {args.claim_ttl}",
+                        "use e.g. --claim-ttl 120")
     cfg = load_suite(args.config)
     if args.data_root:
         cfg.data_root = args.data_root
@@ -272,6 +283,9 @@ def cmd_suite(args) -> int:
         from harness.tune import load_best_params
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
+    from harness.suite import preflight
+
+    preflight(cfg.specs())
     store = _store(args, cfg.experiment)
     records = run_suite(cfg, store, claim_ttl_s=args.claim_ttl)
     print_records(records)
@@ -287,19 +301,34 @@ def _write_report(args, experiment: str | None, out: str | None = None) -> None:
     except ImportError:
         print("(report package not available; skipping the report)", file=sys.stderr)
         return
+    from harness.errors import redact
+    from harness.tracking import NO_MLFLOW, tracking_reachable
+
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and (Path(args.results) / "mlflow.db").exists():
         uri = f"sqlite:///{(Path(args.results) / 'mlflow.db').resolve()}"
-    if uri in ("none", "off", ""):
+    if uri in NO_MLFLOW:
         uri = None  # JSON records only
+    if uri is not None and not tracking_reachable(uri):
+        print(f"warning: the MLflow server {redact(uri)} does not answer; the report uses the JSON records",
+              file=sys.stderr)
+        uri = None
     try:
         paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=uri)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - an unreachable tracking store must not cost the report
-        print(f"warning: reading runs from MLflow at {uri} failed ({type(e).__name__}); using the JSON records",
-              file=sys.stderr)
-        paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=None)
+    except OSError as e:
+        where = out or Path(args.results) / "report"
+        raise UserError(f"cannot write the report to {where} ({e.strerror or e})",
+                        "pass a writable folder with --out") from None
+    except Exception as e:  # noqa: BLE001 - an unreadable tracking store must not cost the report
+        print(f"warning: reading runs from MLflow at {redact(uri)} failed ({type(e).__name__}); using the JSON "
+              "records", file=sys.stderr)
+        try:
+            paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=None)
+        except OSError as e2:
+            raise UserError(f"cannot write the report to {out or Path(args.results) / 'report'} "
+                            f"({e2.strerror or e2})", "pass a writable folder with --out") from None
     for name, p in (paths or {}).items():
         print(f"{name}: {p}")
 

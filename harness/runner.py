@@ -6,6 +6,7 @@ The runner owns the loop, the evaluation and every measurement; methods only see
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import random
@@ -66,13 +67,59 @@ class RunSpec:
         inner = ",".join(f"{k}={v}" for k, v in sorted(self.method_set.items()))
         return f"{self.method}[{inner}]"
 
+    def identity(self) -> dict[str, Any]:
+        """The whole resolved configuration that decides a run's numbers: method and every
+        hyperparameter (defaults filled in), scenario and every option, protocol (backbone
+        resolved), seed, evaluated split and label. Two specs share a record, a checkpoint or an
+        MLflow run only when their identities are equal."""
+        import scenarios  # noqa: F401  (registers every scenario)
+        from scenarios.base import SCENARIOS
+
+        cls = resolve_method(self.method)
+        hp = hparams_from(cls.HParams, self.method_set)
+        if self.scenario not in SCENARIOS:
+            raise UserError(f"unknown scenario {self.scenario!r}", f"choose one of: {', '.join(SCENARIOS)}")
+        sc = SCENARIOS[self.scenario]
+        opts = hparams_from(sc.options, self.scenario_set)
+        protocol = dataclasses.asdict(self.protocol)
+        protocol["backbone"] = self.protocol.backbone or sc.default_backbone
+        return {"method": self.method, "label": self.method_label(), "hparams": dataclasses.asdict(hp),
+                "scenario": self.scenario, "scenario_options": dataclasses.asdict(opts), "protocol": protocol,
+                "seed": int(self.seed), "eval_split": self.eval_split}
+
+    def config_hash(self) -> str:
+        """Stable hash (12 hex digits of SHA-256) of :meth:`identity`."""
+        return _digest(self.identity())
+
+    def group_hash(self) -> str:
+        """Hash of the identity without the seed: the runs that are seeds of one table row."""
+        ident = self.identity()
+        ident.pop("seed")
+        return _digest(ident)
+
     def key(self) -> str:
-        """File-system safe identifier of (method configuration, scenario, options, seed)."""
-        sc = self.scenario
-        if self.scenario_set:
-            sc += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.scenario_set.items())) + "]"
-        raw = f"{self.method_label()}__{sc}__ep{self.protocol.epochs}__s{self.seed}"
-        return "".join(ch if ch.isalnum() or ch in "-_.=,[]" else "_" for ch in raw)
+        """File-system safe run identifier: a readable label, scenario and seed, then the hash of
+        the whole configuration, so that runs differing in any setting never share a key."""
+        label = _safe(self.method_label())[:60]
+        return f"{label}__{_safe(self.scenario)[:40]}__s{self.seed}__{self.config_hash()}"
+
+
+def _digest(obj: Any) -> str:
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=,[]" else "_" for ch in text)
+
+
+MAX_SEED = 2**32 - 1  # numpy's and most libraries' seed range
+
+
+def validate_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed {seed!r} is not an integer in [0, {MAX_SEED}]", "use seeds such as 0, 1, 2")
+    return seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,10 +127,15 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}", "use auto, cpu or cuda") from None
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {name!r}", "use auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} cannot train a model here", "use auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but no GPU is available", "use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} does not exist ({torch.cuda.device_count()} GPU(s) visible)",
+                        "use cuda or cuda:N with N below the number of GPUs")
     return dev
 
 
@@ -148,6 +200,21 @@ def resolve_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_splits(scenario: Scenario, eval_split: str) -> None:
+    """Every task needs training samples, and the split that is evaluated needs samples too."""
+    for t in scenario.tasks:
+        if len(t.train_idx) == 0:
+            raise UserError(f"{scenario.name}: task {t.id} has no training samples "
+                            f"(val_fraction={scenario.options.get('val_fraction')} leaves none)",
+                            "lower val_fraction (e.g. 0.1) or raise max_train_per_task")
+        evaluated = t.val_idx if eval_split == "val" else t.test_idx
+        if len(evaluated) == 0:
+            if eval_split == "val":
+                raise UserError(f"{scenario.name}: task {t.id} has an empty validation split; tuning reads "
+                                "only validation data", "set val_fraction > 0 (e.g. 0.1)")
+            raise UserError(f"{scenario.name}: task {t.id} has an empty test split", "raise max_test_per_task")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +294,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         progress: Any = None) -> dict[str, Any]:
     """Execute one run and return its record (the same dict that is written as JSON)."""
     observer = observer or RunObserver()
+    validate_seed(spec.seed)
     spec.protocol.validate()
     device = resolve_device(spec.device)
     cls = resolve_method(spec.method)
@@ -234,6 +302,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     scenario = get_scenario(spec)
     if spec.eval_split not in ("test", "val"):
         raise UserError(f"eval_split must be test or val, got {spec.eval_split!r}", "use val for tuning")
+    check_splits(scenario, spec.eval_split)
     for t in scenario.tasks:  # tuning runs cannot read the test split at all
         t.test_sealed = spec.eval_split != "test"
     settings = scenario.settings
@@ -249,6 +318,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
 
     record: dict[str, Any] = {
         "key": spec.key(),
+        "config_hash": spec.config_hash(),
+        "config_group": spec.group_hash(),
         "method": spec.method,
         "label": spec.method_label(),
         "scenario": spec.scenario,
@@ -423,7 +494,11 @@ def capture_state(method: Method, ctx: RunContext, record: dict[str, Any], meter
 
 
 def _rng_state(ctx: RunContext) -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "ctx": ctx.generator.get_state(), "numpy": np.random.get_state(),
+    """Every RNG state as tensors and plain numbers, so that checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "ctx": ctx.generator.get_state(),
+          "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
           "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -433,10 +508,16 @@ def _rng_state(ctx: RunContext) -> dict[str, Any]:
 def _restore_rng(st: dict[str, Any], ctx: RunContext) -> None:
     torch.set_rng_state(st["torch"])
     ctx.generator.set_state(st["ctx"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# The keys a resumable state must have (see capture_state); anything else is not resumed from.
+STATE_KEYS = frozenset({"method", "rng", "record", "flops_total", "boundary_flops", "comm", "samples_seen",
+                        "next_task"})
 
 
 __all__ = ["RunObserver", "RunSpec", "Task", "TrainingDiverged", "evaluate", "run"]

@@ -9,6 +9,7 @@ the runs between them through claim files (a claim by a dead worker expires).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -18,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness.api import Protocol, TrainingDiverged, split_params
 from harness.errors import UserError
-from harness.runner import RunObserver, RunSpec, run
+from harness.runner import RunObserver, RunSpec, _safe, run
 from harness.tracking import Store, flatten
 
 SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description"}
@@ -73,28 +72,48 @@ def protocol_from(d: dict[str, Any]) -> Protocol:
     return p
 
 
+def parse_seeds(value: Any, where: str) -> list[int]:
+    """``seeds:`` of a suite or ablation file: a non-empty list of distinct integers in range, or a
+    positive count N meaning 0..N-1."""
+    from harness.runner import MAX_SEED, validate_seed
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise UserError(f"{where}: seeds: {value} runs nothing", "give a count >= 1 or a list, e.g. seeds: [0, 1, 2]")
+        value = list(range(value))
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: seeds must be a non-empty list of integers", "e.g. seeds: [0, 1, 2]")
+    for v in value:
+        try:
+            validate_seed(v)
+        except UserError:
+            raise UserError(f"{where}: seeds must be integers in [0, {MAX_SEED}]; {v!r} is not",
+                            "e.g. seeds: [0, 1, 2]") from None
+    dup = sorted({v for v in value if value.count(v) > 1})
+    if dup:
+        raise UserError(f"{where}: seed(s) {', '.join(map(str, dup))} listed twice", "list each seed once")
+    return list(value)
+
+
 def load_suite(path: str | Path) -> SuiteConfig:
-    """Parse and validate a suite YAML file; every problem is one UserError line."""
+    """Parse and validate a suite YAML file; every problem is one UserError line, and the whole
+    suite (every method, scenario option, protocol field and seed) is checked before anything runs."""
+    from harness.tracking import check_experiment_name
+    from harness.yamlio import load_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"suite file {path} not found", "pass a YAML file such as configs/quick.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path} is not valid YAML{where}", "fix the YAML syntax") from None
+    raw = load_yaml_file(path, "suite file")
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a YAML mapping with scenarios: and methods:", "see configs/quick.yaml")
     unknown = set(raw) - SUITE_KEYS
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}", f"valid keys: {', '.join(sorted(SUITE_KEYS))}")
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}",
+                        f"valid keys: {', '.join(sorted(SUITE_KEYS))}")
+    for k in ("name", "experiment", "device", "data_root", "description"):
+        if raw.get(k) is not None and not isinstance(raw[k], str):
+            raise UserError(f"{path}: {k} must be a string, got {raw[k]!r}", f"write {k}: as text, e.g. {k}: \"...\"")
     name = str(raw.get("name") or path.stem)
-    seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise UserError(f"{path}: seeds must be a list of integers", "e.g. seeds: [0, 1, 2]")
+    seeds = parse_seeds(raw.get("seeds", [0]), str(path))
     protocol = raw.get("protocol") or {}
     if not isinstance(protocol, dict):
         raise UserError(f"{path}: protocol must be a mapping", "e.g. protocol: {epochs: 1, batch_size: 128}")
@@ -103,13 +122,36 @@ def load_suite(path: str | Path) -> SuiteConfig:
     methods = []
     for e in _list(raw, "methods", path):
         n, opts = _entry(e, "methods", path, ("set", "label"))
+        if opts.get("label") is not None and not isinstance(opts["label"], str):
+            raise UserError(f"{path}: label of {n!r} must be a string", "e.g. label: er-500")
         methods.append((n, str(opts.get("label") or ""), dict(opts.get("set") or {})))
-    cfg = SuiteConfig(name, str(raw.get("experiment") or name), seeds, protocol,
+    experiment = check_experiment_name(str(raw.get("experiment") or name))
+    cfg = SuiteConfig(name, experiment, seeds, protocol,
                       [(n, dict(o.get("options") or {})) for n, o in scenarios], methods,
-                      device=str(raw.get("device", "auto")), data_root=raw.get("data_root"),
+                      device=str(raw.get("device") or "auto"), data_root=raw.get("data_root"),
                       description=str(raw.get("description", "")))
-    validate_specs(cfg.specs())
+    specs = cfg.specs()
+    validate_specs(specs)
+    check_unique(specs, str(path))
     return cfg
+
+
+def check_unique(specs: list[RunSpec], where: str) -> None:
+    """Two entries of a suite that would show as one row (the same label, or labels that are the same
+    file name) or the same (scenario, options) twice are an error: one would stand for the other."""
+    labels: dict[str, str] = {}
+    cells: set[tuple[str, str, int]] = set()
+    for s in specs:
+        label = s.method_label()
+        safe = _safe(label)
+        other = labels.setdefault(safe, label)
+        sc = json.dumps([s.scenario, s.scenario_set], sort_keys=True, default=str)
+        cell = (safe, sc, s.seed)
+        if cell in cells:
+            what = f"labels {other!r} and {label!r}" if other != label else f"label {label!r}"
+            raise UserError(f"{where}: {what} name the same row twice (scenario {s.scenario}, seed {s.seed})",
+                            "give each method entry its own label (label: ...) and list each scenario once")
+        cells.add(cell)
 
 
 def _list(raw: dict, key: str, path: Path) -> list:
@@ -139,7 +181,7 @@ def validate_specs(specs: list[RunSpec]) -> None:
     import scenarios  # noqa: F401
     from harness.api import hparams_from
     from harness.backbones import BACKBONES
-    from harness.runner import resolve_device, resolve_method
+    from harness.runner import resolve_device, resolve_method, validate_seed
     from scenarios.base import SCENARIOS
 
     for s in specs:
@@ -151,6 +193,21 @@ def validate_specs(specs: list[RunSpec]) -> None:
         if s.protocol.backbone is not None and s.protocol.backbone not in BACKBONES:
             raise UserError(f"unknown backbone {s.protocol.backbone!r}", f"choose one of: {', '.join(BACKBONES)}")
         resolve_device(s.device)
+        validate_seed(s.seed)
+        s.protocol.validate()
+
+
+def preflight(specs: list[RunSpec]) -> None:
+    """Build every distinct scenario of a suite once (data found and readable, options consistent,
+    splits non-empty), so that a bad second scenario fails before the first one trains."""
+    from harness.runner import check_splits, get_scenario
+
+    seen: set[str] = set()
+    for s in specs:
+        k = json.dumps([s.scenario, s.scenario_set, s.data_root], sort_keys=True, default=str)
+        if k not in seen:
+            seen.add(k)
+            check_splits(get_scenario(s), s.eval_split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +257,7 @@ class TrackingObserver(RunObserver):
                 ml.log_metrics(self.run_id, {name: value}, step=step)
             self._logged_method_metrics = len(record["method_metrics"])
         if self.checkpoint and task_id + 1 < record["n_tasks"]:
-            self.store.save_checkpoint(record["key"], state_fn())
+            self.store.save_checkpoint(record["key"], record["config_hash"], state_fn())
         self.store.save_record(record)
         self.store.heartbeat(record["key"])
         kill_after = os.environ.get("DMKD_TEST_KILL_AFTER_TASK")  # testing hook: a real kill -9 mid-suite
@@ -218,8 +275,11 @@ class TrackingObserver(RunObserver):
             if record.get("artifacts"):
                 ml.log_dict(self.run_id, record["artifacts"], "method_artifacts.json")
             ml.log_dict(self.run_id, record, "record.json")
-        # The record is written before MLflow hears 'FINISHED', so a crash in between is safe.
+        # The record is written before MLflow hears 'FINISHED', so a crash in between is safe (the
+        # next suite or run of this configuration sets MLflow's status from the record).
         self.store.save_record(record)
+        if os.environ.get("DMKD_TEST_KILL_BEFORE_FINISHED"):  # testing hook: kill -9 in that window
+            os.kill(os.getpid(), signal.SIGKILL)
         if ml is not None and self.run_id:
             ml.set_status(self.run_id, "FINISHED")
         self.store.drop_checkpoint(record["key"])
@@ -252,7 +312,13 @@ def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume
     goes on); a user error propagates; a crash leaves the record 'running' and the checkpoint.
     """
     key = spec.key()
-    state = store.load_checkpoint(key) if resume else None
+    prev = store.load_record(key)
+    if prev is not None and prev.get("status") == "finished" and prev.get("config_hash") == spec.config_hash():
+        # The identical configuration has run to the end: its record stands (never re-run over).
+        reconcile_mlflow(store, [prev])
+        prev["reused"] = True
+        return prev
+    state = store.load_checkpoint(key, spec.config_hash()) if resume else None
     observer = TrackingObserver(store, spec, parent_id, extra, checkpoint=checkpoint)
     try:
         return run(spec, observer, resume_state=state, progress=progress)
@@ -261,17 +327,34 @@ def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume
 
 
 def _fail(store: Store, observer: TrackingObserver, spec: RunSpec, reason: str) -> dict[str, Any]:
-    rec = store.load_record(spec.key()) or {"key": spec.key(), "method": spec.method, "label": spec.method_label(),
+    rec = store.load_record(spec.key()) or {"key": spec.key(), "config_hash": spec.config_hash(),
+                                             "method": spec.method, "label": spec.method_label(),
                                              "scenario": spec.scenario, "seed": spec.seed}
     rec["status"] = "failed"
     rec["error"] = reason
+    rec["failed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     store.save_record(rec)
     if store.mlflow is not None and observer.run_id:
         store.mlflow.set_tags(observer.run_id, {"dmkd.error": reason[:500]})
+        store.mlflow.log_dict(observer.run_id, rec, "record.json")  # a report from MLflow shows it too
         store.mlflow.set_status(observer.run_id, "FAILED")
     store.drop_checkpoint(spec.key())
     print(f"run {spec.key()} failed: {reason}", file=sys.stderr)
     return rec
+
+
+def reconcile_mlflow(store: Store, records: list[dict[str, Any]]) -> None:
+    """Make MLflow agree with the JSON records: a run whose record is finished (or failed) is
+    FINISHED (or FAILED) in MLflow, even when the process that ran it was killed after writing the
+    record and before telling MLflow."""
+    ml = store.mlflow
+    if ml is None:
+        return
+    for rec in records:
+        run_id = rec.get("mlflow_run_id")
+        status = {"finished": "FINISHED", "failed": "FAILED"}.get(str(rec.get("status")))
+        if run_id and status:
+            ml.ensure_terminated(run_id, status)
 
 
 def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, claim_ttl_s: float = 120.0,
@@ -305,11 +388,9 @@ def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, cla
                     done.add(key)
                     bar.update(1)
                     continue
-                gkey = (spec.method_label(), spec.scenario)
+                gkey = (spec.method_label(), spec.scenario, spec.group_hash())
                 if ml is not None and gkey not in group_ids:
-                    group_ids[gkey] = ml.find_or_create(
-                        {"dmkd.kind": "group", "dmkd.suite": cfg.name, "dmkd.group": f"{gkey[0]}|{gkey[1]}"},
-                        f"{gkey[0]} on {gkey[1]}", suite_id)
+                    group_ids[gkey] = group_run(store, cfg, spec, suite_id)
                 bar.set_postfix_str(f"{spec.method_label()} / {spec.scenario} / seed {spec.seed}")
                 task_bar = tqdm(desc="  tasks", unit="task", leave=False, disable=not show_progress, file=sys.stderr)
 
@@ -329,11 +410,31 @@ def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, cla
             break
         time.sleep(poll_s)  # other workers hold claims; wait for them to finish or expire
     bar.close()
+    recs = [store.load_record(s.key()) for s in specs]
     if ml is not None and suite_id:
-        recs = [store.load_record(s.key()) for s in specs]
-        if all(r is not None and r.get("status") in ("finished", "failed") for r in recs):
-            ml.set_status(suite_id, "FINISHED")
-            for gid in group_ids.values():
-                ml.set_status(gid, "FINISHED")
-    return [r for r in (store.load_record(s.key()) for s in specs) if r is not None]
+        finish_mlflow_tree(store, cfg, specs, recs, suite_id)
+    return [r for r in recs if r is not None]
 
+
+def finish_mlflow_tree(store: Store, cfg: SuiteConfig, specs: list[RunSpec], recs: list[dict[str, Any] | None],
+                       suite_id: str) -> None:
+    """Once every run of the suite has its final record, mark every seed run, every group run (also
+    those whose runs another worker did) and the suite run terminal in MLflow."""
+    ml = store.mlflow
+    if ml is None or not all(r is not None and r.get("status") in ("finished", "failed") for r in recs):
+        return
+    reconcile_mlflow(store, [r for r in recs if r is not None])
+    groups = {s.group_hash(): s for s in specs}
+    for spec in groups.values():
+        gid = group_run(store, cfg, spec, suite_id)
+        if gid:
+            ml.ensure_terminated(gid, "FINISHED")
+    ml.ensure_terminated(suite_id, "FINISHED")
+
+
+def group_run(store: Store, cfg: SuiteConfig, spec: RunSpec, suite_id: str | None) -> str | None:
+    """The MLflow run of one (method configuration, scenario) of a suite: the parent of its seeds."""
+    label = spec.method_label()
+    return store.mlflow.find_or_create(
+        {"dmkd.kind": "group", "dmkd.suite": cfg.name, "dmkd.group": f"{label}|{spec.scenario}",
+         "dmkd.config_group": spec.group_hash()}, f"{label} on {spec.scenario}", suite_id)

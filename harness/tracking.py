@@ -16,9 +16,12 @@ carry on, so no number is ever lost.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -29,23 +32,48 @@ from typing import Any
 
 import torch
 
-from harness.errors import UserError
+from harness.errors import UserError, one_line, redact
 
 NO_MLFLOW = ("none", "off", "false", "")
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON so that a crash never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    """Write JSON so that a crash never leaves a half-written file behind; a full disk or an
+    unwritable folder is a UserError, and the temporary file is removed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=_json_default)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def _write_error(path: Path, e: OSError) -> UserError:
+    if e.errno == errno.ENOSPC:
+        return UserError(f"no space left on the device holding {path.parent}; {path.name} was not written "
+                         "(what was recorded before is intact; the run resumes from its last checkpoint)",
+                         "free disk space or pass another --results folder, then run the command again")
+    return UserError(f"cannot write {path} ({e.strerror or e})", "pass a writable folder with --results")
+
+
+_EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_experiment_name(name: str) -> str:
+    """An experiment is a folder directly under --results: no path separators, no '..'."""
+    if not isinstance(name, str) or not _EXPERIMENT.fullmatch(name) or ".." in name:
+        raise UserError(f"experiment name {name!r} is not a plain folder name",
+                        "use letters, digits, '.', '_' and '-' (at most 100), starting with a letter or digit")
+    return name
 
 
 def _json_default(o: Any) -> Any:
@@ -77,7 +105,7 @@ class Store:
 
     def __init__(self, results_dir: Path | str, experiment: str, tracking_uri: str | None = None) -> None:
         self.results_dir = check_results_dir(Path(results_dir))
-        self.experiment = experiment
+        self.experiment = check_experiment_name(experiment)
         self.dir = self.results_dir / experiment
         for sub in ("runs", "checkpoints", "claims"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -100,36 +128,78 @@ class Store:
             return None
 
     def save_record(self, record: dict[str, Any]) -> None:
+        """Write a run's record. A finished record is never replaced by an unfinished one or by the
+        record of another configuration."""
+        old = self.load_record(record["key"])
+        if old is not None and old.get("status") == "finished" and (
+                record.get("status") != "finished" or old.get("config_hash") != record.get("config_hash")):
+            raise RuntimeError(f"refusing to overwrite the finished record {self.record_path(record['key'])}")
         atomic_write_json(self.record_path(record["key"]), record)
 
     def records(self) -> list[dict[str, Any]]:
         out = []
         for p in sorted((self.dir / "runs").glob("*.json")):
+            if p.name.startswith("."):  # a temporary file left by a kill mid-write
+                continue
             try:
                 out.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------
+    CHECKPOINT_FORMAT = "dmkd-checkpoint/2"
+
     def checkpoint_path(self, key: str) -> Path:
         return self.dir / "checkpoints" / f"{key}.pt"
 
-    def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, key: str, config_hash: str, state: dict[str, Any]) -> None:
+        """Atomically write the resumable state of a run, tagged with its configuration hash."""
         path = self.checkpoint_path(key)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        tmp = path.with_suffix(f".pt.tmp-{os.getpid()}")
+        try:
+            torch.save({"format": self.CHECKPOINT_FORMAT, "key": key, "config_hash": config_hash, "state": state},
+                       tmp)
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise _write_error(path, e) from None
+            raise
 
-    def load_checkpoint(self, key: str) -> dict[str, Any] | None:
+    def load_checkpoint(self, key: str, config_hash: str) -> dict[str, Any] | None:
+        """The resumable state of the run with this key and configuration, or None.
+
+        Loaded with ``weights_only=True``: tensors and plain containers only, never code. A file
+        that is unreadable, of another configuration or missing any part of the state is moved
+        aside (``*.pt.bad``) with a warning, and the run starts from task 0."""
+        from harness.runner import STATE_KEYS
+
         path = self.checkpoint_path(key)
         if not path.exists():
             return None
+        problem = None
         try:
-            return torch.load(path, weights_only=False)
-        except Exception:  # noqa: BLE001 - a corrupt checkpoint means "start the run again"
-            print(f"warning: checkpoint {path} is unreadable; the run restarts from task 0", file=sys.stderr)
+            ck = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any unreadable file means "start again"
+            ck, problem = None, f"unreadable ({type(e).__name__})"
+        if problem is None:
+            if not isinstance(ck, dict) or ck.get("format") != self.CHECKPOINT_FORMAT:
+                problem = "not a dmkd-bench checkpoint of this version"
+            elif ck.get("config_hash") != config_hash or ck.get("key") != key:
+                problem = "written by another configuration"
+            elif not isinstance(ck.get("state"), dict) or not STATE_KEYS <= set(ck["state"]):
+                problem = "incomplete"
+        if problem is not None:
+            bad = path.with_suffix(".pt.bad")
+            try:
+                os.replace(path, bad)
+            except OSError:
+                bad = path
+            print(f"warning: checkpoint {path} is {problem}; moved to {bad.name}, the run restarts from task 0",
+                  file=sys.stderr)
             return None
+        return ck["state"]
 
     def drop_checkpoint(self, key: str) -> None:
         self.checkpoint_path(key).unlink(missing_ok=True)
@@ -152,8 +222,11 @@ class Store:
                     continue
                 if owner == self.worker_id:
                     return True
-                if age <= ttl_s:
+                if -ttl_s <= age <= ttl_s:
                     return False
+                if age < 0:
+                    print(f"warning: claim {path.name} is dated {-age:.0f} s in the future (clock skew); "
+                          "treated as expired", file=sys.stderr)
                 # Expired: take it over atomically by renaming our own claim over it.
                 tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
                 tmp.write_text(self.worker_id)
@@ -196,8 +269,9 @@ class MlflowSink:
 
     def _warn(self, err: Exception) -> None:
         if not self.warned:
-            print(f"warning: MLflow tracking at {self.uri} failed ({type(err).__name__}: {str(err)[:200]}); "
-                  f"results are still written as JSON under {self.results_dir}", file=sys.stderr)
+            print(f"warning: MLflow tracking at {redact(self.uri)} failed ({type(err).__name__}: "
+                  f"{one_line(err, 200)}); results are still written as JSON under {self.results_dir}",
+                  file=sys.stderr)
             self.warned = True
 
     def _guard(self, fn, *args, retries: int = 5, **kwargs):
@@ -219,13 +293,8 @@ class MlflowSink:
 
     def _reachable(self) -> bool:
         """An http(s) tracking server must answer /health within a few seconds, else we fall back."""
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as r:
-                return r.status == 200
+            return tracking_reachable(self.uri)
         except Exception as e:  # noqa: BLE001
             self._warn(e)
             return False
@@ -235,25 +304,16 @@ class MlflowSink:
         if self._client is None:
             if not self._reachable():
                 self.disabled = True
-                raise ConnectionError(f"tracking server {self.uri} is unreachable")
+                raise ConnectionError(f"tracking server {redact(self.uri)} is unreachable")
             import logging
 
             logging.getLogger("alembic").setLevel(logging.WARNING)
             logging.getLogger("mlflow").setLevel(logging.WARNING)
             from mlflow.tracking import MlflowClient
 
-            if self.uri.startswith("sqlite:"):
-                # Workers starting together would race to create the database's tables (MLflow
-                # migrates a new sqlite store on first use): one at a time, under a file lock.
-                import fcntl
-
-                with open(self.results_dir / ".mlflow-init.lock", "w") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                    client = MlflowClient(tracking_uri=self.uri)
-                    client.search_experiments(max_results=1)  # forces the store (and its tables) into being
-                    self._client = client
-            else:
-                self._client = MlflowClient(tracking_uri=self.uri)
+            if self.uri.startswith("sqlite:///"):
+                open_sqlite_store(Path(self.uri[len("sqlite:///"):]))
+            self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
     def experiment_id(self) -> str | None:
@@ -277,12 +337,16 @@ class MlflowSink:
         if exp is None:
             return None
 
+        # Runs are found by a hex digest of their identifying tags: tag values (suite names, labels)
+        # may hold quotes or anything else that an MLflow filter string cannot carry.
+        ident = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()[:32]
+
         def go():
-            flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-            found = self.client.search_runs([exp], filter_string=flt, max_results=1)
+            found = self.client.search_runs([exp], filter_string=f"tags.`dmkd.id` = '{ident}'", max_results=1)
             if found:
                 return found[0].info.run_id
             all_tags = dict(tags)
+            all_tags["dmkd.id"] = ident
             all_tags["mlflow.runName"] = name
             if parent:
                 all_tags["mlflow.parentRunId"] = parent
@@ -318,6 +382,12 @@ class MlflowSink:
         if run_id:
             self._guard(self.client.set_terminated, run_id, status=status)
 
+    def ensure_terminated(self, run_id: str, status: str) -> None:
+        """Set a run's terminal status unless it already has one."""
+        info = self._guard(lambda: self.client.get_run(run_id).info)
+        if info is not None and info.status in ("RUNNING", "SCHEDULED"):
+            self.set_status(run_id, status)
+
     def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
         if run_id:
             for k, v in tags.items():
@@ -333,3 +403,90 @@ def flatten(prefix: str, obj: Any, out: dict[str, Any] | None = None) -> dict[st
     else:
         out[prefix] = obj
     return out
+
+
+def tracking_reachable(uri: str, timeout: float = 5.0) -> bool:
+    """True unless ``uri`` is an http(s) server that does not answer /health within ``timeout``."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except Exception:  # noqa: BLE001 - unreachable, refused, timed out, not an MLflow server
+        return False
+
+
+def open_sqlite_store(path: Path) -> None:
+    """Make sure the MLflow sqlite store at ``path`` exists and is complete, safely against kills.
+
+    MLflow creates a new store's tables in a series of migrations; a process killed during them
+    leaves a store that every later open fails on ("table ... already exists"). Here a new store
+    is created under a temporary name and renamed into place only once complete, one process at a
+    time (file lock). A store left half-made by older versions (no runs in it) is moved aside and
+    created anew; one that holds runs is never touched."""
+    from filelock import FileLock
+
+    path = path.expanduser().resolve()
+    from mlflow.tracking import MlflowClient
+
+    with FileLock(str(path.parent / ".mlflow-init.lock")):
+        if path.exists():
+            if _sqlite_store_complete(path) and _store_opens(f"sqlite:///{path}"):
+                return
+            if _sqlite_run_count(path) > 0:
+                return  # it holds runs: never moved; MLflow's own error will say what is wrong
+            aside = path.with_name(f"{path.name}.incomplete-{int(time.time())}")
+            os.replace(path, aside)
+            print(f"warning: MLflow store {path} was left half-created (a process was killed while making "
+                  f"it); moved to {aside.name} and created anew", file=sys.stderr)
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # runs every migration
+        engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+        if engine is not None:
+            engine.dispose()
+        os.replace(tmp, path)
+
+
+def _store_opens(uri: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open: the store is not usable as it is
+        return False
+
+
+def _sqlite_store_complete(path: Path) -> bool:
+    """A complete store has its alembic version and its core tables."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            names = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+            if not {"alembic_version", "experiments", "runs", "metrics", "params", "tags"} <= names:
+                return False
+            return con.execute("select count(*) from alembic_version").fetchone()[0] == 1
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+
+
+def _sqlite_run_count(path: Path) -> int:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            return int(con.execute("select count(*) from runs").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0  # no runs table: nothing was ever recorded in it

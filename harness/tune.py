@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harness.api import Protocol, TrainingDiverged, hparams_from, split_params
-from harness.errors import UserError
-from harness.runner import RunObserver, RunSpec, resolve_method, run
+from harness.errors import UserError, one_line, redact
+from harness.runner import RunObserver, RunSpec, check_splits, resolve_method, run
 from harness.tracking import Store, atomic_write_json
 
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
@@ -41,7 +40,19 @@ def make_storage(url: str | None, results_dir: Path):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        path = Path(url[len("journal:"):]).expanduser()
+        if not path.parent.is_dir():
+            raise UserError(f"the folder of the Optuna journal {path} does not exist",
+                            "create it first, or pass journal:<path> in an existing folder")
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise UserError(f"cannot open the Optuna journal {path} ({e.strerror or e})",
+                            "pass a journal file in a writable folder") from None
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        if (db.exists() and not os.access(db, os.W_OK)) or (not db.exists() and not os.access(db.parent, os.W_OK)):
+            raise UserError(f"the Optuna storage {db} is not writable", "pass a writable --storage (or --results)")
     import random
 
     last: Exception | None = None
@@ -52,7 +63,7 @@ def make_storage(url: str | None, results_dir: Path):
         except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
             last = e
             time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
-    raise UserError(f"cannot open Optuna storage {url} ({type(last).__name__}: {str(last)[:160]})",
+    raise UserError(f"cannot open Optuna storage {redact(url)} ({type(last).__name__}: {one_line(last, 160)})",
                     "check the URL, that the database server is reachable and the driver installed")
 
 
@@ -63,9 +74,11 @@ def _create_study(**kwargs):
     for attempt in range(5):
         try:
             return optuna.create_study(load_if_exists=True, **kwargs)
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
             if attempt == 4:
-                raise
+                raise UserError(f"cannot create the Optuna study {kwargs.get('study_name')!r} "
+                                f"({type(e).__name__}: {one_line(e, 200)})",
+                                "check that the storage is writable and reachable") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -118,7 +131,28 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     protocol = protocol or Protocol()
     fixed = dict(fixed or {})
     hparams_from(cls.HParams, split_params(fixed)[0])  # validate early
-    study_name = study_name or f"{method}__{scenario}"
+    from harness.runner import get_scenario
+
+    probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root)
+    # The objective's setting: class-IL for class-incremental scenarios, domain-IL otherwise.
+    probe_scenario = get_scenario(probe)
+    check_splits(probe_scenario, "val")  # tuning reads validation data only: it must exist
+    scenario_setting = probe_scenario.setting
+    setting = SETTING_FOR[scenario_setting] if objective == "auto" else objective
+    allowed = ("class_il", "task_il") if scenario_setting == "class" else ("domain_il",)
+    if setting not in allowed:
+        raise UserError(f"objective {setting} does not apply to {scenario} ({scenario_setting}-incremental)",
+                        f"use --objective auto or one of {', '.join(allowed)}")
+
+    if study_name is None:
+        # The default name carries a hash of everything the trials share, so that a study of another
+        # protocol, scenario option, fixed setting, seed list or objective is never continued.
+        from harness.runner import _digest
+
+        study_name = f"{method}__{scenario}__" + _digest({
+            "method": method, "scenario": scenario, "scenario_set": dict(scenario_set or {}),
+            "protocol": dataclasses.asdict(protocol), "fixed": fixed, "seeds": seeds, "objective": setting,
+            "pruner": pruner})
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _create_study(study_name=study_name, storage=storage, direction="maximize", pruner=make_pruner(pruner))
@@ -126,16 +160,6 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     sink = store.mlflow
     study_run = sink.find_or_create({"dmkd.kind": "study", "dmkd.study": study_name}, f"study {study_name}") if sink \
         else None
-    from harness.runner import get_scenario
-
-    probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root)
-    # The objective's setting: class-IL for class-incremental scenarios, domain-IL otherwise.
-    scenario_setting = get_scenario(probe).setting
-    setting = SETTING_FOR[scenario_setting] if objective == "auto" else objective
-    allowed = ("class_il", "task_il") if scenario_setting == "class" else ("domain_il",)
-    if setting not in allowed:
-        raise UserError(f"objective {setting} does not apply to {scenario} ({scenario_setting}-incremental)",
-                        f"use --objective auto or one of {', '.join(allowed)}")
 
     def objective(trial) -> float:
         params = {**cls.search_space(trial), **fixed}
@@ -242,7 +266,15 @@ def load_best_params(results_dir: Path, cfg) -> dict[tuple[str, str], dict[str, 
         for sc, _ in cfg.scenarios:
             p = best_params_path(results_dir, m, sc)
             if p.exists():
-                out[(m, sc)] = json.loads(p.read_text())
+                try:
+                    saved = json.loads(p.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise UserError(f"tuned settings {p} are unreadable ({type(e).__name__})",
+                                    f"delete it and run `dmkd tune --method {m} --scenario {sc}` again") from None
+                if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+                    raise UserError(f"tuned settings {p} have no 'params' mapping",
+                                    f"delete it and run `dmkd tune --method {m} --scenario {sc}` again")
+                out[(m, sc)] = saved
     if not out:
         raise UserError(f"--tuned: no saved parameters under {Path(results_dir) / 'tuned'}",
                         "run `dmkd tune --method M --scenario S` first")
@@ -264,6 +296,9 @@ def cmd_tune(args) -> int:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers", "e.g. --seeds 0,1,2") \
             from None
+    from harness.suite import parse_seeds
+
+    seeds = parse_seeds(seeds, "--seeds")
     out = tune(args.method, args.scenario, trials=args.trials, results_dir=Path(args.results),
                storage_url=args.storage, study_name=args.study, seeds=seeds, pruner=args.pruner, protocol=protocol,
                scenario_set=s_set, fixed=m_set, data_root=args.data_root, device=args.device,
@@ -282,13 +317,12 @@ ABLATION_KEYS = {"name", "experiment", "method", "scenario", "scenario_options",
 
 
 def load_ablation(path: str | Path) -> dict[str, Any]:
+    from harness.suite import parse_seeds
+    from harness.tracking import check_experiment_name
+    from harness.yamlio import load_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ablation file {path} not found", "pass a YAML file such as configs/ablation.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"{path} is not valid YAML", "fix the YAML syntax") from None
+    raw = load_yaml_file(path, "ablation file")
     if not isinstance(raw, dict) or not isinstance(raw.get("grid"), dict) or not raw["grid"]:
         raise UserError(f"{path} needs a 'grid:' mapping of switch -> list of values", "see configs/ablation.yaml")
     unknown = set(raw) - ABLATION_KEYS
@@ -301,7 +335,8 @@ def load_ablation(path: str | Path) -> dict[str, Any]:
     raw.setdefault("experiment", raw["name"])
     raw.setdefault("method", "dmkd")
     raw.setdefault("scenario", "split-fmnist")
-    raw.setdefault("seeds", [0])
+    raw["seeds"] = parse_seeds(raw.get("seeds", [0]), str(path))
+    check_experiment_name(str(raw["experiment"]))
     cls = resolve_method(raw["method"])
     for combo in _grid_cells(raw["grid"]):
         hparams_from(cls.HParams, {**(raw.get("fixed") or {}), **combo})

@@ -78,18 +78,26 @@ def run_metadata(records: list[Record]) -> dict[str, str]:
     return meta
 
 
+def md_text(text: object) -> str:
+    """Text from records and suite files as markdown text: HTML escaped, one line."""
+    import html
+
+    return html.escape(" ".join(str(text).split()), quote=False)
+
+
 def leaderboard_markdown(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str]) -> str:
     """LEADERBOARD.md: protocol line above each table, then ablations, failed runs and metadata."""
-    out = [f"# {title}", "", f"Runs: {meta['runs']}. Experiments: {meta['experiments']}.", "", LEGEND, ""]
+    e = md_text
+    out = [f"# {e(title)}", "", f"Runs: {meta['runs']}. Experiments: {e(meta['experiments'])}.", "", LEGEND, ""]
     if not boards:
         out += ["_No finished test-split runs yet._", ""]
     for b in boards:
-        out += [f"## {b.title}", "", f"**Protocol:** {b.protocol}", "", to_markdown(display_frame(b)), ""]
+        out += [f"## {e(b.title)}", "", f"**Protocol:** {e(b.protocol)}", "", to_markdown(display_frame(b)), ""]
     for a in ablations:
-        out += [f"## {a.title}", "", to_markdown(a.frame), ""]
+        out += [f"## {e(a.title)}", "", to_markdown(a.frame), ""]
     if len(failed):
         out += ["## Failed runs", "", to_markdown(failed), ""]
-    out += ["## Run metadata", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
+    out += ["## Run metadata", ""] + [f"- **{k}**: {e(v)}" for k, v in meta.items()] + [""]
     return "\n".join(out)
 
 

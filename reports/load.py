@@ -48,6 +48,8 @@ def load_json_records(results_dir: str | Path, experiment: str | None = None) ->
     records = []
     for d in experiment_dirs(Path(results_dir), experiment):
         for f in sorted((d / "runs").glob("*.json")):
+            if f.name.startswith("."):  # a temporary file a killed writer left behind
+                continue
             rec = _read_json(f)
             rec.setdefault("experiment", d.name)
             records.append(rec)
@@ -111,13 +113,41 @@ def latest_per_key(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def load_records(results_dir: str | Path = "results", experiment: str | None = None,
                  tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Records from MLflow when ``tracking_uri`` is given and holds runs, else from the JSON files."""
+    """Records from the JSON files and, when ``tracking_uri`` is given, from MLflow too (runs made
+    with tracking off are in the JSON files only; runs of other machines may be in MLflow only);
+    one record per run."""
     records: list[dict[str, Any]] = []
+    mlflow_error: UserError | None = None
     if tracking_uri:
-        records = load_mlflow_records(tracking_uri, experiment)
-    if not records:
-        records = load_json_records(results_dir, experiment)
+        try:
+            records = load_mlflow_records(tracking_uri, experiment)
+        except UserError as e:  # the JSON records may still hold the runs
+            mlflow_error = e
+    try:
+        records += load_json_records(results_dir, experiment)
+    except UserError:
+        if not records:
+            if mlflow_error is not None:
+                raise mlflow_error from None
+            raise
     if not records:
         where = f"experiment {experiment!r}" if experiment else str(results_dir)
         raise UserError(f"no run records found in {where}", "run a suite first (dmkd suite configs/quick.yaml)")
-    return latest_per_key(records)
+    return distinct_rows(latest_per_key(records))
+
+
+def distinct_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of one label and scenario but different configurations (two suites of one experiment
+    that differ in a protocol field, say) must not be averaged as seeds of one row: each such
+    configuration gets its own label, suffixed with its configuration hash."""
+    groups: dict[tuple[str, str, str], set[str]] = {}
+    for r in records:
+        groups.setdefault((str(r.get("experiment")), str(r.get("scenario")), str(r.get("label"))),
+                          set()).add(str(r.get("config_group", "")))
+    out = []
+    for r in records:
+        k = (str(r.get("experiment")), str(r.get("scenario")), str(r.get("label")))
+        if len(groups[k]) > 1:
+            r = dict(r, label=f"{r.get('label')} [{str(r.get('config_group', ''))[:6] or 'old'}]")
+        out.append(r)
+    return out

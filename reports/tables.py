@@ -270,9 +270,10 @@ def ablation_tables(records: Iterable[Record]) -> list[AblationTable]:
 # Rendering
 # ------------------------------------------------------------------------------------------------
 def to_markdown(frame: pd.DataFrame) -> str:
-    """GitHub markdown table of a frame of display values (pipes escaped)."""
+    """GitHub markdown table of a frame of display values (HTML and pipes escaped: a label from a
+    suite file is text, never markup)."""
     def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
+        return html.escape(str(v), quote=False).replace("|", "\\|").replace("\n", " ")
 
     cols = [cell(c) for c in frame.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
