@@ -322,10 +322,10 @@ def test_mlflow_names_with_quotes(tmp_path):
 
 
 def test_report_escapes_html_from_labels(tmp_path):
+    import pandas as pd
+
     from reports.build import leaderboard_markdown
     from reports.tables import to_markdown
-
-    import pandas as pd
 
     md = to_markdown(pd.DataFrame({"method": ["<script>alert(1)</script>"], "acc": ["0.5"]}))
     assert "<script>" not in md and "&lt;script&gt;" in md
@@ -513,7 +513,7 @@ def test_sigint_mid_suite_then_resume_leaves_nothing_running(tmp_path):
             break  # the first run is past its first task
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode in (130, 0), err
     if proc.returncode == 130:
         assert any(json.loads(p.read_text())["status"] == "running" for p in runs.glob("*.json"))
