@@ -365,13 +365,23 @@ def test_invalid_switches_raise_user_errors():
 
 
 def test_external_teacher_from_path(tmp_path):
-    teacher = nn.Sequential(nn.Linear(D_IN, C))
+    backbone = make_ctx(0).make_model()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.normal_()
     path = tmp_path / "teacher.pt"
-    torch.save(teacher, path)
+    torch.save(backbone.state_dict(), path)
     m = make_method(teacher="external", teacher_path=str(path), kd="logits", routing="learned", top_k=2)
     x = torch.randn(3, D_IN)
-    assert torch.allclose(m.teacher(x), teacher(x))
+    assert torch.allclose(m.teacher(x), backbone(x))
     assert not any(p.requires_grad for p in m.teacher.parameters())
+    # A pickled module is refused before anything in it runs.
+    torch.save(nn.Sequential(nn.Linear(D_IN, C)), path)
+    with pytest.raises(UserError, match="not a state dict of tensors"):
+        make_method(teacher="external", teacher_path=str(path), kd="logits", routing="learned", top_k=2)
+    torch.save({"0.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(UserError, match="not a state dict of this run's backbone"):
+        make_method(teacher="external", teacher_path=str(path), kd="logits", routing="learned", top_k=2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ class DMKDParams(HParams):
       kd="module": none | logits (tau^2 KL on the combined logits, classes the teacher knows) | module
           (each expert from its own snapshot and the router's gates from the snapshot router, m2mKD-style).
       teacher="snapshot": snapshot at the previous boundary | aggregate (decentralized only) |
-          external (a pickled nn.Module at teacher_path mapping inputs to logits over every class).
+          external (at teacher_path: a state dict of the run's backbone, torch.save(model.state_dict()),
+          read with weights_only=True; pickled modules are refused, since unpickling runs code).
       tau=2.0, lambda_kd=1.0, lambda_balance=0.01 (CV^2 of expert importance, Shazeer 2017),
       lambda_diversity=0.0 (mean pairwise cosine similarity of the experts' in-batch class profiles).
     Knowledge preservation (at every boundary)

@@ -36,17 +36,27 @@ from methods.dmkd.preservation import (
 from methods.dmkd.specialization import Specialization, measure, specialization_scores
 
 
-def load_external_teacher(path: str | None, device: torch.device) -> nn.Module:
-    """A pickled nn.Module (torch.save(model)) mapping inputs to logits over every class."""
+def load_external_teacher(path: str | None, device: torch.device, make_backbone) -> nn.Module:
+    """The teacher at ``path``: a state dict of the run's backbone (``torch.save(model.state_dict())``),
+    mapping inputs to logits over every class, read with ``weights_only=True``. Pickled modules (and
+    TorchScript/export archives, whose loaders fall back to unpickling) are refused: unpickling a
+    file can run any code."""
     p = Path(path or "")
+    fix = "save the teacher's weights with torch.save(model.state_dict(), path) (same backbone as the run)"
     if not p.is_file():
-        raise UserError(f"teacher_path {p} does not exist", "point teacher_path to a torch.save(model) file")
+        raise UserError(f"teacher_path {p} does not exist", fix)
     try:
-        teacher = torch.load(p, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"cannot load teacher {p}: {e}", "save the teacher with torch.save(model, path)") from None
-    if not isinstance(teacher, nn.Module):
-        raise UserError(f"teacher {p} is not an nn.Module", "save the whole model: torch.save(model, path)")
+        state = torch.load(p, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled module or any unreadable file
+        state = None
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"teacher {p} is not a state dict of tensors (pickled modules are refused)", fix)
+    teacher = make_backbone()
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"teacher {p} is not a state dict of this run's backbone ({str(e).splitlines()[0]})",
+                        fix) from None
     return frozen_copy(teacher)
 
 
@@ -91,7 +101,7 @@ class DMKD(Method):
             if hp.kd == "module":
                 raise UserError("kd=module needs a snapshot teacher with the same experts",
                                 "use kd=logits with teacher=external")
-            self.teacher = load_external_teacher(hp.teacher_path, ctx.device)
+            self.teacher = load_external_teacher(hp.teacher_path, ctx.device, ctx.make_model)
         self.teacher_classes: list[int] = []
         self.seen_classes: list[int] = []
         self.pres = Preservation()
