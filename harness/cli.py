@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("suite", help="run a suite YAML (methods x scenarios x seeds); resumable")
     s.add_argument("config")
     s.add_argument("--tuned", action="store_true", help="use the best parameters saved by `dmkd tune`")
+    s.add_argument("--defaults", action="store_true",
+                   help="run every method's documented defaults even where tuned settings are checked in")
+    s.add_argument("--tuned-dir", default=None,
+                   help="folder of `dmkd tune-suite` files (default: <suite folder>/tuned/<suite name>)")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     s.add_argument("--claim-ttl", type=float, default=120.0, help="seconds after which a dead worker's claim expires")
     _common(s)
@@ -131,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     _common(t)
+
+    ts = sub.add_parser("tune-suite", help="tune every method of a suite with one budget; write configs/tuned/")
+    ts.add_argument("config")
+    ts.add_argument("--trials", type=int, default=20, help="trials per (method row, scenario), the same for all")
+    ts.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler, the same for all")
+    ts.add_argument("--seeds", default=None, help="comma-separated run seeds per trial (default: the suite's first)")
+    ts.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    ts.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")
+    ts.add_argument("--out", default=None, help="output folder (default: <suite folder>/tuned/<suite name>)")
+    _common(ts)
 
     a = sub.add_parser("ablate", help="grid over DMKD's switches (Optuna GridSampler)")
     a.add_argument("config")
@@ -167,6 +181,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness.tune import cmd_tune
 
         return cmd_tune(args)
+    if args.cmd == "tune-suite":
+        from harness.tune import cmd_tune_suite
+
+        return cmd_tune_suite(args)
     if args.cmd == "ablate":
         from harness.tune import cmd_ablate
 
@@ -268,10 +286,22 @@ def cmd_suite(args) -> int:
         cfg.data_root = args.data_root
     if args.device != "auto":
         cfg.device = args.device
+    if args.tuned and args.defaults:
+        raise UserError("--tuned and --defaults contradict each other", "pass one of them")
     if args.tuned:
         from harness.tune import load_best_params
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
+    elif not args.defaults:
+        from harness.tune import load_tuned_suite, tuned_dir
+
+        where = tuned_dir(cfg, args.tuned_dir)
+        cfg.tuned = load_tuned_suite(cfg, where)
+        if cfg.tuned:
+            print(f"using tuned settings from {where} for {len(cfg.tuned)} (row, scenario) pairs "
+                  "(--defaults runs the documented defaults)", file=sys.stderr)
+        elif args.tuned_dir:
+            raise UserError(f"no tuned settings for this suite under {where}", "run `dmkd tune-suite` first")
     store = _store(args, cfg.experiment)
     records = run_suite(cfg, store, claim_ttl_s=args.claim_ttl)
     print_records(records)
