@@ -340,8 +340,14 @@ def cmd_report(args) -> int:
 
 
 def print_records(records: list[dict[str, Any]]) -> None:
-    """The final table of a run or suite: mean over seeds per (scenario, setting, method)."""
+    """The final table of a run or suite per (scenario, setting, method): mean over seeds, the 95%
+    Student-t half-width of the final accuracy (blank for one seed), measured passes per task, the
+    run's own peak memory and the analytic footprint."""
+    import math
+
     import pandas as pd
+
+    from reports.tables import passes_of, row_label, t_half_width
 
     rows = []
     for r in records:
@@ -349,24 +355,35 @@ def print_records(records: list[dict[str, Any]]) -> None:
             rows.append({"scenario": r.get("scenario"), "setting": "-", "method": r.get("label"),
                          "seed": r.get("seed"), "final_acc": float("nan"), "status": r.get("status")})
             continue
+        c = r["costs"]
+        passes = passes_of(r)
         for s, m in r["metrics"].items():
-            rows.append({"scenario": r["scenario"], "setting": s, "method": r["label"], "seed": r["seed"],
+            rows.append({"scenario": r["scenario"], "setting": s, "method": row_label(r), "seed": r["seed"],
                          "final_acc": m["final_avg_acc"], "avg_inc_acc": m["avg_inc_acc"],
                          "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m.get("fwt", float("nan")),
-                         "params": r["costs"]["params_total"],
-                         "train_GFLOPs": r["costs"]["train_flops_total"] / 1e9,
-                         "train_s": r["costs"]["train_time_s"], "status": "finished"})
+                         "passes/task": float("nan") if passes is None else sum(passes) / len(passes),
+                         "params": c["params_total"], "train_GFLOPs": c["train_flops_total"] / 1e9,
+                         "peak_MiB": c.get("peak_memory_bytes", float("nan")) / 2**20,
+                         "footprint_MiB": c.get("footprint_bytes", float("nan")) / 2**20,
+                         "train_s": c["train_time_s"], "status": "finished"})
     if not rows:
         print("no runs")
         return
     df = pd.DataFrame(rows)
-    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "params", "train_GFLOPs", "train_s")
-           if c in df]
+    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "passes/task", "params", "train_GFLOPs",
+                       "peak_MiB", "footprint_MiB", "train_s") if c in df]
     g = df.groupby(["scenario", "setting", "method"], sort=False)
     table = g[num].mean()
     table.insert(0, "seeds", g.size())
-    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.float_format", "{:.4f}".format):
-        print(table.to_string())
+    std = g["final_acc"].std(ddof=1)
+    table.insert(2, "±95%", [t_half_width(sd, int(n)) if n > 1 and not math.isnan(sd) else float("nan")
+                             for sd, n in zip(std, table["seeds"])])
+    with pd.option_context("display.max_rows", 500, "display.width", 220, "display.float_format", "{:.4f}".format):
+        print(table.to_string(na_rep=""))
+    kinds = sorted({str(r.get("costs", {}).get("peak_memory_kind")) for r in records if r.get("status") == "finished"})
+    if kinds:
+        print(f"±95%: half-width of the 95% Student-t interval of final_acc over seeds (blank: one seed); "
+              f"peak: the run's own ({', '.join(kinds)}); footprint: parameters + buffers + method state")
 
 
 if __name__ == "__main__":
