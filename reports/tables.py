@@ -176,6 +176,11 @@ def protocol_line(recs: Sequence[Record]) -> str:
     buffers = sorted({(r["label"], b) for r in recs if (b := buffer_size(r)) is not None})
     parts.append("buffer: " + (", ".join(f"{lab}={b}" for lab, b in buffers) if buffers else "none (no replay)"))
     parts.append("settings: " + tuning_note(recs))
+    data = [r.get("costs", {}).get("dataset_bytes") for r in recs]
+    if data and all(isinstance(d, dict) for d in data):
+        devs = sorted({k for d in data for k in d})
+        parts.append("data set resident from before each run's peak counter starts (inside the peak): " + ", ".join(
+            f"{fmt_si(max(d.get(k, 0) for d in data), 'B', 1024)} on {k}" for k in devs))
     seeds = sorted({r.get("seed") for r in recs}, key=str)
     parts.append(f"seeds {', '.join(map(str, seeds))} ({len(seeds)})")
     parts.append("evaluated on the " + " | ".join(sorted({str(r.get("eval_split", "test")) for r in recs})) + " split")
@@ -238,7 +243,8 @@ def passes_of(rec: Record) -> list[float] | None:
     v = rec.get("costs", {}).get("passes_per_task")
     if v is None:
         return None
-    vals = [float(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x is not None]
+    items = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+    vals = [float(x) for x in items if x is not None]
     return vals or None
 
 
