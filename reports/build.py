@@ -46,7 +46,8 @@ LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Av
           "vmhwm_reset = the kernel's peak resident set, reset at the start of the run; rss_sampled = the "
           "process RSS sampled every 20 ms where the reset is unavailable; process_rss = older records, "
           "the process RSS including earlier runs; cuda_max_allocated = the GPU allocator peak, reset at "
-          "the start of the run), Footprint = analytic bytes of parameters + buffers + the method's own "
+          "the start of the run), Peak above start = that peak minus the level when the run started (what "
+          "the run itself added), Footprint = analytic bytes of parameters + buffers + the method's own "
           "state (replay buffers, Fisher maps, teachers), bytes sent between nodes, wall time = training + "
           "evaluation seconds.")
 ENV_KEYS = ("git_revision", "python", "torch", "torchvision", "numpy", "platform", "processor", "device", "gpu",

@@ -284,6 +284,7 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     out["peak_memory_bytes"] = mean_std(_cost(r, "peak_memory_bytes") for r in recs).mean
     out["memory_kind"] = "/".join(sorted({str(r.get("costs", {}).get("peak_memory_kind", "?")) for r in recs}))
     out["footprint_bytes"] = mean_std(_cost(r, "footprint_bytes") for r in recs).mean
+    out["peak_increase_bytes"] = mean_std(_cost(r, "peak_memory_increase_bytes") for r in recs).mean
     passes = [p for r in recs if (p := passes_of(r)) is not None]
     out["passes_per_task"] = float(np.mean([np.mean(p) for p in passes])) if len(passes) == len(recs) else math.nan
     out["passes_differ"] = any(passes_differ(r) for r in recs)
@@ -393,6 +394,7 @@ def display_frame(board: Leaderboard) -> pd.DataFrame:
     else:
         out["Peak memory of the run"] = [f"{fmt_si(v, 'B', 1024)} ({k})"
                                          for v, k in zip(f["peak_memory_bytes"], f["memory_kind"])]
+    out["Peak above start"] = [fmt_si(v, "B", 1024) for v in f["peak_increase_bytes"]]
     out["Footprint"] = [fmt_si(v, "B", 1024) for v in f["footprint_bytes"]]
     out["Comm."] = [fmt_si(v, "B") for v in f["comm_bytes"]]
     out["Wall time"] = [f"{v:.3g} s" for v in f["wall_s"]]
