@@ -59,7 +59,7 @@ def test_run_peak_does_not_depend_on_a_prior_big_allocation():
 
 
 def test_sampled_fallback_is_labelled(monkeypatch):
-    import harness.costs as costs
+    from harness import costs
 
     monkeypatch.setattr(costs, "reset_peak_rss", lambda: False)
     with PeakMemory(torch.device("cpu"), interval=0.005) as mem:

@@ -277,7 +277,7 @@ def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp
     assert doc["trials"] == 2 and doc["sampler_seed"] == 0 and doc["seeds"] == [0]
     assert doc["scenario_options"] == {"max_train_per_task": 200, "max_test_per_task": 60}
     assert set(doc["entries"]) == {"ft", "er-50"}
-    for row, e in doc["entries"].items():
+    for e in doc["entries"].values():
         prov = e["provenance"]
         assert prov["trials"] == 2 and 0.0 <= prov["best_validation_score"] <= 1.0
         assert prov["study"].startswith("tune-suite.tiny.split-fmnist.") and prov["git_revision"]
