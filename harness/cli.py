@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("suite", help="run a suite YAML (methods x scenarios x seeds); resumable")
     s.add_argument("config")
     s.add_argument("--tuned", action="store_true", help="use the best parameters saved by `dmkd tune`")
+    s.add_argument("--defaults", action="store_true",
+                   help="run every method's documented defaults even where tuned settings are checked in")
+    s.add_argument("--tuned-dir", default=None,
+                   help="folder of `dmkd tune-suite` files (default: <suite folder>/tuned/<suite name>)")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     s.add_argument("--claim-ttl", type=float, default=120.0, help="seconds after which a dead worker's claim expires")
     _common(s)
@@ -131,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     _common(t)
+
+    ts = sub.add_parser("tune-suite", help="tune every method of a suite with one budget; write configs/tuned/")
+    ts.add_argument("config")
+    ts.add_argument("--trials", type=int, default=20, help="trials per (method row, scenario), the same for all")
+    ts.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler, the same for all")
+    ts.add_argument("--seeds", default=None, help="comma-separated run seeds per trial (default: the suite's first)")
+    ts.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    ts.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")
+    ts.add_argument("--out", default=None, help="output folder (default: <suite folder>/tuned/<suite name>)")
+    _common(ts)
 
     a = sub.add_parser("ablate", help="grid over DMKD's switches (Optuna GridSampler)")
     a.add_argument("config")
@@ -170,6 +184,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness.tune import cmd_tune
 
         return cmd_tune(args)
+    if args.cmd == "tune-suite":
+        from harness.tune import cmd_tune_suite
+
+        return cmd_tune_suite(args)
     if args.cmd == "ablate":
         from harness.tune import cmd_ablate
 
@@ -279,10 +297,22 @@ def cmd_suite(args) -> int:
         cfg.data_root = args.data_root
     if args.device != "auto":
         cfg.device = args.device
+    if args.tuned and args.defaults:
+        raise UserError("--tuned and --defaults contradict each other", "pass one of them")
     if args.tuned:
         from harness.tune import load_best_params
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
+    elif not args.defaults:
+        from harness.tune import load_tuned_suite, tuned_dir
+
+        where = tuned_dir(cfg, args.tuned_dir)
+        cfg.tuned = load_tuned_suite(cfg, where)
+        if cfg.tuned:
+            print(f"using tuned settings from {where} for {len(cfg.tuned)} (row, scenario) pairs "
+                  "(--defaults runs the documented defaults)", file=sys.stderr)
+        elif args.tuned_dir:
+            raise UserError(f"no tuned settings for this suite under {where}", "run `dmkd tune-suite` first")
     from harness.suite import preflight
 
     preflight(cfg.specs())
@@ -339,8 +369,14 @@ def cmd_report(args) -> int:
 
 
 def print_records(records: list[dict[str, Any]]) -> None:
-    """The final table of a run or suite: mean over seeds per (scenario, setting, method)."""
+    """The final table of a run or suite per (scenario, setting, method): mean over seeds, the 95%
+    Student-t half-width of the final accuracy (blank for one seed), measured passes per task, the
+    run's own peak memory and the analytic footprint."""
+    import math
+
     import pandas as pd
+
+    from reports.tables import passes_of, row_label, t_half_width
 
     rows = []
     for r in records:
@@ -348,24 +384,35 @@ def print_records(records: list[dict[str, Any]]) -> None:
             rows.append({"scenario": r.get("scenario"), "setting": "-", "method": r.get("label"),
                          "seed": r.get("seed"), "final_acc": float("nan"), "status": r.get("status")})
             continue
+        c = r["costs"]
+        passes = passes_of(r)
         for s, m in r["metrics"].items():
-            rows.append({"scenario": r["scenario"], "setting": s, "method": r["label"], "seed": r["seed"],
+            rows.append({"scenario": r["scenario"], "setting": s, "method": row_label(r), "seed": r["seed"],
                          "final_acc": m["final_avg_acc"], "avg_inc_acc": m["avg_inc_acc"],
                          "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m.get("fwt", float("nan")),
-                         "params": r["costs"]["params_total"],
-                         "train_GFLOPs": r["costs"]["train_flops_total"] / 1e9,
-                         "train_s": r["costs"]["train_time_s"], "status": "finished"})
+                         "passes/task": float("nan") if passes is None else sum(passes) / len(passes),
+                         "params": c["params_total"], "train_GFLOPs": c["train_flops_total"] / 1e9,
+                         "peak_MiB": c.get("peak_memory_bytes", float("nan")) / 2**20,
+                         "footprint_MiB": c.get("footprint_bytes", float("nan")) / 2**20,
+                         "train_s": c["train_time_s"], "status": "finished"})
     if not rows:
         print("no runs")
         return
     df = pd.DataFrame(rows)
-    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "params", "train_GFLOPs", "train_s")
-           if c in df]
+    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "passes/task", "params", "train_GFLOPs",
+                       "peak_MiB", "footprint_MiB", "train_s") if c in df]
     g = df.groupby(["scenario", "setting", "method"], sort=False)
     table = g[num].mean()
     table.insert(0, "seeds", g.size())
-    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.float_format", "{:.4f}".format):
-        print(table.to_string())
+    std = g["final_acc"].std(ddof=1)
+    table.insert(2, "±95%", [t_half_width(sd, int(n)) if n > 1 and not math.isnan(sd) else float("nan")
+                             for sd, n in zip(std, table["seeds"])])
+    with pd.option_context("display.max_rows", 500, "display.width", 220, "display.float_format", "{:.4f}".format):
+        print(table.to_string(na_rep=""))
+    kinds = sorted({str(r.get("costs", {}).get("peak_memory_kind")) for r in records if r.get("status") == "finished"})
+    if kinds:
+        print(f"±95%: half-width of the 95% Student-t interval of final_acc over seeds (blank: one seed); "
+              f"peak: the run's own ({', '.join(kinds)}); footprint: parameters + buffers + method state")
 
 
 if __name__ == "__main__":

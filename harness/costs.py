@@ -11,10 +11,14 @@ per sample of the next counted one (or the latest, at the end of a task).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -91,23 +95,63 @@ class StepFlopMeter:
         self.batch_index = 0
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set (VmHWM) of this process to its current RSS.
+
+    Linux >= 4.0: writing "5" to /proc/self/clear_refs. Garbage is collected and freed heap pages
+    are handed back first (glibc malloc_trim), so that memory a previous run left free does not
+    count. Returns False where the reset is unavailable.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return read_vm_hwm() is not None
+
+
+def read_vm_hwm() -> int | None:
+    """The kernel's peak resident set of this process in bytes (VmHWM), or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class PeakMemory:
-    """Peak memory of a run: CUDA peak allocated on GPU, else the process RSS sampled every 20 ms."""
+    """The run's own peak memory.
+
+    Host (every device): the kernel's peak RSS counter reset at the start of the run and read at
+    the end (kind ``vmhwm_reset``); where that is unavailable, the RSS sampled every 20 ms (kind
+    ``rss_sampled``). GPU: the allocator's peak, its counters reset at the start of the run (kind
+    ``cuda_max_allocated``); the host peak is kept apart as ``host_peak_bytes``.
+    """
 
     def __init__(self, device: torch.device, interval: float = 0.02) -> None:
         self.device = device
         self.interval = interval
         self.peak_rss = 0
+        self.hwm_reset = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._proc = psutil.Process(os.getpid())
 
     def __enter__(self) -> PeakMemory:  # noqa: PYI034
+        self.hwm_reset = reset_peak_rss()
         self.peak_rss = self.start_rss = self._proc.memory_info().rss
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+            self.start_cuda = int(torch.cuda.memory_allocated(self.device))
+        if not self.hwm_reset:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -119,6 +163,16 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        if self.hwm_reset:
+            self.peak_rss = max(self.peak_rss, read_vm_hwm() or 0)
+
+    @property
+    def host_peak_bytes(self) -> int:
+        return int(self.peak_rss)
+
+    @property
+    def host_kind(self) -> str:
+        return "vmhwm_reset" if self.hwm_reset else "rss_sampled"
 
     @property
     def peak_bytes(self) -> int:
@@ -128,14 +182,58 @@ class PeakMemory:
 
     @property
     def increase_bytes(self) -> int:
-        """Peak minus the level at the start of the run: what this run itself added (CPU)."""
+        """Peak minus the level at the start of the run: what this run itself added."""
         if self.device.type == "cuda":
-            return self.peak_bytes
+            return int(max(self.peak_bytes - self.start_cuda, 0))
         return int(max(self.peak_rss - self.start_rss, 0))
 
     @property
     def kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "process_rss"
+        return "cuda_max_allocated" if self.device.type == "cuda" else self.host_kind
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def footprint(modules: Iterable[nn.Module], method_state_bytes: int) -> dict[str, int]:
+    """Analytic footprint: bytes of parameters and buffers (each tensor once) + the method's state."""
+    seen: set[tuple[str, int]] = set()
+    params = buffers = 0
+    for m in modules:
+        for p in m.parameters():
+            if _storage_key(p) not in seen:
+                seen.add(_storage_key(p))
+                params += p.numel() * p.element_size()
+        for b in m.buffers():
+            if _storage_key(b) not in seen:
+                seen.add(_storage_key(b))
+                buffers += b.numel() * b.element_size()
+    return {"footprint_bytes": params + buffers + int(method_state_bytes), "footprint_param_bytes": params,
+            "footprint_buffer_bytes": buffers, "method_state_bytes": int(method_state_bytes)}
+
+
+def dataset_bytes(sources: Iterable[Any]) -> dict[str, int]:
+    """Bytes of the data sets' tensors per device (raw data, float caches, targets), each storage once."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+
+    def visit(obj: Any, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key not in seen:
+                seen.add(key)
+                out[str(obj.device)] = out.get(str(obj.device), 0) + obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v, depth)
+        elif depth < 3 and hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
+            for v in vars(obj).values():
+                visit(v, depth + 1)
+
+    for src in sources:
+        visit(src, 0)
+    return out
 
 
 class Stopwatch:

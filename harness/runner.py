@@ -36,7 +36,15 @@ from harness.api import (
     hparams_from,
 )
 from harness.backbones import build_backbone
-from harness.costs import PeakMemory, StepFlopMeter, Stopwatch, count_flops, parameter_counts
+from harness.costs import (
+    PeakMemory,
+    StepFlopMeter,
+    Stopwatch,
+    count_flops,
+    dataset_bytes,
+    footprint,
+    parameter_counts,
+)
 from harness.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -370,6 +378,10 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         record["resumed_from_task"] = start_task
     observer.on_start(record)
 
+    sources = _data_sources(scenario)
+    for src in sources:  # data resident before the peak counter starts: it is stated apart, not run order
+        if hasattr(src, "to"):
+            src.to(device)
     with PeakMemory(device) as mem:
         if start_task == 0:
             watch.start()
@@ -445,6 +457,10 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "comm_bytes": ctx.comm_bytes,
         "comm_rounds": ctx.comm_rounds,
         "flop_steps_counted": meter.counted_steps,
+        "host_peak_memory_bytes": mem.host_peak_bytes,
+        "host_peak_memory_kind": mem.host_kind,
+        "dataset_bytes": dataset_bytes(sources),
+        **footprint(method.inference_modules(), method.state_bytes()),
     }
     b = record["random_init_acc"]
     record["metrics"] = {s: metrics.summary(record["acc"][s], b[s]) for s in settings}
@@ -452,6 +468,16 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     observer.on_end(record)
     return record
+
+
+def _data_sources(scenario: Scenario) -> list[Any]:
+    """The scenario's distinct data sources, and the train/test sources a split source wraps."""
+    out: list[Any] = []
+    for t in scenario.tasks:
+        for src in (t.source, getattr(t.source, "train", None), getattr(t.source, "test", None)):
+            if src is not None and all(src is not o for o in out):
+                out.append(src)
+    return out
 
 
 def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops: int) -> tuple[int, int]:

@@ -24,7 +24,8 @@ from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, _safe, run
 from harness.tracking import Store, flatten
 
-SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description"}
+SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description",
+              "reference"}
 
 
 @dataclass
@@ -39,6 +40,8 @@ class SuiteConfig:
     data_root: str | None = None
     description: str = ""
     tuned: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    reference: str = ""  # label of the row the report compares every other row with (component suites)
+    source: Path | None = None  # the YAML file (tuned settings live beside it, under tuned/<name>/)
 
     def specs(self) -> list[RunSpec]:
         """Every run of the suite, seeds innermost so that a method's seeds finish together."""
@@ -46,7 +49,8 @@ class SuiteConfig:
         proto = protocol_from(self.protocol)
         for sc_name, sc_opts in self.scenarios:
             for m_name, label, overrides in self.methods:
-                tuned = self.tuned.get((m_name, sc_name))
+                # Tuned settings are keyed by the row's label (tune-suite) or, for `dmkd tune`, the method.
+                tuned = self.tuned.get((label or m_name, sc_name)) or self.tuned.get((m_name, sc_name))
                 m_set = dict(overrides)
                 run_proto = proto
                 trials = 0
@@ -129,7 +133,11 @@ def load_suite(path: str | Path) -> SuiteConfig:
     cfg = SuiteConfig(name, experiment, seeds, protocol,
                       [(n, dict(o.get("options") or {})) for n, o in scenarios], methods,
                       device=str(raw.get("device") or "auto"), data_root=raw.get("data_root"),
-                      description=str(raw.get("description", "")))
+                      description=str(raw.get("description", "")), reference=str(raw.get("reference") or ""),
+                      source=path)
+    if cfg.reference and cfg.reference not in {lab or m for m, lab, _ in methods}:
+        raise UserError(f"{path}: reference {cfg.reference!r} is not the label of any method entry",
+                        "set reference: to one of the methods' labels")
     specs = cfg.specs()
     validate_specs(specs)
     check_unique(specs, str(path))
@@ -399,8 +407,11 @@ def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, cla
                     task_bar.n = k
                     task_bar.refresh()
 
+                extra = {"suite": cfg.name, "worker": store.worker_id}
+                if cfg.reference:
+                    extra["reference"] = cfg.reference
                 with _Heartbeat(store, key, max(claim_ttl_s / 4, 0.5)):
-                    execute(spec, store, group_ids.get(gkey), progress=prog, extra={"suite": cfg.name, "worker": store.worker_id})
+                    execute(spec, store, group_ids.get(gkey), progress=prog, extra=extra)
                 task_bar.close()
                 done.add(key)
                 bar.update(1)

@@ -115,11 +115,12 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
          study_name: str | None = None, seeds: list[int] | None = None, pruner: str = "median",
          protocol: Protocol | None = None, scenario_set: dict | None = None, fixed: dict | None = None,
          data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
-         show_progress: bool = True, objective: str = "auto") -> dict[str, Any]:
+         show_progress: bool = True, objective: str = "auto", sampler_seed: int | None = None) -> dict[str, Any]:
     """Run (this worker's share of) a study with exactly ``trials`` finished trials in total.
 
     ``objective``: the setting whose validation final accuracy is maximised; ``auto`` is class-IL
-    for class-incremental scenarios and domain-IL otherwise.
+    for class-incremental scenarios and domain-IL otherwise. ``sampler_seed``: seeds Optuna's TPE
+    sampler (None: Optuna's unseeded default).
     """
     import optuna
     from optuna.trial import TrialState
@@ -155,7 +156,9 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             "pruner": pruner})
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _create_study(study_name=study_name, storage=storage, direction="maximize", pruner=make_pruner(pruner))
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed) if sampler_seed is not None else None
+    study = _create_study(study_name=study_name, storage=storage, direction="maximize", pruner=make_pruner(pruner),
+                          sampler=sampler)
     store = Store(results_dir, "tuning", tracking_uri)
     sink = store.mlflow
     study_run = sink.find_or_create({"dmkd.kind": "study", "dmkd.study": study_name}, f"study {study_name}") if sink \
@@ -403,4 +406,155 @@ def cmd_ablate(args) -> int:
     return 0
 
 
-__all__ = ["ablate", "best_params_path", "load_best_params", "tune"]
+# ---------------------------------------------------------------------------------------------
+# Tuning a whole suite: every method, the same budget, checked-in results
+# ---------------------------------------------------------------------------------------------
+SAMPLER = "optuna TPESampler"
+
+
+def tuned_dir(cfg, override: str | Path | None = None) -> Path:
+    """Where a suite's tuned settings live: ``<suite file's folder>/tuned/<suite name>/`` by default."""
+    if override is not None:
+        return Path(override)
+    base = Path(cfg.source).parent if getattr(cfg, "source", None) else Path("configs")
+    return base / "tuned" / cfg.name
+
+
+def tuned_file(directory: Path, scenario: str) -> Path:
+    return Path(directory) / f"{scenario}.yaml"
+
+
+def _study_name(suite: str, scenario: str, row: str, trials: int, sampler_seed: int) -> str:
+    raw = f"tune-suite.{suite}.{scenario}.{row}.t{trials}.ss{sampler_seed}"
+    return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in raw)
+
+
+def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: list[int] | None = None,
+               sampler_seed: int = 0, pruner: str = "median", storage_url: str | None = None,
+               data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
+               show_progress: bool = True) -> list[Path]:
+    """Tune every method row of a suite on every scenario with one budget; write one file per scenario.
+
+    Every row gets the same number of trials, the same sampler (TPE) with the same seed, the same
+    pruner, the same seeds, the suite's protocol and the validation split only (tuning runs seal the
+    test split); the search space is the method's own plus the learning rate (``Method.search_space``),
+    and the row's ``set:`` values stay fixed. Returns the written files.
+    """
+    from datetime import UTC, datetime
+
+    from harness.runner import git_revision
+    from harness.suite import protocol_from
+
+    seeds = list(seeds if seeds else cfg.seeds[:1])
+    protocol = protocol_from(cfg.protocol)
+    out_dir = Path(out_dir)
+    written = []
+    for sc_name, sc_opts in cfg.scenarios:
+        entries: dict[str, Any] = {}
+        objective_text = ""
+        for m_name, label, overrides in cfg.methods:
+            row = label or m_name
+            study = _study_name(cfg.name, sc_name, row, trials, sampler_seed)
+            t0 = time.perf_counter()
+            out = tune(m_name, sc_name, trials=trials, results_dir=results_dir, storage_url=storage_url,
+                       study_name=study, seeds=seeds, pruner=pruner, protocol=protocol, scenario_set=dict(sc_opts),
+                       fixed=dict(overrides), data_root=data_root, device=device, tracking_uri=tracking_uri,
+                       show_progress=show_progress, sampler_seed=sampler_seed)
+            wall = time.perf_counter() - t0
+            objective_text = out["objective"]
+            entries[row] = {
+                "method": m_name, "fixed": dict(overrides), "params": _plain(out["params"]),
+                "provenance": {"trials": int(out["n_trials"]), "best_validation_score": float(out["value"]),
+                               "best_trial": int(out["best_trial"]), "study": study,
+                               "storage": storage_url or str(Path(results_dir) / "optuna.db"),
+                               "objective": out["objective"], "date": datetime.now(UTC).isoformat(
+                                   timespec="seconds"), "git_revision": git_revision(), "wall_s": round(wall, 1)}}
+            print(f"{sc_name} / {row}: best validation {out['value']:.4f} after {out['n_trials']} trials "
+                  f"({wall:.0f} s): " + ", ".join(f"{k}={v}" for k, v in out["params"].items()), file=sys.stderr)
+        doc = {"suite": cfg.name, "scenario": sc_name, "scenario_options": dict(sc_opts),
+               "protocol": dict(cfg.protocol), "trials": trials, "sampler": SAMPLER, "sampler_seed": sampler_seed,
+               "pruner": pruner, "seeds": seeds, "split": "validation (test split sealed)",
+               "objective": objective_text, "search": "each method's search_space plus protocol.lr",
+               "command": f"dmkd tune-suite {cfg.source or cfg.name} --trials {trials} --sampler-seed {sampler_seed}"
+                          f" --seeds {','.join(map(str, seeds))} --pruner {pruner}",
+               "entries": entries}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = tuned_file(out_dir, sc_name)
+        tmp = path.with_suffix(".yaml.tmp")
+        import yaml
+
+        tmp.write_text("# Written by `dmkd tune-suite`; do not edit by hand (re-run the command instead).\n"
+                       + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as plain Python (YAML-safe) values."""
+    out = {}
+    for k, v in params.items():
+        out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Tuned settings for the suite's (row label, scenario) pairs from ``directory`` (none: {}).
+
+    A file tuned for other scenario options, another protocol or other fixed row settings is a
+    user error: its settings would not mean what they meant there.
+    """
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for sc_name, sc_opts in cfg.scenarios:
+        path = tuned_file(directory, sc_name)
+        if not path.is_file():
+            continue
+        from harness.yamlio import load_yaml_file
+
+        doc = load_yaml_file(path, "tuned-settings file")
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+            raise UserError(f"{path} is not a tuned-settings file (no 'entries:')", "re-run `dmkd tune-suite`")
+        for what, have, want in (("scenario options", doc.get("scenario_options") or {}, dict(sc_opts)),
+                                 ("protocol", doc.get("protocol") or {}, dict(cfg.protocol))):
+            if have != want:
+                raise UserError(f"{path} was tuned for {what} {have}, the suite has {want}",
+                                "re-run `dmkd tune-suite` for this suite, or pass --defaults")
+        for m_name, label, overrides in cfg.methods:
+            row = label or m_name
+            e = doc["entries"].get(row)
+            if e is None:
+                print(f"warning: {path} has no entry for {row}; it runs its defaults", file=sys.stderr)
+                continue
+            if e.get("method") != m_name or (e.get("fixed") or {}) != dict(overrides):
+                raise UserError(f"{path}: entry {row!r} was tuned for {e.get('method')} with {e.get('fixed')}, "
+                                f"the suite has {m_name} with {dict(overrides)}",
+                                "re-run `dmkd tune-suite` for this suite, or pass --defaults")
+            prov = e.get("provenance") or {}
+            out[(row, sc_name)] = {"params": dict(e.get("params") or {}), "n_trials": int(prov.get("trials", 0)),
+                                   "provenance": prov, "file": str(path)}
+    return out
+
+
+def cmd_tune_suite(args) -> int:
+    from harness.suite import load_suite
+
+    cfg = load_suite(args.config)
+    if args.data_root:
+        cfg.data_root = args.data_root
+    if args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}", "ask for at least one trial")
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()] if args.seeds else None
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers", "e.g. --seeds 0") \
+            from None
+    out = tuned_dir(cfg, args.out)
+    paths = tune_suite(cfg, trials=args.trials, results_dir=Path(args.results), out_dir=out, seeds=seeds,
+                       sampler_seed=args.sampler_seed, pruner=args.pruner, storage_url=args.storage,
+                       data_root=cfg.data_root, device=args.device, tracking_uri=args.tracking_uri)
+    for p in paths:
+        print(f"tuned settings: {p}")
+    return 0
+
+
+__all__ = ["ablate", "best_params_path", "load_best_params", "load_tuned_suite", "tune", "tune_suite", "tuned_dir"]

@@ -18,6 +18,8 @@ from reports import html as H
 from reports import plots
 from reports.load import load_records
 from reports.tables import (
+    INTERVAL_NOTE,
+    TEST_NOTE,
     Leaderboard,
     Record,
     ablation_tables,
@@ -34,10 +36,20 @@ from reports.tables import (
 
 LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Avg. incr. acc. = mean of the "
           "average accuracy after each task; Forgetting (Chaudhry 2018), BWT, FWT as in METHODS.md §1 "
-          "(divided by T−1). Each is mean ± sample std (ddof=1) over the seeds counted in 'Seeds'. "
-          "Rank by final accuracy (1 = best). Costs are means over seeds: final parameter count, total "
-          "training FLOPs, peak memory (kind in brackets: process_rss = resident set of the process on CPU, else the GPU allocator peak), bytes "
-          "sent between nodes, wall time = training + evaluation seconds.")
+          f"(divided by T−1). Each cell is {INTERVAL_NOTE}; 'Seeds' counts them. Rank by mean final accuracy "
+          f"(1 = best); {TEST_NOTE}; 'p vs best' is that test's p-value. A 'Δ … vs' column (suites with a "
+          "reference row) is the mean paired-by-seed difference from the reference row with its 95% t-interval "
+          "and the paired t-test's p. Passes/task = training samples drawn ÷ the task's training-set size, "
+          "measured by the runner (? = not recorded); † marks a row whose measured passes differ from the "
+          "caption's epochs/task (Joint's cumulative schedule is the stated exception). Costs are means over "
+          "seeds: final parameter count, total training FLOPs, the run's own peak memory (kind in brackets: "
+          "vmhwm_reset = the kernel's peak resident set, reset at the start of the run; rss_sampled = the "
+          "process RSS sampled every 20 ms where the reset is unavailable; process_rss = older records, "
+          "the process RSS including earlier runs; cuda_max_allocated = the GPU allocator peak, reset at "
+          "the start of the run), Peak above start = that peak minus the level when the run started (what "
+          "the run itself added), Footprint = analytic bytes of parameters + buffers + the method's own "
+          "state (replay buffers, Fisher maps, teachers), bytes sent between nodes, wall time = training + "
+          "evaluation seconds.")
 ENV_KEYS = ("git_revision", "python", "torch", "torchvision", "numpy", "platform", "processor", "device", "gpu",
             "torch_threads")
 

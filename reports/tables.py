@@ -1,8 +1,12 @@
 """Leaderboards and ablation tables as pandas frames, plus their markdown/HTML rendering.
 
-Each statistic over seeds is ``mean ± std`` with the *sample* standard deviation (ddof=1; 0 for a
-single seed) and the seed count. Rows are method configurations (record ``label``); a table is one
-(scenario, scenario options, backbone, epochs, batch size) protocol and one evaluation setting.
+Statistics over seeds (METHODS.md §6): a cell is ``mean ± h`` where h is the half-width of the 95%
+Student-t interval, h = t_{0.975, n-1} · s / sqrt(n) with the sample standard deviation s (ddof=1);
+a single-seed cell shows the mean alone. Ranks are by mean final accuracy, and every row whose
+difference from the best row is not significant under a two-sided paired t-test over the seeds both
+rows share (alpha = 0.05) shares the best row's rank 1. Rows are method configurations (record
+``label``); a table is one (scenario, scenario options, backbone, epochs, batch size) protocol and one
+evaluation setting.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 METRICS: list[tuple[str, str]] = [
     ("final_avg_acc", "Final acc. A_T"),
@@ -29,6 +34,25 @@ METRICS: list[tuple[str, str]] = [
 SETTING_NAMES = {"class_il": "class-IL", "task_il": "task-IL", "domain_il": "domain-IL"}
 BUFFER_KEYS = ("buffer_size", "memory_size", "mem_size")
 Record = dict[str, Any]
+CONFIDENCE = 0.95
+ALPHA = 0.05
+INTERVAL_NOTE = ("mean ± half-width of the 95% Student-t interval over seeds (t_{0.975,n−1}·s/√n, s the "
+                 "sample std); one seed: the mean alone")
+TEST_NOTE = ("rows not significantly different from the best row under a two-sided paired t-test over the "
+             "seeds both share (α = 0.05) share its rank 1; with fewer than 2 shared seeds there is no test "
+             "and the rank is by mean")
+
+
+def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the Student-t interval of a mean of ``n`` values with sample std ``std``."""
+    if n < 2 or math.isnan(std):
+        return float("nan")
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n))
+
+
+def _fmt_num(x: float, digits: int, sign: bool = False) -> str:
+    x = 0.0 if abs(x) < 0.5 * 10.0**-digits else x  # no "-0.000"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
 @dataclass(frozen=True)
@@ -39,12 +63,61 @@ class MeanStd:
     std: float
     n: int
 
-    def fmt(self, digits: int = 3) -> str:
+    @property
+    def half_width(self) -> float:
+        """Half-width of the 95% t-interval (NaN for fewer than two seeds)."""
+        return t_half_width(self.std, self.n)
+
+    def fmt(self, digits: int = 3, sign: bool = False) -> str:
+        """``mean ± 95% t half-width``; the mean alone for one seed; ``–`` for none."""
         if self.n == 0 or math.isnan(self.mean):
             return "–"
-        half = 0.5 * 10.0**-digits
-        mean = 0.0 if abs(self.mean) < half else self.mean  # no "-0.000"
-        return f"{mean:.{digits}f} ± {self.std:.{digits}f}"
+        if self.n == 1:
+            return _fmt_num(self.mean, digits, sign)
+        return f"{_fmt_num(self.mean, digits, sign)} ± {self.half_width:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Mean of a − b over the seeds both have, its 95% t-interval and a two-sided paired t-test."""
+
+    mean: float
+    std: float
+    n: int
+    p_value: float
+
+    @property
+    def half_width(self) -> float:
+        return t_half_width(self.std, self.n)
+
+    @property
+    def significant(self) -> bool:
+        return self.n >= 2 and not math.isnan(self.p_value) and self.p_value < ALPHA
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "–"
+        text = MeanStd(self.mean, self.std, self.n).fmt(digits, sign=True)
+        return text + ("" if self.n < 2 else f" (p={self.p_value:.2g})")
+
+
+def paired_diff(a: dict[Any, float], b: dict[Any, float]) -> PairedDiff:
+    """a − b paired by key (seed); scipy's ``ttest_rel`` gives the p-value.
+
+    Differences that are all equal have zero variance: p is 1 when they are all 0, else 0.
+    """
+    keys = sorted(set(a) & set(b), key=str)
+    d = np.asarray([float(a[k]) - float(b[k]) for k in keys], dtype=float)
+    if d.size == 0:
+        return PairedDiff(float("nan"), float("nan"), 0, float("nan"))
+    if d.size == 1:
+        return PairedDiff(float(d[0]), float("nan"), 1, float("nan"))
+    std = float(d.std(ddof=1))
+    if std == 0.0:
+        p = 1.0 if float(d.mean()) == 0.0 else 0.0
+    else:
+        p = float(stats.ttest_rel([float(a[k]) for k in keys], [float(b[k]) for k in keys]).pvalue)
+    return PairedDiff(float(d.mean()), std, int(d.size), p)
 
 
 def mean_std(values: Iterable[float | None]) -> MeanStd:
@@ -88,15 +161,44 @@ def _fmt_options(opts: dict[str, Any]) -> str:
 
 
 def protocol_line(recs: Sequence[Record]) -> str:
-    """One line naming backbone, epochs, batch, optimiser/lr, scenario options and buffer sizes."""
+    """The caption: backbone, epochs, batch, optimiser/lr, scenario options, buffers, tuned or
+    defaults, seeds, the evaluation split and the interval."""
     p = protocol_of(recs[0])
     parts = [f"backbone {p.get('backbone')}", f"epochs/task {p.get('epochs')}", f"batch {p.get('batch_size')}"]
-    opt = sorted({f"{protocol_of(r).get('optimizer', '?')} lr={protocol_of(r).get('lr', '?')}" for r in recs})
-    parts.append("optimizer " + " | ".join(opt))
+    lrs = {protocol_of(r).get("lr", "?") for r in recs}
+    optims = sorted({str(protocol_of(r).get("optimizer", "?")) for r in recs})
+    if len(lrs) > 3:
+        parts.append(f"optimizer {' | '.join(optims)}, lr per row ({len(lrs)} values, see the runs' configs)")
+    else:
+        opt = sorted({f"{protocol_of(r).get('optimizer', '?')} lr={protocol_of(r).get('lr', '?')}" for r in recs})
+        parts.append("optimizer " + " | ".join(opt))
     parts.append("scenario options: " + _fmt_options(recs[0].get("config", {}).get("scenario_options", {})))
     buffers = sorted({(r["label"], b) for r in recs if (b := buffer_size(r)) is not None})
     parts.append("buffer: " + (", ".join(f"{lab}={b}" for lab, b in buffers) if buffers else "none (no replay)"))
+    parts.append("settings: " + tuning_note(recs))
+    data = [r.get("costs", {}).get("dataset_bytes") for r in recs]
+    if data and all(isinstance(d, dict) for d in data):
+        devs = sorted({k for d in data for k in d})
+        parts.append("data set resident from before each run's peak counter starts (inside the peak): " + ", ".join(
+            f"{fmt_si(max(d.get(k, 0) for d in data), 'B', 1024)} on {k}" for k in devs))
+    seeds = sorted({r.get("seed") for r in recs}, key=str)
+    parts.append(f"seeds {', '.join(map(str, seeds))} ({len(seeds)})")
+    parts.append("evaluated on the " + " | ".join(sorted({str(r.get("eval_split", "test")) for r in recs})) + " split")
+    parts.append("cells: mean ± 95% t-interval half-width over seeds" if len(seeds) > 1 else "cells: one seed, no interval")
     return "; ".join(parts)
+
+
+def tuning_note(recs: Sequence[Record]) -> str:
+    """'tuned (N trials per row, validation split)', 'defaults' or a count of each."""
+    tuned = {row_label(r) for r in recs if r.get("tuned")}
+    default = {row_label(r) for r in recs if not r.get("tuned")}
+    trials = sorted({int(r.get("tuned_trials", 0) or 0) for r in recs if r.get("tuned")})
+    t_text = f"tuned ({'/'.join(map(str, trials))} trials per row on the validation split)"
+    if tuned and not default:
+        return t_text
+    if default and not tuned:
+        return "defaults (each method's documented defaults, untuned)"
+    return f"mixed: {len(tuned)} rows {t_text}, {len(default)} rows defaults"
 
 
 @dataclass
@@ -119,11 +221,49 @@ class Leaderboard:
         return "".join(c if c.isalnum() or c == "-" else "-" for c in raw)
 
 
+def row_label(rec: Record) -> str:
+    """The row's name: the record's label; a DMKD row also names its router unless the label does."""
+    label = str(rec.get("label") or rec.get("method", "?"))
+    if rec.get("method") == "dmkd" and "router" not in label:
+        routing = (rec.get("config", {}).get("hparams", {}) or {}).get("routing")
+        if routing:
+            label += f" ({routing} router)"
+    return label
+
+
 def group_rows(recs: Sequence[Record]) -> dict[tuple[str, bool], list[Record]]:
     rows: dict[tuple[str, bool], list[Record]] = defaultdict(list)
     for r in recs:
-        rows[(str(r["label"]), bool(r.get("tuned", False)))].append(r)
+        rows[(row_label(r), bool(r.get("tuned", False)))].append(r)
     return rows
+
+
+def passes_of(rec: Record) -> list[float] | None:
+    """Measured passes over each task's training data (``costs.passes_per_task``); None if unknown."""
+    v = rec.get("costs", {}).get("passes_per_task")
+    if v is None:
+        return None
+    items = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+    vals = [float(x) for x in items if x is not None]
+    return vals or None
+
+
+def passes_differ(rec: Record, rel_tol: float = 0.02) -> bool:
+    """Whether any task's measured passes differ from the protocol's epochs/task (2% tolerance)."""
+    vals, epochs = passes_of(rec), protocol_of(rec).get("epochs")
+    if vals is None or epochs is None:
+        return False
+    return any(abs(v - float(epochs)) > rel_tol * float(epochs) for v in vals)
+
+
+def final_by_seed(recs: Sequence[Record], setting: str, metric: str = "final_avg_acc") -> dict[Any, float]:
+    """{seed: metric} of a row's runs (the pairing of the paired test)."""
+    out = {}
+    for r in recs:
+        v = r.get("metrics", {}).get(setting, {}).get(metric)
+        if v is not None and not math.isnan(float(v)):
+            out[r.get("seed")] = float(v)
+    return out
 
 
 def _cost(r: Record, name: str) -> float | None:
@@ -137,11 +277,17 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     for m, _ in METRICS:
         ms = mean_std(r.get("metrics", {}).get(setting, {}).get(m) for r in recs)
         out[f"{m}_mean"], out[f"{m}_std"], out[f"{m}_n"] = ms.mean, ms.std, ms.n
+        out[f"{m}_half"] = ms.half_width
     wall = [(_cost(r, "train_time_s") or 0.0) + (_cost(r, "eval_time_s") or 0.0) for r in recs]
     out["params"] = mean_std(_cost(r, "params_total") for r in recs).mean
     out["train_flops"] = mean_std(_cost(r, "train_flops_total") for r in recs).mean
     out["peak_memory_bytes"] = mean_std(_cost(r, "peak_memory_bytes") for r in recs).mean
     out["memory_kind"] = "/".join(sorted({str(r.get("costs", {}).get("peak_memory_kind", "?")) for r in recs}))
+    out["footprint_bytes"] = mean_std(_cost(r, "footprint_bytes") for r in recs).mean
+    out["peak_increase_bytes"] = mean_std(_cost(r, "peak_memory_increase_bytes") for r in recs).mean
+    passes = [p for r in recs if (p := passes_of(r)) is not None]
+    out["passes_per_task"] = float(np.mean([np.mean(p) for p in passes])) if len(passes) == len(recs) else math.nan
+    out["passes_differ"] = any(passes_differ(r) for r in recs)
     out["comm_bytes"] = mean_std(_cost(r, "comm_bytes") for r in recs).mean
     out["wall_s"] = mean_std(wall).mean
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
@@ -161,13 +307,52 @@ def leaderboards(records: Iterable[Record]) -> list[Leaderboard]:
         for setting in settings:
             srecs = [r for r in recs if setting in r.get("settings", [])]
             rows = []
-            for (label, tuned), rr in sorted(group_rows(srecs).items()):
+            grouped = sorted(group_rows(srecs).items())
+            for (label, tuned), rr in grouped:
                 rows.append({"method": label, "tuned": tuned} | row_stats(rr, setting))
             frame = pd.DataFrame(rows)
-            frame["rank"] = frame["final_avg_acc_mean"].rank(ascending=False, method="min").astype("Int64")
-            frame = frame.sort_values(["rank", "method"], na_position="last").reset_index(drop=True)
+            frame = _rank_and_compare(frame, [final_by_seed(rr, setting) for _, rr in grouped],
+                                      _reference_label(srecs))
             boards.append(Leaderboard(key[0], setting, protocol_line(srecs), frame, srecs))
     return boards
+
+
+def _reference_label(recs: Sequence[Record]) -> str | None:
+    """The row every other row is compared with (a suite's ``reference:``), if the runs name one."""
+    refs = {str(r["reference"]) for r in recs if r.get("reference")}
+    return refs.pop() if len(refs) == 1 else None
+
+
+def _rank_and_compare(frame: pd.DataFrame, by_seed: list[dict[Any, float]], reference: str | None) -> pd.DataFrame:
+    """Ranks with ties to the best (paired t-test, see the module docstring) and, when a reference
+    row exists, each row's paired difference from it."""
+    means = frame["final_avg_acc_mean"]
+    plain = means.rank(ascending=False, method="min")
+    ranks, p_best, tied = plain.copy(), [math.nan] * len(frame), [False] * len(frame)
+    if means.notna().any():
+        best = int(means.idxmax())
+        for i in range(len(frame)):
+            if math.isnan(means.iloc[i]):
+                continue
+            d = paired_diff(by_seed[best], by_seed[i])
+            p_best[i] = d.p_value if i != best else math.nan
+            tied[i] = i == best or (d.n >= 2 and not d.significant)
+            if tied[i]:
+                ranks.iloc[i] = 1
+    frame["rank"] = ranks.astype("Int64")
+    frame["p_vs_best"] = p_best
+    frame["tied_with_best"] = tied
+    labels = list(frame["method"])
+    if reference is not None and reference in labels:
+        ref = labels.index(reference)
+        diffs = [paired_diff(by_seed[i], by_seed[ref]) for i in range(len(frame))]
+        frame["delta_ref_mean"] = [d.mean for d in diffs]
+        frame["delta_ref_std"] = [d.std for d in diffs]
+        frame["delta_ref_n"] = [d.n for d in diffs]
+        frame["delta_ref_p"] = [d.p_value for d in diffs]
+        frame.attrs["reference"] = reference
+    return frame.sort_values(["rank", "final_avg_acc_mean", "method"], ascending=[True, False, True],
+                             na_position="last").reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,17 +378,32 @@ def display_frame(board: Leaderboard) -> pd.DataFrame:
     out = pd.DataFrame({"Rank": f["rank"].astype(str), "Method": f["method"], "Seeds": f["seeds"]})
     for m, title in METRICS:
         out[title] = [MeanStd(a, b, int(n)).fmt() for a, b, n in zip(f[f"{m}_mean"], f[f"{m}_std"], f[f"{m}_n"])]
+    out["p vs best"] = [_fmt_p(p) for p in f["p_vs_best"]]
+    if "delta_ref_mean" in f:
+        out[f"Δ final acc. vs {f.attrs.get('reference', 'reference')}"] = [
+            PairedDiff(a, b, int(n), p).fmt() if m != f.attrs.get("reference") else "(reference)"
+            for a, b, n, p, m in zip(f["delta_ref_mean"], f["delta_ref_std"], f["delta_ref_n"], f["delta_ref_p"],
+                                     f["method"])]
+    out["Passes/task"] = [("?" if math.isnan(v) else f"{v:.3g}") + (" †" if d else "")
+                          for v, d in zip(f["passes_per_task"], f["passes_differ"])]
     out["Params"] = [fmt_si(v) for v in f["params"]]
     out["Train FLOPs"] = [fmt_si(v, "FLOP") for v in f["train_flops"]]
     kinds = set(f["memory_kind"])
     if len(kinds) == 1:
-        out[f"Peak memory ({kinds.pop()})"] = [fmt_si(v, "B", 1024) for v in f["peak_memory_bytes"]]
+        out[f"Peak memory of the run ({kinds.pop()})"] = [fmt_si(v, "B", 1024) for v in f["peak_memory_bytes"]]
     else:
-        out["Peak memory"] = [f"{fmt_si(v, 'B', 1024)} ({k})" for v, k in zip(f["peak_memory_bytes"], f["memory_kind"])]
+        out["Peak memory of the run"] = [f"{fmt_si(v, 'B', 1024)} ({k})"
+                                         for v, k in zip(f["peak_memory_bytes"], f["memory_kind"])]
+    out["Peak above start"] = [fmt_si(v, "B", 1024) for v in f["peak_increase_bytes"]]
+    out["Footprint"] = [fmt_si(v, "B", 1024) for v in f["footprint_bytes"]]
     out["Comm."] = [fmt_si(v, "B") for v in f["comm_bytes"]]
     out["Wall time"] = [f"{v:.3g} s" for v in f["wall_s"]]
     out["Tuned"] = [f"yes ({n} trials)" if t else "no" for t, n in zip(f["tuned"], f["tuned_trials"])]
     return out
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if p is None or math.isnan(p) else f"{p:.2g}"
 
 
 # ------------------------------------------------------------------------------------------------

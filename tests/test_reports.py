@@ -90,8 +90,10 @@ def test_mean_std_is_sample_std_by_hand():
     assert mean_std([0.42]).std == 0.0 and mean_std([0.42]).n == 1
     assert mean_std([0.2, None, 0.4]).n == 2 and mean_std([0.2, None, 0.4]).std == pytest.approx(math.sqrt(0.02))
     assert mean_std([]).n == 0 and mean_std([]).fmt() == "–"
-    assert mean_std([0.5, 0.7]).fmt() == "0.600 ± 0.141"
+    # 95% t half-width: t_{0.975,1} = 12.7062 x 0.14142 / sqrt(2) = 1.2706.
+    assert mean_std([0.5, 0.7]).fmt() == "0.600 ± 1.271"
     assert mean_std([-1e-9, 1e-9]).fmt() == "0.000 ± 0.000"  # never "-0.000"
+    assert mean_std([0.42]).fmt() == "0.420"  # one seed: no ± at all
 
 
 def test_fmt_si_units():
@@ -105,13 +107,17 @@ def test_leaderboard_numbers_match_hand_computation(known_runs):
     boards = leaderboards(known_runs)
     assert [(b.scenario, b.setting) for b in boards] == [("split-fmnist", "class_il"), ("split-fmnist", "task_il")]
     f = boards[0].frame.set_index("method")
-    # er: final 0.5, 0.7 -> 0.6 ± sqrt(0.02) = 0.1414; ft: 0.2, 0.3, 0.4 -> 0.3 ± 0.1.
+    # er: final 0.5, 0.7 -> 0.6, sample std sqrt(0.02) = 0.1414; ft: 0.2, 0.3, 0.4 -> 0.3, std 0.1.
     assert f.loc["er[buffer_size=200]", "final_avg_acc_mean"] == pytest.approx(0.6)
     assert f.loc["er[buffer_size=200]", "final_avg_acc_std"] == pytest.approx(math.sqrt(0.02))
     assert f.loc["ft", "final_avg_acc_mean"] == pytest.approx(0.3)
     assert f.loc["ft", "final_avg_acc_std"] == pytest.approx(0.1)
     assert f.loc["ft", "seeds"] == 3 and f.loc["er[buffer_size=200]", "seeds"] == 2
-    assert f.loc["er[buffer_size=200]", "rank"] == 1 and f.loc["ft", "rank"] == 2
+    # Paired over seeds 0, 1: er - ft = 0.3, 0.4 -> t = 0.35 / (0.0707 / sqrt 2) = 7 with 1 df; two-sided
+    # p = 1 - (2/pi) atan(7) = 0.0903 >= 0.05, so ft is not significantly worse and shares rank 1.
+    assert f.loc["er[buffer_size=200]", "rank"] == 1 and f.loc["ft", "rank"] == 1
+    assert f.loc["ft", "p_vs_best"] == pytest.approx(1 - 2 / math.pi * math.atan(7.0))
+    assert f.loc["ft", "final_avg_acc_half"] == pytest.approx(4.302652730 * 0.1 / math.sqrt(3))
     # Forgetting by hand: every task peaks at 0.9 then ends at `final` -> 0.9 - final; BWT the negative.
     assert f.loc["ft", "forgetting_mean"] == pytest.approx(np.mean([0.7, 0.6, 0.5]))
     assert f.loc["ft", "bwt_mean"] == pytest.approx(-0.6)
@@ -130,14 +136,14 @@ def test_leaderboard_numbers_match_hand_computation(known_runs):
 
 def test_display_and_markdown_show_mean_std_seeds_and_failures(known_runs, tmp_path):
     shown = display_frame(leaderboards(known_runs)[0]).set_index("Method")
-    assert shown.loc["ft", "Final acc. A_T"] == "0.300 ± 0.100"
-    assert shown.loc["er[buffer_size=200]", "Final acc. A_T"] == "0.600 ± 0.141"
+    assert shown.loc["ft", "Final acc. A_T"] == "0.300 ± 0.248"
+    assert shown.loc["er[buffer_size=200]", "Final acc. A_T"] == "0.600 ± 1.271"
     assert shown.loc["er[buffer_size=200]", "Tuned"] == "yes (20 trials)" and shown.loc["ft", "Tuned"] == "no"
     assert shown.loc["ft", "Train FLOPs"] == "2 GFLOP"
     paths = make_report(known_runs, tmp_path / "rep", title="known", figures=False)
     md = paths["markdown"].read_text()
-    assert "| 1 | er[buffer_size=200] | 2 | 0.600 ± 0.141 |" in md
-    assert "| 2 | ft | 3 | 0.300 ± 0.100 |" in md
+    assert "| 1 | er[buffer_size=200] | 2 | 0.600 ± 1.271 |" in md
+    assert "| 1 | ft | 3 | 0.300 ± 0.248 |" in md
     assert md.count("**Protocol:** backbone mlp; epochs/task 1; batch 128") == 2
     assert "## Failed runs" in md and "TrainingDiverged: loss is nan at task 2" in md and "trace" not in md
     assert "| ewc |" not in md  # running runs are not ranked
@@ -177,8 +183,8 @@ def test_ablation_tables_one_per_study_with_switch_columns():
     assert [(t.study, t.setting) for t in tables] == [("kd_x_pres", "class_il"), ("kd_x_pres", "task_il")]
     f = tables[0].frame
     assert list(f.columns[:3]) == ["kd", "preservation", "Seeds"]
-    assert f.iloc[0]["kd"] == "logits" and f.iloc[0]["Final acc. A_T"] == "0.800 ± 0.000"
-    assert f.iloc[1]["kd"] == "none" and f.iloc[1]["Seeds"] == 2 and f.iloc[1]["Final acc. A_T"] == "0.500 ± 0.141"
+    assert f.iloc[0]["kd"] == "logits" and f.iloc[0]["Final acc. A_T"] == "0.800"
+    assert f.iloc[1]["kd"] == "none" and f.iloc[1]["Seeds"] == 2 and f.iloc[1]["Final acc. A_T"] == "0.500 ± 1.271"
     assert leaderboards([]) == []
 
 
@@ -219,7 +225,7 @@ def test_html_is_self_contained_and_has_every_part(tmp_path, known_runs):
     for src in p.imgs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
     for needle in ("DMKD: specialization, routing and importance", "Ablation &#x27;kd&#x27;", "Failed runs",
-                   "Run metadata", "abc123", "0.300 ± 0.100", "0.600 ± 0.141", "permuted-fmnist — domain-IL",
+                   "Run metadata", "abc123", "0.300 ± 0.248", "0.600 ± 1.271", "permuted-fmnist — domain-IL",
                    "2.5 MB"):
         assert needle in text, needle
     assert "| kd | Seeds |" in paths["markdown"].read_text()
@@ -242,7 +248,7 @@ def test_report_from_json_results(tmp_path, known_runs):
     paths = report_from_results(res, experiment="quick")
     assert paths["html"] == res / "report" / "report.html" and paths["html"].is_file()
     md = paths["markdown"].read_text()
-    assert "0.300 ± 0.100" in md and "joint" not in md and "dmkd-bench report — quick" in md
+    assert "0.300 ± 0.248" in md and "joint" not in md and "dmkd-bench report — quick" in md
     with pytest.raises(UserError, match="no experiment 'nope'.*found: other, quick"):
         report_from_results(res, experiment="nope")
     (res / "quick" / "runs" / "broken.json").write_text("{not json")
@@ -292,7 +298,89 @@ def test_report_of_real_runner_records(tmp_path):
 
     recs = [run(RunSpec("ft", "split-fmnist", s, scenario_set=dict(TINY))) for s in (0, 1)]
     finals = [r["metrics"]["class_il"]["final_avg_acc"] for r in recs]
-    expect = f"{np.mean(finals):.3f} ± {np.std(finals, ddof=1):.3f}"
+    expect = f"{np.mean(finals):.3f} ± {12.7062047 * np.std(finals, ddof=1) / np.sqrt(2):.3f}"  # t_{0.975,1}
     md = make_report(recs, tmp_path, figures=False)["markdown"].read_text()
     assert f"| 1 | ft | 2 | {expect} |" in md
     assert f"{recs[0]['costs']['params_total'] / 1000:.3g} k" in md
+
+
+# ------------------------------------------------------------------------------------------------
+# Intervals, paired tests and tied ranks (issue 12), numbers computed by hand.
+# With 2 degrees of freedom the t distribution has the closed form CDF F(t) = 1/2 + t / (2 sqrt(2 + t^2)),
+# so a two-sided p-value is 1 - t / sqrt(2 + t^2); t_{0.975,2} = 4.302652730.
+T975_2 = 4.302652730
+
+
+def _three_rows(**extra) -> list[dict]:
+    finals = {"a": [0.80, 0.82, 0.84], "b": [0.78, 0.81, 0.81], "c": [0.70, 0.72, 0.71]}
+    return [fake_record(lab, s, f, **extra) for lab, fs in finals.items() for s, f in enumerate(fs)]
+
+
+def test_t_interval_and_paired_test_by_hand():
+    from reports.tables import paired_diff, t_half_width
+
+    # a: mean 0.82, s = 0.02 -> half-width 4.3027 * 0.02 / sqrt(3) = 0.04968.
+    assert t_half_width(0.02, 3) == pytest.approx(T975_2 * 0.02 / math.sqrt(3))
+    assert mean_std([0.80, 0.82, 0.84]).fmt() == "0.820 ± 0.050"
+    # a - b = 0.02, 0.01, 0.03: mean 0.02, s_d = 0.01, t = 0.02 / (0.01 / sqrt 3) = 3.4641, p = 0.0742.
+    d = paired_diff({0: 0.80, 1: 0.82, 2: 0.84}, {0: 0.78, 1: 0.81, 2: 0.81})
+    t = 0.02 / (0.01 / math.sqrt(3))
+    assert d.n == 3 and d.mean == pytest.approx(0.02) and d.std == pytest.approx(0.01)
+    assert d.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t)) and d.p_value == pytest.approx(0.0742, abs=1e-4)
+    assert not d.significant and d.half_width == pytest.approx(T975_2 * 0.01 / math.sqrt(3))
+    # a - c = 0.10, 0.10, 0.13: mean 0.11, s_d = sqrt(0.0003), t = 11 -> p = 1 - 11/sqrt(123) = 0.00816.
+    d = paired_diff({0: 0.80, 1: 0.82, 2: 0.84}, {0: 0.70, 1: 0.72, 2: 0.71})
+    assert d.p_value == pytest.approx(1 - 11 / math.sqrt(123)) and d.significant
+    # Pairing is by seed: only shared seeds count; constant differences have no variance.
+    assert paired_diff({0: 0.5, 1: 0.6}, {1: 0.4, 2: 0.9}).n == 1
+    assert paired_diff({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}).p_value == 0.0
+    assert paired_diff({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6}).p_value == 1.0
+
+
+def test_rows_not_significantly_worse_than_the_best_share_its_rank():
+    board = leaderboards(_three_rows())[0]
+    f = board.frame.set_index("method")
+    # b is 0.02 below a but p = 0.074 >= 0.05: rank 1 with a; c is significantly worse: plain rank 3.
+    assert (f.loc["a", "rank"], f.loc["b", "rank"], f.loc["c", "rank"]) == (1, 1, 3)
+    assert math.isnan(f.loc["a", "p_vs_best"]) and f.loc["b", "p_vs_best"] == pytest.approx(0.0742, abs=1e-4)
+    shown = display_frame(board).set_index("Method")
+    assert shown.loc["a", "Final acc. A_T"] == "0.820 ± 0.050" and shown.loc["b", "p vs best"] == "0.074"
+    assert "seeds 0, 1, 2 (3)" in board.protocol and "95% t-interval" in board.protocol
+    assert "evaluated on the test split" in board.protocol and "defaults" in board.protocol
+    # One seed per row: no test, ranks by mean, cells without ±.
+    one = leaderboards([r for r in _three_rows() if r["seed"] == 0])[0]
+    g = one.frame.set_index("method")
+    assert (g.loc["a", "rank"], g.loc["b", "rank"], g.loc["c", "rank"]) == (1, 2, 3)
+    assert display_frame(one).set_index("Method").loc["b", "Final acc. A_T"] == "0.780"
+    assert "one seed, no interval" in one.protocol
+
+
+def test_reference_row_deltas_with_paired_intervals(tmp_path):
+    board = leaderboards(_three_rows(reference="a"))[0]
+    shown = display_frame(board).set_index("Method")
+    col = "Δ final acc. vs a"
+    # b - a = -0.02 ± 4.3027 * 0.01 / sqrt 3 = 0.0248, p = 0.074; c - a = -0.11 ± 0.043, p = 0.0082.
+    assert shown.loc["a", col] == "(reference)"
+    assert shown.loc["b", col] == "-0.020 ± 0.025 (p=0.074)"
+    assert shown.loc["c", col] == f"-0.110 ± {T975_2 * math.sqrt(0.0003) / math.sqrt(3):.3f} (p=0.0082)"
+
+
+def test_passes_column_marks_rows_that_differ_from_the_caption():
+    recs = _three_rows()
+    for r in recs:
+        r["costs"]["passes_per_task"] = {"a": [1.0, 1.0, 1.0], "b": 3.0}.get(r["label"])
+    shown = display_frame(leaderboards(recs)[0]).set_index("Method")
+    assert shown.loc["a", "Passes/task"] == "1" and shown.loc["b", "Passes/task"] == "3 †"
+    assert shown.loc["c", "Passes/task"] == "?"  # not recorded: unknown, not marked
+
+
+def test_dmkd_rows_name_their_router():
+    from reports.tables import row_label
+
+    rec = fake_record("dmkd", 0, 0.5, hparams={"routing": "autoencoder"})
+    rec["method"] = "dmkd"
+    assert row_label(rec) == "dmkd (autoencoder router)"
+    assert display_frame(leaderboards([rec])[0])["Method"].tolist() == ["dmkd (autoencoder router)"]
+    rec["label"] = "dmkd (learned router)"
+    assert row_label(rec) == "dmkd (learned router)"  # a label that names it is kept
+    assert row_label(fake_record("ft", 0, 0.5)) == "ft"

@@ -248,3 +248,62 @@ def test_objective_setting_can_be_chosen(tmp_path):
     with pytest.raises(UserError, match="does not apply"):
         tune("ft", "split-fmnist", trials=1, results_dir=tmp_path, scenario_set=SMALL, tracking_uri="none",
              show_progress=False, objective="domain_il")
+
+
+@needs_fmnist
+def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp_path, monkeypatch):
+    import yaml
+
+    from harness.cli import main
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text("name: tiny\nseeds: [0]\nprotocol: {epochs: 1, batch_size: 64}\nscenarios:\n"
+                     "  - {name: split-fmnist, options: {max_train_per_task: 200, max_test_per_task: 60}}\n"
+                     "methods:\n  - ft\n  - {name: er, label: er-50, set: {buffer_size: 50}}\n")
+    res = tmp_path / "res"
+    calls = []
+    orig = Task.split_indices
+
+    def spy(self, split):
+        calls.append(split)
+        return orig(self, split)
+
+    monkeypatch.setattr(Task, "split_indices", spy)
+    assert main(["tune-suite", str(suite), "--trials", "2", "--results", str(res), "--tracking-uri", "none"]) == 0
+    assert "val" in calls and "test" not in calls  # tuning read validation data only
+    monkeypatch.setattr(Task, "split_indices", orig)
+    path = tmp_path / "tuned" / "tiny" / "split-fmnist.yaml"
+    doc = yaml.safe_load(path.read_text())
+    assert doc["trials"] == 2 and doc["sampler_seed"] == 0 and doc["seeds"] == [0]
+    assert doc["scenario_options"] == {"max_train_per_task": 200, "max_test_per_task": 60}
+    assert set(doc["entries"]) == {"ft", "er-50"}
+    for e in doc["entries"].values():
+        prov = e["provenance"]
+        assert prov["trials"] == 2 and 0.0 <= prov["best_validation_score"] <= 1.0
+        assert prov["study"].startswith("tune-suite.tiny.split-fmnist.") and prov["git_revision"]
+        assert prov["date"][:4].isdigit() and "validation" in prov["objective"]
+        assert "protocol.lr" in e["params"]  # the learning rate is searched for every row
+    assert doc["entries"]["er-50"]["fixed"] == {"buffer_size": 50}
+    assert doc["entries"]["er-50"]["params"]["buffer_size"] == 50  # the row's set: value stays fixed
+    # The same sampler seed gives every row the same first learning rate (TPE starts at random).
+    import optuna
+
+    studies = {e["provenance"]["study"] for e in doc["entries"].values()}
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(res / 'optuna.db').resolve()}")
+    first = {optuna.load_study(study_name=s, storage=storage).trials[0].params["lr"] for s in studies}
+    assert len(first) == 1
+
+    # The suite runs the tuned settings by default, and the documented defaults with --defaults.
+    assert main(["suite", str(suite), "--results", str(res), "--no-report", "--tracking-uri", "none"]) == 0
+    recs = {r["label"]: r for r in (json.loads(p.read_text()) for p in (res / "tiny" / "runs").glob("*.json"))}
+    assert set(recs) == {"ft+tuned", "er-50+tuned"}
+    ft = recs["ft+tuned"]
+    assert ft["tuned"] is True and ft["tuned_trials"] == 2 and ft["eval_split"] == "test"
+    assert ft["config"]["protocol"]["lr"] == pytest.approx(doc["entries"]["ft"]["params"]["protocol.lr"])
+    assert main(["suite", str(suite), "--results", str(res), "--no-report", "--tracking-uri", "none",
+                 "--defaults"]) == 0
+    recs = {r["label"]: r for r in (json.loads(p.read_text()) for p in (res / "tiny" / "runs").glob("*.json"))}
+    assert recs["ft"]["tuned"] is False and recs["ft"]["config"]["protocol"]["lr"] == 0.01
+    # A file tuned for other scenario options is refused rather than silently reused.
+    suite.write_text(suite.read_text().replace("max_test_per_task: 60", "max_test_per_task: 70"))
+    assert main(["suite", str(suite), "--results", str(res), "--no-report", "--tracking-uri", "none"]) == 2
