@@ -389,6 +389,9 @@ class Method:
     SETTINGS: ClassVar[frozenset[str]] = ALL_SETTINGS
     HParams: ClassVar[type] = HParams
     DESCRIPTION: ClassVar[str] = ""
+    # The training budget (METHODS.md §6): "epochs" = protocol.epochs passes over each task's training
+    # data, whatever the schedule; "cumulative" = Joint's stated exception (the union of tasks 0..t).
+    BUDGET: ClassVar[str] = "epochs"
 
     def __init__(self, hp: Any, ctx: RunContext) -> None:
         self.hp = hp
@@ -449,6 +452,15 @@ class Method:
         self.model.eval()
 
     # ---- accounting ----------------------------------------------------------------------
+    def budget_passes(self, task: Task) -> float:
+        """Passes over ``task``'s training data this method declares (the runner measures the real ones):
+        protocol.epochs; under the cumulative rule, epochs x |D_0 ∪ .. ∪ D_t| / |D_t|."""
+        epochs = float(self.ctx.protocol.epochs)
+        if self.BUDGET == "cumulative":
+            seen = self.ctx.scenario.tasks[: task.id + 1]
+            return epochs * sum(len(t.train_idx) for t in seen) / max(len(task.train_idx), 1)
+        return epochs
+
     def inference_modules(self) -> list[nn.Module]:
         """Modules whose parameters count as the method's deployed model."""
         return [self.model]
