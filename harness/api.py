@@ -264,9 +264,11 @@ class RunContext:
     def num_classes(self) -> int:
         return self.scenario.num_classes
 
-    def make_model(self) -> nn.Module:
-        """A freshly initialised backbone+head for this scenario, on the device."""
-        return self._model_factory().to(self.device)
+    def make_model(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised backbone+head for this scenario, on the device: the run's initial
+        weights, or (``seed`` given) the initialisation drawn from that seed (DIMAT's agents)."""
+        model = self._model_factory() if seed is None else self._model_factory(seed)
+        return model.to(self.device)
 
     def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         p = self.protocol

@@ -213,10 +213,10 @@ class RunObserver:
 def build_context(spec: RunSpec, scenario: Scenario, device: torch.device) -> RunContext:
     backbone = spec.protocol.backbone or scenario.default_backbone
 
-    def factory():
+    def factory(seed: int | None = None):
         # Same seed -> the same initial weights for every method and every call.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
+            torch.manual_seed(spec.seed if seed is None else seed)
             return build_backbone(backbone, scenario.input_shape, scenario.num_classes)
 
     build_backbone(backbone, scenario.input_shape, scenario.num_classes)  # validates the name early
