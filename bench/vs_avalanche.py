@@ -60,7 +60,9 @@ def avalanche_permuted_reference(seed: int, n_tasks: int, max_train: int = 0, ma
     ours (seeded build_backbone), SGD lr 0.01 momentum 0.9, batch 128, 1 epoch."""
     import numpy as np
     import torch
-    from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_tensor_classification_dataset,
+    )
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from harness.api import RunContext, Task, choice, register, require
 from harness.backbones import Backbone
+from harness.defaults import documented
 from harness.errors import UserError
 from harness.nodes import State
 from harness.partition import partition_indices
@@ -229,9 +230,13 @@ class DimatParams(NodesParams):
     init: distinct (agent i initialised from seed + i, the official code's default) | shared (every
     agent starts from the run's initial weights; DIMAT then reduces to WA)."""
 
-    permute: bool = True
-    stat_batches: int = 8
-    init: str = "distinct"
+    permute: bool = documented(True, "match units before merging (false = WA)",
+                               "Saadati et al. 2024 (DIMAT): activation matching before the merge")
+    stat_batches: int = documented(
+        8, "batches of the agent's own shard for BatchNorm resets and activation statistics",
+        "ours: the official code uses the global train set; we use local data only (METHODS.md §3)")
+    init: str = documented("distinct", "distinct (agent i initialised from seed + i) | shared (one init)",
+                           "official DIMAT code (github nsaadati/DIMAT, train.py: seed = i + random_seed)")
 
     def validate(self) -> None:
         super().validate()
@@ -361,7 +366,7 @@ class Dimat(NodesMethod):
 class WAParams(DimatParams):
     """WA: DIMAT's merge without permutation (plain π-weighted averaging of neighbours)."""
 
-    permute: bool = False
+    permute: bool = documented(False, "no matching: plain π-weighted averaging", "Saadati et al. 2024: the WA baseline")
 
 
 @register

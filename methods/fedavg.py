@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.api import HParams, Method, RunContext, Task, check_finite, choice, register, require
+from harness.defaults import documented
 from harness.errors import UserError
 from harness.nodes import BACKENDS, FAULT_POLICIES, Nodes, make_nodes, node_generator, using_generator
 from harness.partition import SCHEMES, partition_indices, partition_stats, task_class_order
@@ -32,34 +33,34 @@ from harness.partition import SCHEMES, partition_indices, partition_stats, task_
 
 @dataclass
 class NodesParams(HParams):
-    """Options of a method that trains on P nodes.
+    """Options of a method that trains on P nodes; each field documents its default and source
+    (``dmkd list --method fedavg``). The budget: E may be a fraction of an epoch: each node's training
+    stream for the task (R·E passes over its shard, reshuffled every pass) is cut into R consecutive
+    pieces of equal batch count, one per round; an explicit E with R·E != epochs is refused unless
+    free_budget=true (the run's measured passes_per_task then shows its real budget)."""
 
-    n_nodes: P. topology: full | ring | star | adj:0-1,1-2 (explicit edges).
-    partition: iid | dirichlet | round_robin; alpha: Dirichlet concentration (small = non-IID).
-    rounds: R communication rounds per task; local_epochs: E epochs of local data per round, 0 (default)
-        = epochs / R, so that R·E = the protocol's epochs (METHODS.md §6: one training budget). E may be a
-        fraction: each node's training stream for the task (epochs passes over its shard, reshuffled every
-        pass) is cut into R consecutive pieces of equal batch count, one per round. An explicit E with
-        R·E != epochs is refused unless free_budget=true.
-    free_budget: allow R·E != the protocol's epochs (an off-budget run; its measured passes_per_task
-        shows the real budget and the leaderboard marks it).
-    backend: inprocess (one process, deterministic) | distributed (torchrun, one rank per node).
-    round_timeout_s: how long a round waits for a node; on_fault: drop (finish the round with the
-    nodes that answered) | stop (one-line error, resume from the last task checkpoint).
-    simulate_fault: in-process only, ``node@round`` makes that node stop answering from that round.
-    """
-
-    n_nodes: int = 4
-    topology: str = "full"
-    partition: str = "iid"
-    alpha: float = 0.5
-    rounds: int = 3
-    local_epochs: float = 0.0
-    free_budget: bool = False
-    backend: str = "inprocess"
-    round_timeout_s: float = 300.0
-    on_fault: str = "drop"
-    simulate_fault: str = ""
+    n_nodes: int = documented(4, "P, the number of nodes (clients / agents)",
+                              "ours: a small P that runs on a laptop (DIMAT's code defaults to 5 agents)")
+    topology: str = documented("full", "full | ring | star | adj:0-1,1-2 (explicit edges)",
+                               "DIMAT (Saadati et al. 2024): fully connected and ring topologies")
+    partition: str = documented("iid", "iid | dirichlet | round_robin (class k to node k mod P)",
+                                "McMahan et al. 2017 (IID and pathological non-IID); Hsu et al. 2019 (Dirichlet)")
+    alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
+                              "Hsu et al. 2019 / common FL benchmarks: α = 0.5")
+    rounds: int = documented(3, "R, communication rounds per task",
+                             "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)")
+    local_epochs: float = documented(
+        0.0, "E, local epochs per round; 0 = epochs / R (a fraction of an epoch when R > epochs)",
+        "METHODS.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)")
+    free_budget: bool = documented(False, "allow R·E != the protocol's epochs (an off-budget run)",
+                                   "ours: off by default so that every row spends the same budget")
+    backend: str = documented("inprocess", "inprocess (one process, deterministic) | distributed (torchrun)",
+                              "ours (harness option)")
+    round_timeout_s: float = documented(300.0, "seconds a round waits for a node", "ours (harness option)")
+    on_fault: str = documented("drop", "drop (finish the round with the nodes that answered) | stop",
+                               "ours (harness option)")
+    simulate_fault: str = documented("", "in-process only: node@round makes that node stop answering",
+                                     "ours (test option)")
 
     def validate(self) -> None:
         require(self.n_nodes >= 1, f"n_nodes must be >= 1, got {self.n_nodes}", "use n_nodes=4 for example")
@@ -192,8 +193,9 @@ class NodesMethod(Method):
 class FedAvgParams(NodesParams):
     """FedAvg options (see :class:`NodesParams`); client_fraction C: share of clients per round."""
 
-    topology: str = "star"
-    client_fraction: float = 1.0
+    topology: str = documented("star", "the server-client topology", "McMahan et al. 2017: a central server")
+    client_fraction: float = documented(1.0, "C, share of clients sampled per round",
+                                        "McMahan et al. 2017: C = 1.0 is one of their settings (Table 1)")
 
     def validate(self) -> None:
         super().validate()

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from harness.api import HParams, Method, Task, check_finite, register
+from harness.defaults import documented
 
 
 @dataclass
 class JointParams(HParams):
-    """reinit: start every task from the random initialisation (True) instead of continuing
-    from the previous task's weights (False, the default: Avalanche's Cumulative)."""
+    """Joint options; each field documents its default and source (``dmkd list --method joint``)."""
 
-    reinit: bool = False
+    reinit: bool = documented(False, "start every task from the random initialisation (True) instead of "
+                              "continuing from the previous task's weights", "Avalanche's Cumulative strategy "
+                              "(continues the weights)")
 
 
 @register

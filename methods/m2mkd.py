@@ -28,18 +28,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.api import HParams, Method, RunContext, Task, check_finite, register, require, tensor_bytes
+from harness.defaults import documented
 from methods.common import frozen_copy, kd_loss
 
 
 @dataclass
 class M2MKDParams(HParams):
-    """alpha=0.5: KD weight (1−α on CE in phase 1); tau=1.0: KD temperature (the paper's values);
-    phase1_share=0.5: share of the task's training batches spent on phase 1 (split equally over the
-    modules; 0 skips phase 1), the rest on phase 2 (see the module docstring)."""
+    """m2mKD options; each field documents its default and source (``dmkd list --method m2mkd``)."""
 
-    alpha: float = 0.5
-    tau: float = 1.0
-    phase1_share: float = 0.5
+    alpha: float = documented(0.5, "KD weight α: (1−α)·CE + α·τ²·KL in phase 1, CE + α·τ²·KL in phase 2",
+                              "Lo et al. 2024 (m2mKD): α = 0.5")
+    tau: float = documented(1.0, "KD temperature τ", "Lo et al. 2024 (m2mKD): τ = 1")
+    phase1_share: float = documented(
+        0.5, "share of the task's training batches spent on phase 1 (split equally over the modules; 0 skips "
+        "it), the rest on phase 2", "ours: the paper gives each phase its own schedule; under one budget "
+        "(METHODS.md §6) the split is a choice, half and half, to be tuned")
 
     def validate(self) -> None:
         require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}", "use alpha=0.5")
