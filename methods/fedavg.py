@@ -213,6 +213,11 @@ class FedAvg(NodesMethod):
         super().__init__(hp, ctx)
         self.worker = copy.deepcopy(self.model)  # scratch client model, reloaded from the server each time
 
+    def budget_passes(self, task: Task) -> float:
+        """epochs x the sampled share of clients: with C < 1 a round trains only m of the P shards."""
+        P = self.hp.n_nodes
+        return self.ctx.protocol.epochs * (len(self.sampled_clients(task.id, 0)) / P if P else 1.0)
+
     def sampled_clients(self, task_id: int, round_idx: int) -> list[int]:
         """Seeded by (seed, task, round): every rank draws the same clients."""
         P = self.hp.n_nodes

@@ -52,6 +52,13 @@ def test_rounds_share_the_budget_and_an_off_budget_product_is_refused(name):
 
 
 @needs_fmnist
+def test_fedavg_client_fraction_declares_its_share_of_the_budget():
+    rec = _run("fedavg", client_fraction=0.5)  # 2 of 4 clients per round: half the task's data per round
+    for p in rec["per_task"]:
+        assert p["budget_passes"] == 0.5 and p["passes"] == pytest.approx(0.5, abs=0.02)  # batch rounding
+
+
+@needs_fmnist
 def test_decentralized_dmkd_shares_the_budget():
     rec = _run("dmkd", training="decentralized", n_nodes=2, rounds=2)
     assert [p["passes"] for p in rec["per_task"]] == [pytest.approx(1.0)] * 2
