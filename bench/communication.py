@@ -1,8 +1,8 @@
 """Accuracy against bytes sent: FedAvg, DIMAT, WA, DMKD full and DMKD salient (p = 10%).
 
 Split Fashion-MNIST (5 x 2 classes, class-IL and task-IL), P = 4 nodes, IID and Dirichlet(α = 0.5)
-partitions, 1 local epoch per round, ``--rounds`` rounds per task (``--rounds 1``: one epoch of each
-task's data per task), in-process backend. Prints one row per (method, partition): final average
+partitions, ``--rounds`` rounds per task sharing the budget of ``--epochs`` passes per task (R·E =
+epochs, METHODS.md §6: each round trains epochs / R of a pass), in-process backend. Prints one row per (method, partition): final average
 accuracy (class-IL / task-IL), forgetting (class-IL), total bytes, rounds, training wall seconds, and
 each method's bytes relative to FedAvg's on the same split; then the goal check per partition.
 DMKD runs with its defaults (autoencoder routing, one expert per task), training=decentralized on a
@@ -28,7 +28,7 @@ P = 4
 
 def rows(rounds: int) -> list[tuple[str, str, dict]]:
     """(label, method, options) of every row; DMKD rows appear when its decentralized mode exists."""
-    base = {"n_nodes": P, "rounds": rounds, "local_epochs": 1}
+    base = {"n_nodes": P, "rounds": rounds}
     out = [("FedAvg", "fedavg", base), ("DIMAT", "dimat", base | {"topology": "full"}),
            ("WA", "wa", base | {"topology": "full"})]
     out += dmkd_rows(rounds)
@@ -44,7 +44,7 @@ def dmkd_rows(rounds: int) -> list[tuple[str, str, dict]]:
     names = {f.name for f in fields(cls.HParams)}
     if not {"training", "communication", "n_nodes"} <= names:
         return []
-    base = {"training": "decentralized", "n_nodes": P, "rounds": rounds, "local_epochs": 1, "topology": "full"}
+    base = {"training": "decentralized", "n_nodes": P, "rounds": rounds, "topology": "full"}
     return [("DMKD full", "dmkd", base | {"communication": "full"}),
             ("DMKD salient", "dmkd", base | {"communication": "salient", "salient_p": 0.1})]
 
@@ -69,6 +69,7 @@ def goal_check(table: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1, help="passes per task (the protocol's budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-train", type=int, default=0, help="cap per task (0 = all; caps are for quick checks)")
     ap.add_argument("--json", default="", help="also write the rows as JSON here")
@@ -80,7 +81,7 @@ def main() -> None:
         for label, method, opts in rows(args.rounds):
             t0 = time.perf_counter()
             rec = run(RunSpec(method, "split-fmnist", args.seed, method_set=opts | extra, scenario_set=sset,
-                              protocol=Protocol(epochs=1)))
+                              protocol=Protocol(epochs=args.epochs)))
             m, c = rec["metrics"], rec["costs"]
             if method == "fedavg":
                 fedavg_bytes = c["comm_bytes"]

@@ -28,7 +28,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, spec in (
             ("ft", RunSpec("ft", "split-fmnist", 0, scenario_set=sset, protocol=Protocol(epochs=args.rounds))),
-            ("fedavg", RunSpec("fedavg", "split-fmnist", 0, scenario_set=sset, protocol=Protocol(epochs=1),
+            ("fedavg", RunSpec("fedavg", "split-fmnist", 0, scenario_set=sset, protocol=Protocol(epochs=args.rounds),
                                method_set={"n_nodes": args.nodes, "rounds": args.rounds, "local_epochs": 1})),
         ):
             c = run(spec)["costs"]

@@ -6,6 +6,13 @@ Protocol (issue #3): Split Fashion-MNIST (5 x 2, full data), MLP 784-400-400, SG
 Goals: |acc native − acc Avalanche| <= 0.02 and native >= 3x faster (train seconds, our meter).
 
     OMP_NUM_THREADS=1 python bench/vs_avalanche.py [--max-train N] [--methods ft,ewc,...]
+
+``--permuted`` runs the permuted anchor instead (:func:`permuted_anchor`, docs/permuted-anchor.md):
+5-task Permuted Fashion-MNIST, FT under our protocol with one factor at a time switched to what
+Avalanche's PermutedMNIST does, and Avalanche's own pipeline (its Naive strategy on datasets built as
+its PermutedMNIST builds them) as the reference.
+
+    OMP_NUM_THREADS=1 python bench/vs_avalanche.py --permuted [--seeds 0,1,2] [--max-train N]
 """
 
 from __future__ import annotations
@@ -31,13 +38,104 @@ TWINS: list[tuple[str, dict, str, dict]] = [
 ]
 
 
+# One factor at a time, each switched from our protocol to Avalanche PermutedMNIST's:
+# (label, scenario options, protocol changes, method)
+AVALANCHE_FACTORS: list[tuple[str, dict, dict, str]] = [
+    ("ours (val 10%, fmnist norm, all permuted, optimiser reset)", {}, {}, "ft"),
+    ("  no validation carve (val_fraction=0)", {"val_fraction": 0.0}, {}, "ft"),
+    ("  task 0 unpermuted", {"first_unpermuted": True}, {}, "ft"),
+    ("  MNIST normalisation (0.1307/0.3081)", {"normalization": "mnist"}, {}, "ft"),
+    ("  optimiser state kept across tasks", {}, {"reset_optimizer": False}, "ft"),
+    ("  Avalanche Naive strategy (adapter)", {}, {}, "avl-naive"),
+    ("all Avalanche factors (val 0, mnist norm, no reset)", {"val_fraction": 0.0, "normalization": "mnist"},
+     {"reset_optimizer": False}, "ft"),
+]
+
+
+def avalanche_permuted_reference(seed: int, n_tasks: int, max_train: int = 0, max_test: int = 0) -> float:
+    """Final average accuracy of Avalanche's Naive on Permuted Fashion-MNIST built the way Avalanche's
+    ``PermutedMNIST`` builds MNIST: every experience permuted (``np.random.RandomState(seed)``), the
+    whole 60k training set (no validation carve), Normalize(0.1307, 0.3081), one optimiser for the
+    whole stream (Avalanche keeps the SGD state across experiences). Same MLP and initialisation as
+    ours (seeded build_backbone), SGD lr 0.01 momentum 0.9, batch 128, 1 epoch."""
+    import numpy as np
+    import torch
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_tensor_classification_dataset,
+    )
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from harness.backbones import build_backbone
+    from scenarios.fmnist import load_fmnist
+
+    tx, ty, vx, vy = load_fmnist(None)
+    if max_train:
+        tx, ty = tx[:max_train], ty[:max_train]
+    if max_test:
+        vx, vy = vx[:max_test], vy[:max_test]
+    rng = np.random.RandomState(seed)
+    perms = [torch.from_numpy(rng.permutation(784)).long() for _ in range(n_tasks)]
+
+    def data(x, perm):
+        return ((x.reshape(len(x), -1).float() / 255.0)[:, perm] - 0.1307) / 0.3081
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_backbone("mlp", (1, 28, 28), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    strategy = Naive(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=128,
+                     train_epochs=1, eval_mb_size=1024, device="cpu", evaluator=EvaluationPlugin(loggers=[]),
+                     eval_every=-1)
+    torch.manual_seed(seed)
+    for t, perm in enumerate(perms):
+        ds = _make_taskaware_tensor_classification_dataset(data(tx, perm), ty, targets=ty, task_labels=0)
+        from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+        exp = benchmark_from_datasets(train=[ds]).train_stream[0]
+        exp.current_experience = t
+        strategy.train(exp, eval_streams=[])
+    model.eval()
+    accs = []
+    with torch.no_grad():
+        for perm in perms:
+            x = data(vx, perm)
+            accs.append(float((model(x).argmax(1) == vy).float().mean()))
+    return float(np.mean(accs))
+
+
+def permuted_anchor(seeds: list[int], n_tasks: int = 5, max_train: int = 0, max_test: int = 0) -> None:
+    """FT's final accuracy on Permuted Fashion-MNIST, one Avalanche factor switched at a time, per seed."""
+    import numpy as np
+
+    print(f"Permuted Fashion-MNIST, {n_tasks} tasks, MLP 784-400-400, SGD 0.01 m0.9, batch 128, 1 epoch; "
+          f"final average accuracy (domain-IL, test), seeds {seeds}")
+    for label, sset, pset, method in AVALANCHE_FACTORS:
+        opts = {"n_tasks": n_tasks, "max_train_per_task": max_train, "max_test_per_task": max_test} | sset
+        accs = []
+        for seed in seeds:
+            proto = Protocol(epochs=1, batch_size=128, lr=0.01, momentum=0.9, optimizer="sgd", backbone="mlp",
+                             **pset)
+            rec = run(RunSpec(method, "permuted-fmnist", seed, scenario_set=opts, protocol=proto))
+            accs.append(rec["metrics"]["domain_il"]["final_avg_acc"])
+        print(f"{label:<56} {np.mean(accs):.4f}  per seed {' '.join(f'{a:.4f}' for a in accs)}", flush=True)
+    accs = [avalanche_permuted_reference(s, n_tasks, max_train, max_test) for s in seeds]
+    print(f"{'Avalanche pipeline (PermutedMNIST-style, Naive)':<56} {np.mean(accs):.4f}  per seed "
+          f"{' '.join(f'{a:.4f}' for a in accs)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-train", type=int, default=0, help="cap per task (0 = full data)")
     ap.add_argument("--max-test", type=int, default=0)
     ap.add_argument("--methods", default=",".join(t[0] for t in TWINS))
+    ap.add_argument("--permuted", action="store_true", help="run the permuted anchor (docs/permuted-anchor.md)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the permuted anchor")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.permuted:
+        permuted_anchor([int(s) for s in args.seeds.split(",")], 5, args.max_train, args.max_test)
+        return
     chosen = set(args.methods.split(","))
     opts = {"max_train_per_task": args.max_train, "max_test_per_task": args.max_test}
     proto = Protocol(epochs=1, batch_size=128, lr=0.01, momentum=0.9, optimizer="sgd", backbone="mlp")

@@ -271,9 +271,11 @@ class RunContext:
     def num_classes(self) -> int:
         return self.scenario.num_classes
 
-    def make_model(self) -> nn.Module:
-        """A freshly initialised backbone+head for this scenario, on the device."""
-        return self._model_factory().to(self.device)
+    def make_model(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised backbone+head for this scenario, on the device: the run's initial
+        weights, or (``seed`` given) the initialisation drawn from that seed (DIMAT's agents)."""
+        model = self._model_factory() if seed is None else self._model_factory(seed)
+        return model.to(self.device)
 
     def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         p = self.protocol
@@ -396,6 +398,9 @@ class Method:
     SETTINGS: ClassVar[frozenset[str]] = ALL_SETTINGS
     HParams: ClassVar[type] = HParams
     DESCRIPTION: ClassVar[str] = ""
+    # The training budget (METHODS.md §6): "epochs" = protocol.epochs passes over each task's training
+    # data, whatever the schedule; "cumulative" = Joint's stated exception (the union of tasks 0..t).
+    BUDGET: ClassVar[str] = "epochs"
 
     def __init__(self, hp: Any, ctx: RunContext) -> None:
         self.hp = hp
@@ -456,6 +461,15 @@ class Method:
         self.model.eval()
 
     # ---- accounting ----------------------------------------------------------------------
+    def budget_passes(self, task: Task) -> float:
+        """Passes over ``task``'s training data this method declares (the runner measures the real ones):
+        protocol.epochs; under the cumulative rule, epochs x |D_0 ∪ .. ∪ D_t| / |D_t|."""
+        epochs = float(self.ctx.protocol.epochs)
+        if self.BUDGET == "cumulative":
+            seen = self.ctx.scenario.tasks[: task.id + 1]
+            return epochs * sum(len(t.train_idx) for t in seen) / max(len(task.train_idx), 1)
+        return epochs
+
     def inference_modules(self) -> list[nn.Module]:
         """Modules whose parameters count as the method's deployed model."""
         return [self.model]

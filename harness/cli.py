@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="dmkd", description="dmkd-bench: continual-learning benchmark harness")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    sub.add_parser("list", help="methods, scenarios and backbones")
+    ls = sub.add_parser("list", help="methods, scenarios and backbones")
+    ls.add_argument("--method", default=None, help="print this method's options: default, meaning, source")
 
     r = sub.add_parser("run", help="run one method on one scenario")
     r.add_argument("--method", required=True)
@@ -173,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "list":
+        if getattr(args, "method", None):
+            from harness.defaults import method_table
+
+            print(method_table(args.method), end="")
+            return 0
         return cmd_list()
     if args.cmd == "run":
         return cmd_run(args)

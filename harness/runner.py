@@ -288,10 +288,10 @@ class RunObserver:
 def build_context(spec: RunSpec, scenario: Scenario, device: torch.device) -> RunContext:
     backbone = spec.protocol.backbone or scenario.default_backbone
 
-    def factory():
+    def factory(seed: int | None = None):
         # Same seed -> the same initial weights for every method and every call.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
+            torch.manual_seed(spec.seed if seed is None else seed)
             return build_backbone(backbone, scenario.input_shape, scenario.num_classes)
 
     build_backbone(backbone, scenario.input_shape, scenario.num_classes)  # validates the name early
@@ -418,6 +418,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 "state_bytes": method.state_bytes(),
                 "comm_bytes": ctx.comm_bytes - comm_before,
                 "train_flops_per_sample": meter.per_sample,
+                "passes": samples / max(len(task.train_idx), 1),
+                "budget_passes": method.budget_passes(task),
                 "avg_acc": {s: float(np.mean(accs[s][: k + 1])) for s in settings},
             })
             record["method_metrics"] = [list(m) for m in ctx.metrics]
@@ -439,14 +441,21 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     total_p, trainable_p = parameter_counts(method.inference_modules())
     train_samples = sum(p["train_samples"] for p in record["per_task"])
     train_s = sum(p["train_s"] for p in record["per_task"])
+    task_samples = _record_passes(record)
     record["costs"] = {
         "params_total": total_p,
         "params_trainable": trainable_p,
         "inference_flops_per_sample": inf_flops / len(x_probe),
         "train_flops_total": meter.total + boundary_flops + extra_flops,
         "train_flops_boundary": boundary_flops + extra_flops,
-        "train_flops_per_sample": (meter.total + boundary_flops + extra_flops) / max(train_samples, 1),
+        # Per training sample of the stream (Σ_t |D_t|, each sample counted once, whatever the number of
+        # passes): what it costs to learn one sample of the task data. Per drawn sample: the step's cost.
+        "train_flops_per_sample": (meter.total + boundary_flops + extra_flops) / max(task_samples, 1),
+        "train_flops_per_drawn_sample": (meter.total + boundary_flops + extra_flops) / max(train_samples, 1),
         "train_samples": train_samples,
+        "passes_per_task": float(np.mean([p["passes"] for p in record["per_task"]])) if record["per_task"] else 0.0,
+        "budget_passes": spec.protocol.epochs,
+        "budget_rule": cls.BUDGET,
         "train_time_s": train_s,
         "eval_time_s": sum(p["eval_s"] for p in record["per_task"]),
         "samples_per_s": train_samples / train_s if train_s > 0 else 0.0,
@@ -478,6 +487,15 @@ def _data_sources(scenario: Scenario) -> list[Any]:
             if src is not None and all(src is not o for o in out):
                 out.append(src)
     return out
+
+
+def _record_passes(record: dict[str, Any]) -> int:
+    """Measured passes per task = samples drawn during the task / the task's training-set size (after
+    the rank totals, so node methods count the samples of every node). Returns Σ_t |D_t|."""
+    sizes = {t["id"]: t["n_train"] for t in record["tasks"]}
+    for p in record["per_task"]:
+        p["passes"] = p["train_samples"] / max(sizes[p["task"]], 1)
+    return sum(sizes[p["task"]] for p in record["per_task"])
 
 
 def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops: int) -> tuple[int, int]:

@@ -159,6 +159,7 @@ class AvlJoint(AvalancheMethod):
     NAME = "avl-joint"
     HParams = AvlParams
     STRATEGY = "JointTraining"
+    BUDGET = "cumulative"  # JointTraining on experiences 0..t, like our joint
     DESCRIPTION = "Avalanche JointTraining, re-run cumulatively on tasks 0..t"
 
     def train_task(self, task: Task) -> None:

@@ -129,6 +129,49 @@ def diagonal_fisher(
     return {n: f / n_seen for n, f in fisher.items()}
 
 
+def batch_mean_fisher(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    labels: str = "empirical",
+    max_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal importance of FACIL and Avalanche: per batch b the squared gradient of the batch-mean
+    loss −mean_b log p(y|x), averaged over batches weighted by their size:
+    F = Σ_b |b| (∇ ℓ_b)² / Σ_b |b| (Avalanche weights batches equally; the two differ only through a
+    smaller last batch). About batch-size times smaller than :func:`diagonal_fisher`'s per-sample mean.
+    labels as in :func:`diagonal_fisher`; the model is evaluated in eval mode."""
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    n_seen = 0
+    for x, y in batches:
+        if max_samples is not None:
+            x, y = x[: max_samples - n_seen], y[: max_samples - n_seen]
+        if len(y) == 0:
+            break
+        logits = model(x)
+        if labels == "sampled":
+            with torch.no_grad():
+                y = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+        loss = F.cross_entropy(logits, y)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                fisher[n] += g.detach().pow(2) * len(y)
+        n_seen += len(y)
+        if max_samples is not None and n_seen >= max_samples:
+            break
+    model.train(was_training)
+    if n_seen == 0:
+        return fisher
+    return {n: f / n_seen for n, f in fisher.items()}
+
+
 def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Linear, dict[str, str]] | None:
     """Map each nn.Linear to {'weight': name, 'bias': name} of the requested parameters, or None
     when some requested parameter does not belong to a Linear layer."""

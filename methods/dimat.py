@@ -14,12 +14,21 @@ one; conv channels pooled over positions). The official code observes post-ReLU 
 are dead on the agent's data have zero variance there and cannot be matched, pre-activations always
 can (a known permutation is recovered exactly, see the tests). Permutation is supported for the ``mlp`` and ``cnn`` backbones (sequential feature
 stacks of Linear/Conv2d, BatchNorm, ReLU, pooling, Flatten); WA works with any backbone.
+Agents start from distinct initialisations, as in the official code (github nsaadati/DIMAT,
+train.py: agent i is built with seed + i unless ``--init_seed``): agent i's weights are the run's
+model initialised from seed + i (agent 0 is the run's usual initial model). ``init=shared`` gives every
+agent the same initial weights; then every assignment is the identity and DIMAT equals WA. Every merge
+logs ``moved_fraction`` (step = the global round): the share of hidden units, over all neighbours and
+unit groups of all agents of the round, that the permutations moved (0 = identity). Nodes without
+training data of some task cannot compute statistics on their own data: DIMAT refuses such a
+partition before training (a UserError naming the node and task); WA does not need the statistics.
 ``predict`` evaluates agent 0 (under torchrun: rank 0's agent, which is the one recorded); the mean
 validation accuracy over the agents is logged as ``agents_mean_val_acc``. Only parameters travel
 (BatchNorm statistics are recomputed locally); the activation statistics are computed by the receiver,
 so bytes = |θ| x 4 per directed edge per round. The forward passes of steps (1), (2) and (5) use
-``stat_batches`` batches of the agent's shard read directly from the task, so the FLOP meter does not
-count them.
+``stat_batches`` batches of the agent's shard read directly from the task; they are training FLOPs
+(``ctx.counted``) but not training passes: they are no optimisation steps, so the measured passes per
+task (METHODS.md §6) count only the local training batches.
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from harness.api import RunContext, Task, register, require
+from harness.api import RunContext, Task, choice, register, require
 from harness.backbones import Backbone
+from harness.defaults import documented
 from harness.errors import UserError
 from harness.nodes import State
+from harness.partition import partition_indices
 from methods.fedavg import NodesMethod, NodesParams
 
 _SPATIAL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -215,14 +226,22 @@ def reset_bn(model: nn.Module, batches: list[Tensor]) -> None:
 @dataclass
 class DimatParams(NodesParams):
     """DIMAT options (see NodesParams). permute: match units before merging (false = WA).
-    stat_batches: batches of the agent's own shard used for BatchNorm resets and activation statistics."""
+    stat_batches: batches of the agent's own shard used for BatchNorm resets and activation statistics.
+    init: distinct (agent i initialised from seed + i, the official code's default) | shared (every
+    agent starts from the run's initial weights; DIMAT then reduces to WA)."""
 
-    permute: bool = True
-    stat_batches: int = 8
+    permute: bool = documented(True, "match units before merging (false = WA)",
+                               "Saadati et al. 2024 (DIMAT): activation matching before the merge")
+    stat_batches: int = documented(
+        8, "batches of the agent's own shard for BatchNorm resets and activation statistics",
+        "ours: the official code uses the global train set; we use local data only (METHODS.md §3)")
+    init: str = documented("distinct", "distinct (agent i initialised from seed + i) | shared (one init)",
+                           "official DIMAT code (github nsaadati/DIMAT, train.py: seed = i + random_seed)")
 
     def validate(self) -> None:
         super().validate()
         require(self.stat_batches >= 1, f"stat_batches must be >= 1, got {self.stat_batches}", "use stat_batches=8")
+        choice(self.init, ("distinct", "shared"), "init")
 
 
 @register
@@ -234,10 +253,31 @@ class Dimat(NodesMethod):
     def __init__(self, hp: DimatParams, ctx: RunContext) -> None:
         super().__init__(hp, ctx)
         self.groups = permutation_spec(self.model, tuple(ctx.scenario.input_shape)) if hp.permute else []
+        if hp.permute:
+            self._check_shards()
         first = self.nodes.local_ids[0]
-        self.agents: dict[int, nn.Module] = {i: (self.model if i == first else copy.deepcopy(self.model))
-                                             for i in self.nodes.local_ids}
+        self.agents: dict[int, nn.Module] = {}
+        for i in self.nodes.local_ids:
+            agent = self.model if i == first else copy.deepcopy(self.model)
+            if hp.init == "distinct" and i != 0:
+                agent.load_state_dict(ctx.make_model(seed=ctx.seed + i).state_dict())
+            self.agents[i] = agent
         self._scratch: list[nn.Module] = []
+        self._moved: list[tuple[int, int]] = []  # (units moved, units) of every matching this round
+
+    def _check_shards(self) -> None:
+        """Refuse, before training, a partition that leaves some node without data of some task."""
+        hp = self.hp
+        for task in self.ctx.scenario.tasks:
+            labels = task.source.targets[task.train_idx]
+            part = partition_indices(task.train_idx, labels, hp.n_nodes, hp.partition, seed=self.ctx.seed,
+                                     task_id=task.id, alpha=hp.alpha, class_order=self.class_order)
+            empty = [i for i, sh in enumerate(part.shards) if len(sh) == 0]
+            if empty:
+                raise UserError(
+                    f"partition={hp.partition} leaves node(s) {empty} without training data of task {task.id} "
+                    f"({hp.n_nodes} nodes, {len(task.classes)} classes): DIMAT matches units on each node's own "
+                    "data", f"use n_nodes <= {len(task.classes)} with round_robin, partition=iid, or wa (no matching)")
 
     def _stat_batches(self, task: Task, node: int) -> list[Tensor]:
         shard = self.shards[node][: self.hp.stat_batches * self.ctx.protocol.batch_size]
@@ -265,6 +305,10 @@ class Dimat(NodesMethod):
                 reset_bn(scratch, batches)
                 scratch.eval()
                 perms = match_units(agent, scratch, batches, self.groups)
+                moved = getattr(self, "_moved", None)  # (units moved, units) per matching, logged per round
+                if moved is not None:
+                    moved.append((sum(int((p != torch.arange(len(p))).sum()) for p in perms),
+                                  sum(len(p) for p in perms)))
                 aligned[j] = permute_state(theta, self.groups, perms)
         else:
             aligned.update(received)
@@ -287,6 +331,10 @@ class Dimat(NodesMethod):
                 self.ctx.counted(reset_bn, self.agents[i], batches[i])  # (5)
                 self.local_train(self.agents[i], task, i)  # (6)
             self.record_communication()
+            if self._moved:
+                moved, units = map(sum, zip(*self._moved))
+                self.ctx.log_metric("moved_fraction", moved / max(units, 1), self.nodes.round)
+                self._moved = []
 
     def after_evaluation(self, task: Task) -> None:
         """Log the agents' mean accuracy (class-IL over the classes seen, validation split)."""
@@ -318,7 +366,7 @@ class Dimat(NodesMethod):
 class WAParams(DimatParams):
     """WA: DIMAT's merge without permutation (plain π-weighted averaging of neighbours)."""
 
-    permute: bool = False
+    permute: bool = documented(False, "no matching: plain π-weighted averaging", "Saadati et al. 2024: the WA baseline")
 
 
 @register

@@ -17,16 +17,18 @@ import torch
 from torch import Tensor, nn
 
 from harness.api import HParams, Method, Task, register, require, tensor_bytes
+from harness.defaults import documented
 
 
 @dataclass
 class ERParams(HParams):
-    """buffer_size: M, stored examples (200/500/5120 are the usual sizes; default 500).
-    replay_batch: buffer samples per step (0 = the stream batch size, Mammoth's default).
+    """ER options; each field documents its default and source (``dmkd list --method er``).
     The learning rate is the protocol's (tuned like every method's: the base search space)."""
 
-    buffer_size: int = 500
-    replay_batch: int = 0
+    buffer_size: int = documented(500, "M, examples stored in the reservoir (a reported hyperparameter)",
+                                  "Buzzega et al. 2020 (Mammoth): buffer sizes 200 / 500 / 5120; 500 the middle one")
+    replay_batch: int = documented(0, "buffer samples per step (0 = the stream batch size)",
+                                   "Mammoth's ER: minibatch_size defaults to batch_size")
 
     def validate(self) -> None:
         require(self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}", "use buffer_size=500")

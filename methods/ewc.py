@@ -1,13 +1,16 @@
 """EWC (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018), METHODS.md §3.
 
-L = L_t + (λ/2) Σ_i F_i (θ_i − θ*_i)², F the diagonal Fisher of log p(y|x) from per-sample
-gradients (``methods.common.diagonal_fisher``; empirical labels by default, sampled y ~ p_θ as an
-option). ``separate`` keeps one (F, θ*) pair per past task; ``online`` keeps one running
-F ← γF + F_t with the latest anchor. Cross-entropy runs over the whole head, as FT.
+L = L_t + (λ/2) Σ_i F_i (θ_i − θ*_i)², F a diagonal Fisher of log p(y|x) on the task's training
+data (empirical labels by default, sampled y ~ p_θ as an option). ``separate`` keeps one (F, θ*) pair
+per past task; ``online`` keeps one running F ← γF + F_t with the latest anchor. Cross-entropy runs
+over the whole head, as FT.
 
-Note on scale: F here is the mean of squared *per-sample* gradients (the definition), which is
-roughly batch-size times larger than Avalanche's importance (squared gradient of the batch-mean
-loss); Avalanche's penalty also has no 1/2. The same λ is therefore much weaker in Avalanche.
+Two normalisations of F, named so that a λ quoted from the literature means what it meant there
+(``fisher_norm``): ``per_sample`` is the definition (mean of squared per-sample gradients,
+``methods.common.diagonal_fisher``); ``batch_mean`` is FACIL's and Avalanche's (squared gradient of
+the batch-mean loss, ``methods.common.batch_mean_fisher``), roughly batch-size times smaller. The
+default, λ=5000 with batch_mean at the protocol's batch size, is FACIL's. Avalanche's penalty has no
+1/2: its λ equals our λ/2 under batch_mean.
 """
 
 from __future__ import annotations
@@ -19,35 +22,47 @@ import torch
 from torch import Tensor, nn
 
 from harness.api import HParams, Method, Task, choice, register, require, tensor_bytes
-from methods.common import diagonal_fisher
+from harness.defaults import documented
+from methods.common import batch_mean_fisher, diagonal_fisher
+
+FISHER_NORMS = ("batch_mean", "per_sample")
 
 
 @dataclass
 class EWCParams(HParams):
-    """ewc_lambda: penalty strength λ. Default 5000, FACIL's default (``--lamb 5000``); van de Ven
-        et al. 2019 use 10^2..10^9 depending on scenario, so tune it (log-uniform search space).
-        With SGD(lr=0.01, momentum 0.9) λ·F·lr must stay well below 2, which holds for 5000 on
-        the MLP because per-sample Fisher entries of the trained model are small (<1e-2 typical).
-    mode: ``separate`` (one penalty per past task, Kirkpatrick) or ``online`` (Schwarz 2018).
-    gamma: decay γ of the running Fisher in online mode (1.0 = Schwarz's default, no decay).
-    fisher_samples: training samples of the task used for the Fisher (0 = all, as FACIL).
-    fisher_labels: ``empirical`` (true y, the common practice) or ``sampled`` (y ~ p_θ, true Fisher).
-    fisher_batch: per-sample-gradient batch (memory ∝ batch × parameters)."""
+    """EWC options; each field documents its default and source (``dmkd list --method ewc``)."""
 
-    ewc_lambda: float = 100.0
-    mode: str = "separate"
-    gamma: float = 1.0
-    fisher_samples: int = 1024
-    fisher_labels: str = "empirical"
-    fisher_batch: int = 16
+    ewc_lambda: float = documented(
+        5000.0, "penalty strength λ in (λ/2) Σ F (θ−θ*)²; its scale depends on fisher_norm",
+        "FACIL (Masana et al. 2022, src/approach/ewc.py: lamb=5000, λ/2 penalty, batch-mean Fisher) for its "
+        "class-IL CIFAR-100 benchmark; van de Ven et al. 2019 search 1..1e9: tune it")
+    mode: str = documented(
+        "separate", "separate (one penalty per past task) | online (one running Fisher, latest anchor)",
+        "Kirkpatrick et al. 2017 (separate); online: Schwarz et al. 2018")
+    gamma: float = documented(
+        1.0, "online mode: decay γ of the running Fisher F ← γF + F_t", "van de Ven et al. 2019 (γ=1, no decay)")
+    fisher_samples: int = documented(
+        0, "training samples of the task used for the Fisher (0 = all)",
+        "FACIL (num_samples=-1: all) and Avalanche EWCPlugin (whole experience)")
+    fisher_labels: str = documented(
+        "empirical", "empirical (true y) | sampled (y ~ p_θ, the true Fisher)",
+        "Avalanche EWCPlugin (true labels); FACIL's default uses the predicted label instead")
+    fisher_norm: str = documented(
+        "batch_mean", "batch_mean (squared gradient of the batch-mean loss, averaged over batches weighted by "
+        "batch size; ~batch-size times smaller) | per_sample (mean of squared per-sample gradients, the "
+        "definition of METHODS.md §3)", "batch_mean: FACIL and Avalanche; per_sample: Kirkpatrick et al. 2017")
+    fisher_batch: int = documented(
+        0, "batch size of the Fisher pass (0 = the protocol's batch_size); sets the scale under batch_mean, "
+        "only memory under per_sample", "FACIL and Avalanche: the training batch size")
 
     def validate(self) -> None:
         require(self.ewc_lambda >= 0, f"ewc_lambda must be >= 0, got {self.ewc_lambda}", "use e.g. ewc_lambda=5000")
         choice(self.mode, ("separate", "online"), "mode")
         choice(self.fisher_labels, ("empirical", "sampled"), "fisher_labels")
+        choice(self.fisher_norm, FISHER_NORMS, "fisher_norm")
         require(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}", "use gamma=1.0")
         require(self.fisher_samples >= 0, "fisher_samples must be >= 0", "use 0 for all samples")
-        require(self.fisher_batch >= 1, "fisher_batch must be >= 1", "use fisher_batch=64")
+        require(self.fisher_batch >= 0, "fisher_batch must be >= 0", "use 0 for the protocol's batch size")
 
 
 @register
@@ -81,9 +96,11 @@ class EWC(Method):
 
     def after_task(self, task: Task) -> None:
         gen = torch.Generator().manual_seed(self.ctx.seed * 1000 + task.id)
-        batches = task.batches("train", self.hp.fisher_batch, shuffle=True, generator=gen, device=self.ctx.device)
-        fisher = diagonal_fisher(self.model, batches, labels=self.hp.fisher_labels,
-                                 max_samples=self.hp.fisher_samples or None, generator=gen)
+        bs = self.hp.fisher_batch or self.ctx.protocol.batch_size
+        batches = task.batches("train", bs, shuffle=True, generator=gen, device=self.ctx.device)
+        estimate = batch_mean_fisher if self.hp.fisher_norm == "batch_mean" else diagonal_fisher
+        fisher = estimate(self.model, batches, labels=self.hp.fisher_labels,
+                          max_samples=self.hp.fisher_samples or None, generator=gen)
         anchor = {n: p.detach().clone() for n, p in self._params().items()}
         if self.hp.mode == "online" and self.fishers:
             fisher = {n: self.hp.gamma * self.fishers[0][n] + f for n, f in fisher.items()}

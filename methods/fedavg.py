@@ -2,7 +2,8 @@
 
 Each task's training data is split over P clients (``partition``: iid | dirichlet | round_robin).
 Per task, R rounds; per round a seeded sample of max(1, round(C·P)) clients trains E local epochs
-from the server weights (fresh optimiser from the protocol each round) and the server averages the
+(R·E = the protocol's epochs, so every sample is seen as often as under FT; E may be a fraction of an
+epoch, see :class:`NodesParams`) from the server weights (fresh optimiser from the protocol each round) and the server averages the
 floating state (parameters and BatchNorm statistics) weighted by client sample counts.
 ``predict`` evaluates the server model. Bytes = 2 x |θ| x 4 per participating client per round.
 
@@ -13,6 +14,9 @@ the nodes object, per-task partitions, one random stream per node and the local 
 from __future__ import annotations
 
 import copy
+import itertools
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,38 +25,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.api import HParams, Method, RunContext, Task, check_finite, choice, register, require
+from harness.defaults import documented
+from harness.errors import UserError
 from harness.nodes import BACKENDS, FAULT_POLICIES, Nodes, make_nodes, node_generator, using_generator
 from harness.partition import SCHEMES, partition_indices, partition_stats, task_class_order
 
 
 @dataclass
 class NodesParams(HParams):
-    """Options of a method that trains on P nodes.
+    """Options of a method that trains on P nodes; each field documents its default and source
+    (``dmkd list --method fedavg``). The budget: E may be a fraction of an epoch: each node's training
+    stream for the task (R·E passes over its shard, reshuffled every pass) is cut into R consecutive
+    pieces of equal batch count, one per round; an explicit E with R·E != epochs is refused unless
+    free_budget=true (the run's measured passes_per_task then shows its real budget)."""
 
-    n_nodes: P. topology: full | ring | star | adj:0-1,1-2 (explicit edges).
-    partition: iid | dirichlet | round_robin; alpha: Dirichlet concentration (small = non-IID).
-    rounds: R communication rounds per task; local_epochs: E epochs of local data per round.
-    backend: inprocess (one process, deterministic) | distributed (torchrun, one rank per node).
-    round_timeout_s: how long a round waits for a node; on_fault: drop (finish the round with the
-    nodes that answered) | stop (one-line error, resume from the last task checkpoint).
-    simulate_fault: in-process only, ``node@round`` makes that node stop answering from that round.
-    """
-
-    n_nodes: int = 4
-    topology: str = "full"
-    partition: str = "iid"
-    alpha: float = 0.5
-    rounds: int = 3
-    local_epochs: int = 1
-    backend: str = "inprocess"
-    round_timeout_s: float = 300.0
-    on_fault: str = "drop"
-    simulate_fault: str = ""
+    n_nodes: int = documented(4, "P, the number of nodes (clients / agents)",
+                              "ours: a small P that runs on a laptop (DIMAT's code defaults to 5 agents)")
+    topology: str = documented("full", "full | ring | star | adj:0-1,1-2 (explicit edges)",
+                               "DIMAT (Saadati et al. 2024): fully connected and ring topologies")
+    partition: str = documented("iid", "iid | dirichlet | round_robin (class k to node k mod P)",
+                                "McMahan et al. 2017 (IID and pathological non-IID); Hsu et al. 2019 (Dirichlet)")
+    alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
+                              "Hsu et al. 2019 / common FL benchmarks: α = 0.5")
+    rounds: int = documented(3, "R, communication rounds per task",
+                             "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)")
+    local_epochs: float = documented(
+        0.0, "E, local epochs per round; 0 = epochs / R (a fraction of an epoch when R > epochs)",
+        "METHODS.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)")
+    free_budget: bool = documented(False, "allow R·E != the protocol's epochs (an off-budget run)",
+                                   "ours: off by default so that every row spends the same budget")
+    backend: str = documented("inprocess", "inprocess (one process, deterministic) | distributed (torchrun)",
+                              "ours (harness option)")
+    round_timeout_s: float = documented(300.0, "seconds a round waits for a node", "ours (harness option)")
+    on_fault: str = documented("drop", "drop (finish the round with the nodes that answered) | stop",
+                               "ours (harness option)")
+    simulate_fault: str = documented("", "in-process only: node@round makes that node stop answering",
+                                     "ours (test option)")
 
     def validate(self) -> None:
         require(self.n_nodes >= 1, f"n_nodes must be >= 1, got {self.n_nodes}", "use n_nodes=4 for example")
         require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}", "use rounds=3 for example")
-        require(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}", "use local_epochs=1")
+        require(self.local_epochs >= 0, f"local_epochs must be >= 0, got {self.local_epochs}",
+                "use local_epochs=0 (epochs / rounds) or a positive number of epochs per round")
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}", "use alpha=0.5 for example")
         require(self.round_timeout_s > 0, "round_timeout_s must be > 0", "use round_timeout_s=300 for example")
         choice(self.partition, SCHEMES, "partition")
@@ -75,6 +89,25 @@ class NodesParams(HParams):
         return out
 
 
+def round_schedule(rounds: int, local_epochs: float, epochs: int, free_budget: bool) -> float:
+    """E, the local epochs per round: ``local_epochs`` or, when it is 0, epochs / rounds.
+
+    Raises a UserError when R·E differs from the protocol's epochs and ``free_budget`` is off."""
+    e = float(local_epochs) if local_epochs else epochs / rounds
+    if not free_budget and not math.isclose(rounds * e, epochs, rel_tol=1e-9):
+        raise UserError(
+            f"rounds x local_epochs = {rounds} x {local_epochs:g} = {rounds * e:g} passes per task, but the "
+            f"protocol's budget is epochs={epochs}",
+            f"leave local_epochs=0 (= epochs / rounds), set rounds x local_epochs = {epochs}, "
+            "or free_budget=true for an off-budget run")
+    return e
+
+
+def round_batch_counts(total_batches: int, rounds: int) -> list[int]:
+    """Split ``total_batches`` into ``rounds`` consecutive pieces whose sizes differ by at most one."""
+    return [(r + 1) * total_batches // rounds - r * total_batches // rounds for r in range(rounds)]
+
+
 class NodesMethod(Method):
     """Shared machinery of methods on the nodes API (not registered itself)."""
 
@@ -92,6 +125,10 @@ class NodesMethod(Method):
         self.class_order = task_class_order([t.classes for t in ctx.scenario.tasks])
         ctx.artifacts["node_events"] = self.nodes.events
         ctx.artifacts.setdefault("partition", {})
+        rounds, local_epochs = hp.rounds, hp.local_epochs
+        self.local_epochs = round_schedule(rounds, local_epochs, ctx.protocol.epochs, getattr(hp, "free_budget", False))
+        self._streams: dict[int, tuple[Iterator, list[int]]] = {}
+        self._round_of: dict[int, int] = {}
 
     def before_task(self, task: Task) -> None:
         """Partition the task over the nodes (same seed on every rank) and log its statistics."""
@@ -101,9 +138,28 @@ class NodesMethod(Method):
         self.shards = dict(enumerate(part.shards))
         self.ctx.artifacts["partition"][str(task.id)] = partition_stats(part, task.source.targets,
                                                                         self.ctx.num_classes)
+        self._streams, self._round_of = {}, {}
+
+    def round_batches(self, task: Task, node: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The node's batches of its next round: the next of R equal pieces of its task stream.
+
+        The stream is R·E passes over the node's shard through ``ctx.train_batches`` (counted), drawn
+        with the node's own generator; call it inside ``using_generator(ctx, gens[node])``."""
+        if node not in self._streams:
+            per_pass = math.ceil(len(self.shards[node]) / self.ctx.protocol.batch_size)
+            total = round(self.hp.rounds * self.local_epochs * per_pass)
+            passes = max(1, math.ceil(total / max(per_pass, 1)))
+            stream = self.ctx.train_batches(task, indices={task.id: self.shards[node]}, epochs=passes)
+            self._streams[node] = (stream, round_batch_counts(total, self.hp.rounds))
+            self._round_of[node] = 0
+        stream, counts = self._streams[node]
+        r = self._round_of[node]
+        self._round_of[node] = r + 1
+        return itertools.islice(stream, counts[r] if r < len(counts) else 0)
 
     def local_train(self, model: nn.Module, task: Task, node: int) -> None:
-        """E local epochs of cross-entropy on the node's shard, drawn through the run context."""
+        """One round of local training: E local epochs (this round's piece of the node's task stream,
+        see :meth:`round_batches`) of cross-entropy, fresh optimiser from the protocol."""
         shard = self.shards[node]
         if len(shard) == 0:
             return
@@ -111,7 +167,7 @@ class NodesMethod(Method):
         opt = self.ctx.make_optimizer([p for p in model.parameters() if p.requires_grad])
         loss_sum = torch.zeros((), device=self.ctx.device)
         with using_generator(self.ctx, self.gens[node]):
-            for x, y in self.ctx.train_batches(task, indices={task.id: shard}, epochs=self.hp.local_epochs):
+            for x, y in self.round_batches(task, node):
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
@@ -137,8 +193,9 @@ class NodesMethod(Method):
 class FedAvgParams(NodesParams):
     """FedAvg options (see :class:`NodesParams`); client_fraction C: share of clients per round."""
 
-    topology: str = "star"
-    client_fraction: float = 1.0
+    topology: str = documented("star", "the server-client topology", "McMahan et al. 2017: a central server")
+    client_fraction: float = documented(1.0, "C, share of clients sampled per round",
+                                        "McMahan et al. 2017: C = 1.0 is one of their settings (Table 1)")
 
     def validate(self) -> None:
         super().validate()
@@ -155,6 +212,11 @@ class FedAvg(NodesMethod):
     def __init__(self, hp: FedAvgParams, ctx: RunContext) -> None:
         super().__init__(hp, ctx)
         self.worker = copy.deepcopy(self.model)  # scratch client model, reloaded from the server each time
+
+    def budget_passes(self, task: Task) -> float:
+        """epochs x the sampled share of clients: with C < 1 a round trains only m of the P shards."""
+        P = self.hp.n_nodes
+        return self.ctx.protocol.epochs * (len(self.sampled_clients(task.id, 0)) / P if P else 1.0)
 
     def sampled_clients(self, task_id: int, round_idx: int) -> list[int]:
         """Seeded by (seed, task, round): every rank draws the same clients."""

@@ -15,16 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from harness.api import HParams, Method, Task, register, require, tensor_bytes
+from harness.defaults import documented
 from methods.common import frozen_copy, kd_loss
 
 
 @dataclass
 class LwFParams(HParams):
-    """alpha: weight α of the distillation term (Li & Hoiem: λ_o = 1).
-    temperature: KD temperature T (Li & Hoiem: T = 2, following Hinton et al. 2015)."""
+    """LwF options; each field documents its default and source (``dmkd list --method lwf``)."""
 
-    alpha: float = 1.0
-    temperature: float = 2.0
+    alpha: float = documented(1.0, "weight α of the distillation term α·T²·KL on the old classes",
+                              "Li & Hoiem 2016: λ_o = 1 (all their experiments)")
+    temperature: float = documented(2.0, "KD temperature T",
+                                    "Li & Hoiem 2016: T = 2 (following Hinton et al. 2015)")
 
     def validate(self) -> None:
         require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}", "use alpha=1")

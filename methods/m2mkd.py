@@ -8,11 +8,18 @@ then assembled. Phase 2: the assembled student trains end to end with CE + α·�
 KL reduction: batchmean (sum over classes, mean over samples; methods.common.kd_loss), restricted to
 the classes the teacher has seen (the CL adaptation; new classes have no teacher signal). The official
 code divides by batch×classes instead. Task 0 has no teacher: plain CE.
+
+Budget (METHODS.md §6): both phases share the protocol's ``epochs`` passes over the task. The task's
+training stream (epochs passes, reshuffled every pass) is cut into consecutive pieces: the first
+``phase1_share`` of its batches go to phase 1, split equally over the N modules, the rest to phase 2.
+Task 0 (no teacher) spends the whole stream on plain CE.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +28,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.api import HParams, Method, RunContext, Task, check_finite, register, require, tensor_bytes
+from harness.defaults import documented
 from methods.common import frozen_copy, kd_loss
 
 
 @dataclass
 class M2MKDParams(HParams):
-    """alpha=0.5: KD weight (1−α on CE in phase 1); tau=1.0: KD temperature (the paper's values);
-    phase1_epochs=1: epochs of hybrid training per module (0 skips phase 1)."""
+    """m2mKD options; each field documents its default and source (``dmkd list --method m2mkd``)."""
 
-    alpha: float = 0.5
-    tau: float = 1.0
-    phase1_epochs: int = 1
+    alpha: float = documented(0.5, "KD weight α: (1−α)·CE + α·τ²·KL in phase 1, CE + α·τ²·KL in phase 2",
+                              "Lo et al. 2024 (m2mKD): α = 0.5")
+    tau: float = documented(1.0, "KD temperature τ", "Lo et al. 2024 (m2mKD): τ = 1")
+    phase1_share: float = documented(
+        0.5, "share of the task's training batches spent on phase 1 (split equally over the modules; 0 skips "
+        "it), the rest on phase 2", "ours: the paper gives each phase its own schedule; under one budget "
+        "(METHODS.md §6) the split is a choice, half and half, to be tuned")
 
     def validate(self) -> None:
         require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}", "use alpha=0.5")
         require(self.tau > 0, f"tau must be > 0, got {self.tau}", "use tau=1")
-        require(self.phase1_epochs >= 0, "phase1_epochs must be >= 0", "use phase1_epochs=1")
+        require(0.0 <= self.phase1_share < 1.0, f"phase1_share must be in [0, 1), got {self.phase1_share}",
+                "use phase1_share=0.5 (0 skips phase 1)")
 
 
 def split_modules(backbone: nn.Module) -> nn.Sequential:
@@ -84,16 +96,27 @@ class M2MKD(Method):
         kd = kd_loss(z, z_t, self.hp.tau, self.teacher_classes)
         return ((1 - self.hp.alpha) * ce if phase1 else ce) + self.hp.alpha * kd
 
+    def phase_batches(self, n_train: int) -> tuple[list[int], int]:
+        """Batches of each module's phase 1 and of phase 2, out of epochs x ceil(n / batch) in all."""
+        total = self.ctx.protocol.epochs * math.ceil(n_train / self.ctx.protocol.batch_size)
+        if self.teacher is None or self.hp.phase1_share <= 0:
+            return [], total
+        p1 = round(self.hp.phase1_share * total)
+        n = len(self.model)
+        return [(i + 1) * p1 // n - i * p1 // n for i in range(n)], total - p1
+
     def train_task(self, task: Task) -> None:
         loss_sum = torch.zeros((), device=self.ctx.device)
         teacher = self.teacher
-        if teacher is not None and self.hp.phase1_epochs > 0:
+        phase1, phase2 = self.phase_batches(len(task.train_idx))
+        stream = self.ctx.train_batches(task)  # the task's whole budget, cut into the phases' pieces
+        if teacher is not None and phase1:
             students = []
-            for i in range(len(self.model)):
+            for i, n_batches in enumerate(phase1):
                 s_i = copy.deepcopy(teacher[i]).train()
                 s_i.requires_grad_(True)
                 opt = self.ctx.make_optimizer(s_i.parameters())
-                for x, y in self.ctx.train_batches(task, epochs=self.hp.phase1_epochs):
+                for x, y in itertools.islice(stream, n_batches):
                     opt.zero_grad(set_to_none=True)
                     with torch.no_grad():
                         z_t = teacher(x)
@@ -107,7 +130,7 @@ class M2MKD(Method):
                     module.load_state_dict(s_i.state_dict())
         assert self.optimizer is not None
         self.model.train()
-        for x, y in self.ctx.train_batches(task):
+        for x, y in itertools.islice(stream, phase2):
             self.optimizer.zero_grad(set_to_none=True)
             z_t = None
             if teacher is not None:

@@ -39,6 +39,10 @@ FILES = {
 }
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MEAN, STD = 0.2860, 0.3530  # training-set pixel statistics of Fashion-MNIST (inputs scaled to [0, 1])
+# Normalisations a scenario can choose (``normalization`` option of the domain-IL scenarios):
+# fmnist: the data's own statistics (default); mnist: MNIST's (0.1307, 0.3081), which Avalanche's
+# PermutedMNIST applies; none: pixels in [0, 1].
+NORMALIZATIONS = {"fmnist": (MEAN, STD), "mnist": (0.1307, 0.3081), "none": (0.0, 1.0)}
 HOW_TO_GET = (
     "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
     "or put the four IDX files in a folder and pass --data-root or set DMKD_DATA"
@@ -124,11 +128,12 @@ def _download() -> dict[str, Path]:
     return found  # type: ignore[return-value]
 
 
-def _source(data_root: str | None) -> tuple[TensorSource, int, Tensor, Tensor]:
+def _source(data_root: str | None, normalization: str = "fmnist") -> tuple[TensorSource, int, Tensor, Tensor]:
     tx, ty, vx, vy = load_fmnist(data_root)
     data = torch.cat([tx, vx]).unsqueeze(1)  # N x 1 x 28 x 28 uint8, train first then test
     targets = torch.cat([ty, vy])
-    return TensorSource(data, targets, mean=MEAN, std=STD, scale=255.0), len(tx), ty, vy
+    mean, std = NORMALIZATIONS[normalization]
+    return TensorSource(data, targets, mean=mean, std=std, scale=255.0), len(tx), ty, vy
 
 
 @dataclass
@@ -153,9 +158,22 @@ def split_fmnist(opts: SplitOptions, seed: int, data_root: str | None) -> Scenar
 @dataclass
 class PermutedOptions(ScenarioOptions):
     """n_tasks: number of domains; each task is all ten classes under its own fixed pixel
-    permutation drawn from the seed (GEM-style: every task, the first included, is permuted)."""
+    permutation drawn from the seed (GEM-style: every task, the first included, is permuted).
+    first_unpermuted: True keeps task 0 as the original images (the convention of some papers and
+    of van de Ven's code); Avalanche's PermutedMNIST permutes every task, as our default does.
+    normalization: fmnist (the data's own mean/std, default) | mnist (MNIST's 0.1307/0.3081, what
+    Avalanche's PermutedMNIST applies) | none. (These two exist to explain the permuted anchor of
+    docs/permuted-anchor.md.)"""
 
     n_tasks: int = 10
+    first_unpermuted: bool = False
+    normalization: str = "fmnist"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.normalization not in NORMALIZATIONS:
+            raise UserError(f"normalization={self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}",
+                            "use normalization=fmnist")
 
 
 @dataclass
@@ -213,9 +231,11 @@ class Rotate:
 def permuted_fmnist(opts: PermutedOptions, seed: int, data_root: str | None) -> Scenario:
     if opts.n_tasks < 1:
         raise UserError("n_tasks must be >= 1", "set n_tasks=10 for example")
-    source, n_train, ty, vy = _source(data_root)
+    source, n_train, ty, vy = _source(data_root, opts.normalization)
     g = torch.Generator().manual_seed(seed + 15485863)
     transforms = [(f"permutation {t}", Permute(torch.randperm(784, generator=g))) for t in range(opts.n_tasks)]
+    if opts.first_unpermuted:
+        transforms[0] = ("original", Permute(torch.arange(784)))
     tasks = _domain_tasks(source, n_train, ty, vy, opts, seed, transforms)
     return Scenario("permuted-fmnist", "domain", tasks, 10, (1, 28, 28), "mlp", CLASS_NAMES)
 

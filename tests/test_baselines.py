@@ -75,7 +75,7 @@ def test_ewc_penalty_matches_hand_computed_value():
 @pytest.mark.parametrize("mode", ["separate", "online"])
 def test_ewc_fisher_and_modes(mode):
     ctx = synthetic_ctx()
-    m = make(EWC, ctx, mode=mode, gamma=0.5, ewc_lambda=1.0, fisher_samples=0, fisher_batch=7)
+    m = make(EWC, ctx, mode=mode, gamma=0.5, ewc_lambda=1.0, fisher_samples=0, fisher_batch=7, fisher_norm="per_sample")
     tasks = ctx.scenario.tasks
     train(m, tasks[:1])
     ref1 = diagonal_fisher(m.model, tasks[0].batches("train", 40))  # all samples, independent batching

@@ -114,3 +114,71 @@ def test_dimat_merge_of_permuted_twins_gives_the_original_wa_does_not():
         merged = Dimat.merge(fake, 0, own, {1: theirs}, x)
         close = all(torch.allclose(merged[k], own[k], atol=1e-6) for k in own)
         assert close is exact
+
+
+def _dimat(method, **mset):
+    from harness.runner import build_context, get_scenario, hparams_from, resolve_method
+
+    spec = RunSpec(method, "split-fmnist", 0, method_set=mset, scenario_set=SMALL)
+    scenario = get_scenario(spec)
+    cls = resolve_method(method)
+    m = cls(hparams_from(cls.HParams, mset), build_context(spec, scenario, torch.device("cpu")))
+    m.before_task(scenario.tasks[0])
+    return m, scenario.tasks[0]
+
+
+def _merged(m, task, i=0):
+    states = {j: {k: p.detach().clone() for k, p in a.named_parameters()} for j, a in m.agents.items()}
+    received = {j: s for j, s in states.items() if j != i}
+    return m.merge(i, states[i], received, m._stat_batches(task, i))
+
+
+@needs_fmnist
+def test_dimat_agents_start_distinct_and_the_merge_differs_from_wa():
+    d, task = _dimat("dimat")
+    w, _ = _dimat("wa")
+    a0, a1 = (dict(d.agents[i].named_parameters()) for i in (0, 1))
+    assert not torch.equal(a0["features.1.weight"], a1["features.1.weight"])  # seed + i initialisations
+    fresh = build_backbone("mlp", (1, 28, 28), 10)
+    assert all(torch.equal(p, q) for p, q in zip(d.agents[0].parameters(), w.agents[0].parameters()))
+    assert sum(p.numel() for p in fresh.parameters()) == MLP_PARAMS
+    md, mw = _merged(d, task), _merged(w, task)
+    assert any(not torch.allclose(md[k], mw[k]) for k in md)
+    moved, units = map(sum, zip(*d._moved))
+    assert units == 3 * 800 and moved / units > 0.9  # 3 neighbours x (400 + 400) units; random inits barely agree
+    # the merge of agent 0 with itself under a known permutation is agent 0 again, WA's is not
+    twin, _ = _permute_hidden(d.agents[0], d.groups, seed=3)
+    own = {k: p.detach().clone() for k, p in d.agents[0].named_parameters()}
+    got = {k: p.detach().clone() for k, p in twin.named_parameters()}
+    batches = d._stat_batches(task, 0)
+    aligned = d.merge(0, own, {1: got}, batches)
+    assert all(torch.allclose(aligned[k], own[k], atol=1e-6) for k in own)
+    assert not all(torch.allclose(w.merge(0, own, {1: got}, batches)[k], own[k], atol=1e-3) for k in own)
+
+
+@needs_fmnist
+def test_dimat_merge_equals_wa_when_the_agents_are_identical():
+    d, task = _dimat("dimat", init="shared")
+    w, _ = _dimat("wa", init="shared")
+    md, mw = _merged(d, task), _merged(w, task)
+    assert all(torch.equal(md[k], mw[k]) for k in md)
+    assert sum(m for m, _ in d._moved) == 0
+
+
+@needs_fmnist
+def test_dimat_logs_moved_fraction_per_round():
+    rec = _run("dimat", rounds=2)
+    moved = [m for m in rec["method_metrics"] if m[0] == "moved_fraction"]
+    assert [m[2] for m in moved] == [1, 2, 3, 4] and all(0.0 <= m[1] <= 1.0 for m in moved)
+    assert moved[0][1] > 0.5  # the first merge aligns distinct random initialisations
+
+
+@needs_fmnist
+def test_empty_shards_are_refused_by_dimat_before_training_and_wa_runs():
+    from harness.errors import UserError
+
+    # 2 tasks of 5 classes, 6 nodes: class k goes to node k mod 6, so node 5 gets nothing of task 0
+    with pytest.raises(UserError, match=r"node\(s\) \[5\] without training data of task 0"):
+        _run("dimat", partition="round_robin", n_nodes=6)
+    rec = _run("wa", partition="round_robin", n_nodes=6)
+    assert rec["status"] == "finished"

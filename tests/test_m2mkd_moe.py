@@ -65,7 +65,7 @@ def test_m2mkd_loss_against_hand_computed_value():
 
 def test_m2mkd_phases_use_the_snapshot_and_count_their_batches():
     ctx = make_ctx(epochs=1)
-    m = M2MKD(M2MKDParams(phase1_epochs=1), ctx)
+    m = M2MKD(M2MKDParams(phase1_share=0.5), ctx)
     train_tasks(m, 1)
     assert m.teacher is not None and m.teacher_classes == [0, 1]
     n0 = ctx.samples_seen
@@ -73,8 +73,11 @@ def test_m2mkd_phases_use_the_snapshot_and_count_their_batches():
     task = ctx.scenario.tasks[1]
     m.before_task(task)
     m.train_task(task)
-    # phase 1 (one pass per module, 3 modules) + phase 2 (one pass): 4 passes over task 1
-    assert ctx.samples_seen - n0 == 4 * len(task.train_idx)
+    # both phases share the budget: one pass over task 1 in all, half of its batches in phase 1
+    assert ctx.samples_seen - n0 == len(task.train_idx)
+    phase1, phase2 = m.phase_batches(len(task.train_idx))
+    assert len(phase1) == 3 and sum(phase1) + phase2 == -(-len(task.train_idx) // ctx.protocol.batch_size)
+    assert abs(sum(phase1) - phase2) <= 1
     assert all(torch.equal(a, b) for a, b in zip(snapshot, m.teacher.parameters()))  # the teacher stays frozen
     assert not all(torch.equal(a, b) for a, b in zip(snapshot, m.model.parameters()))
     assert m.state_bytes() == sum(p.numel() * 4 for p in m.model.parameters())

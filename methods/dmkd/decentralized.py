@@ -3,7 +3,7 @@
 P nodes, each a full DMKD learner (encoder, experts, router, autoencoders, its own teacher, importance
 maps and optimisers) trained with the normal DMKD loss on its shard of every task (``partition`` iid |
 dirichlet | round_robin, via :class:`methods.fedavg.NodesMethod`). Per task, ``rounds`` times: every node
-trains ``local_epochs`` epochs (R) through ``ctx.train_batches`` (samples and FLOPs counted), then the
+trains ``local_epochs`` epochs (E; R·E = the protocol's epochs by default) through ``ctx.train_batches`` (samples and FLOPs counted), then the
 nodes synchronise:
 
 - What travels. c_i[m] = samples node i routed to expert m since the last sync. The network first sums
@@ -176,14 +176,14 @@ class DecentralizedDMKD(NodesMethod, DMKD):
             self.record_communication()
 
     def local_train_dmkd(self, i: int, task: Task) -> None:
-        """R local epochs of node i's DMKD loss on its shard, drawn through the run context."""
+        """E local epochs (this round's share of the budget) of node i's DMKD loss on its shard."""
         learner, shard = self.learners[i], self.shards[i]
         if len(shard) == 0:
             return
         learner.model.train()
         loss_sum = torch.zeros((), device=self.ctx.device)
         with using_generator(self.ctx, self.gens[i]):
-            for x, y in self.ctx.train_batches(task, indices={task.id: shard}, epochs=self.hp.local_epochs):
+            for x, y in self.round_batches(task, i):  # this round's piece of the node's R·E-pass stream
                 loss_sum = loss_sum + learner.training_step(x, y, task).detach()
                 self.samples[i] += len(y)
         check_finite(loss_sum, self.NAME, task.id)

@@ -83,7 +83,8 @@ class DMKDParams(HParams):
       training="centralized" | decentralized (P = n_nodes >= 2 full DMKD learners, one shard of every task
           each); n_nodes=1. topology="full" (network average) | ring (gossip with the two neighbours).
       partition="iid" | dirichlet (alpha=0.5) | round_robin. rounds=3 synchronisations per task, each after
-          local_epochs=1 local epochs (R); protocol.epochs is not used then (as for FedAvg).
+          local_epochs=0 local epochs (0 = epochs / rounds: R·E = the protocol's epochs, as for FedAvg;
+          free_budget=true allows another product).
       communication="full": module-wise weighted average of the modules routed to since the last sync |
           salient: only the top salient_p share of each such module (values + int32 indices).
       salient_by="update": which entries are salient for the exchange: update (|theta - theta at the last
@@ -133,7 +134,8 @@ class DMKDParams(HParams):
     partition: str = "iid"
     alpha: float = 0.5
     rounds: int = 3
-    local_epochs: int = 1
+    local_epochs: float = 0.0
+    free_budget: bool = False
     salient_by: str = "update"
     backend: str = "inprocess"
     round_timeout_s: float = 300.0
@@ -143,7 +145,7 @@ class DMKDParams(HParams):
     def nodes_params(self) -> NodesParams:
         """The nodes options as FedAvg/DIMAT's NodesParams (same meaning, same validation)."""
         names = {f.name for f in fields(NodesParams)}
-        return NodesParams(**{n: getattr(self, n) for n in names})
+        return NodesParams(**{n: getattr(self, n) for n in names if hasattr(self, n)})
 
     def faults(self) -> dict[int, int]:
         return self.nodes_params().faults()
