@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--tuned", action="store_true", help="use the best parameters saved by `dmkd tune`")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    s.add_argument("--claim-ttl", type=float, default=120.0, help="seconds after which a dead worker's claim expires")
+    from harness.launch import add_suite_options
+
+    add_suite_options(s)
     _common(s)
 
     rep = sub.add_parser("report", help="write LEADERBOARD.md and report.html from recorded runs")
@@ -261,24 +263,9 @@ def _run_distributed(spec, args, rank: int) -> int:
 
 
 def cmd_suite(args) -> int:
-    from harness.suite import load_suite, run_suite
+    from harness.launch import cmd_suite as launch
 
-    cfg = load_suite(args.config)
-    if args.data_root:
-        cfg.data_root = args.data_root
-    if args.device != "auto":
-        cfg.device = args.device
-    if args.tuned:
-        from harness.tune import load_best_params
-
-        cfg.tuned = load_best_params(Path(args.results), cfg)
-    store = _store(args, cfg.experiment)
-    records = run_suite(cfg, store, claim_ttl_s=args.claim_ttl)
-    print_records(records)
-    if not args.no_report:
-        _write_report(args, cfg.experiment)
-    failed = [r for r in records if r.get("status") == "failed"]
-    return 1 if failed else 0
+    return launch(args)
 
 
 def _write_report(args, experiment: str | None, out: str | None = None) -> None:

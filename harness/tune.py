@@ -31,24 +31,38 @@ from harness.tracking import Store, atomic_write_json
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
 
 
-def make_storage(url: str | None, results_dir: Path):
-    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite."""
+def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None, stale_callback=None):
+    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite.
+
+    With ``heartbeat_interval``, running trials record heartbeats and a trial silent for
+    ``grace_period`` seconds is failed and handed to ``stale_callback`` (suites re-queue it).
+    """
     import optuna
 
+    hb = {} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval,
+                                                "grace_period": grace_period,
+                                                "heartbeat_stale_trial_callback": stale_callback}
     if url is None:
         results_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        backend = JournalFileBackend(url[len("journal:"):])
+        if hb:
+            from harness.cluster import JournalHeartbeatStorage
+
+            return JournalHeartbeatStorage(backend, **hb)
+        return optuna.storages.JournalStorage(backend)
     import random
 
     last: Exception | None = None
     for attempt in range(6):
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {})
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
+                else {"connect_args": {"timeout": 60}}, **hb)
         except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
             last = e
             time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
