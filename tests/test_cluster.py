@@ -196,6 +196,30 @@ def test_a_waiting_worker_reports_and_takes_over_a_silent_cell(tmp_path, capsys)
     assert states[held.number] == optuna.trial.TrialState.FAIL
 
 
+@needs_fmnist
+def test_sigint_hands_the_cell_back_and_the_resumed_suite_closes_every_mlflow_run(tmp_path):
+    suite, res = _suite(tmp_path, SUITE.replace("[0, 1, 2]", "[0]")), tmp_path / "res"
+    w = _worker(suite, res, None)
+    deadline = time.time() + 300
+    while not list((res / "tiny" / "checkpoints").glob("*.pt")) and w.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    w.send_signal(signal.SIGINT)  # Ctrl-C in the middle of a run
+    _, err = w.communicate(timeout=300)
+    assert w.returncode == 130, err[-800:]
+    running = [k for k, r in _records(res).items() if r["status"] == "running"]
+    assert len(running) == 1
+    trials = _trials(None, res)
+    cell = [t for t in trials if t.user_attrs["dmkd_cell"] == running[0]]
+    assert sorted(t.state.name for t in cell) == ["FAIL", "WAITING"]  # back in the queue for any worker
+    w = _worker(suite, res, None)
+    _, err = w.communicate(timeout=600)
+    assert w.returncode == 0, err[-800:]
+    recs = _records(res)
+    assert {r["status"] for r in recs.values()} == {"finished"} and recs[running[0]]["resumed_from_task"] >= 1
+    _, runs = _mlflow_seed_runs(res)
+    assert len(runs) == 5 and {r.info.status for r in runs} == {"FINISHED"}  # suite, 2 groups, 2 seeds
+
+
 def test_journal_heartbeat_ignores_the_writers_clock(tmp_path):
     import optuna
     from optuna.storages.journal import JournalFileBackend
