@@ -185,17 +185,44 @@ def _states(study) -> dict[str, list]:
     return out
 
 
-def _top_up(study, pending: list[str]) -> int:
+def _top_up(study, keys: list[str], store: Store) -> int:
     """Enqueue every unfinished cell that no trial waits for or runs (a crash, a user error)."""
     from optuna.trial import TrialState
 
     by_cell = _states(study)
     n = 0
-    for key in pending:
-        if not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in by_cell.get(key, [])):
-            study.enqueue_trial({}, user_attrs={CELL: key})
-            n += 1
+    for key in keys:
+        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in by_cell.get(key, [])):
+            continue
+        # Read after the trials: a record is written before its trial completes, so a cell that
+        # finished meanwhile is seen as finished here and not queued again.
+        if (store.load_record(key) or {}).get("status") in DONE:
+            continue
+        study.enqueue_trial({}, user_attrs={CELL: key})
+        n += 1
     return n
+
+
+def _fail_orphans(study, storage, seen: dict[int, float], grace: int) -> None:
+    """A trial popped by a worker that died before its first heartbeat has no heartbeat to go
+    stale: fail it (and re-queue its cell) once it has run that long without naming its worker."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    now = time.monotonic()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in t.user_attrs or CELL not in t.user_attrs:
+            continue
+        first = seen.setdefault(t._trial_id, now)
+        if now - first <= grace:
+            continue
+        try:
+            failed = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # another worker got there first
+            continue
+        cb = storage.get_heartbeat_stale_trial_callback()
+        if failed and cb is not None:
+            cb(study, storage.get_trial(t._trial_id))
 
 
 def _pop(study):
@@ -228,11 +255,24 @@ def _value(rec: dict[str, Any]) -> float:
     return 0.0
 
 
+def prepare(cfg: SuiteConfig, store: Store, storage_url: str | None, heartbeat: int, grace: int) -> str:
+    """Open the storage and create the suite's study with its cells queued (launchers do this
+    before starting workers, so that a bad storage is one error line and workers never race)."""
+    specs = cfg.specs()
+    name = study_name(cfg, specs)
+    storage = open_storage(storage_url, store, heartbeat, grace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _open_study(storage, name, [s.key() for s in specs if (store.load_record(s.key()) or {}).get("status")
+                                    not in DONE])
+    return name
+
+
 # ---------------------------------------------------------------------------------------------
 # The worker loop
 # ---------------------------------------------------------------------------------------------
 def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None, heartbeat: int = HEARTBEAT_S,
-              grace: int = GRACE_S, show_progress: bool = True, poll_s: float = 1.0,
+              grace: int = GRACE_S, show_progress: bool = True, poll_s: float = 2.0,
               report_s: float = 60.0) -> list[dict[str, Any]]:
     """Work on the suite's cells until every one is done; returns the records of all its cells."""
     import optuna
@@ -262,7 +302,8 @@ def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None,
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we run trials with ask/tell
         optuna.storages.fail_stale_trials(study)
-        _top_up(study, pending())
+        _top_up(study, pending(), store)
+        orphans: dict[int, float] = {}
         while True:
             optuna.storages.fail_stale_trials(study)  # a dead worker's cell goes back to the queue
             trial = _pop(study)
@@ -274,9 +315,9 @@ def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None,
                     break
                 by_cell = _states(study)
                 held = [k for k in left if any(t.state == TrialState.RUNNING for t in by_cell.get(k, []))]
-                if len(held) < len(left):  # cells that nothing waits for or runs: queue them again
-                    _top_up(study, left)
-                    continue
+                if len(held) < len(left) and _top_up(study, left, store):
+                    continue  # cells that nothing waited for or ran (a crash, an error) are queued again
+                _fail_orphans(study, storage, orphans, grace)
                 if time.monotonic() - last_report >= report_s:
                     print(f"worker {store.worker_id}: waiting for {len(held)} cell(s) running on other workers "
                           f"({', '.join(held[:3])}{', …' if len(held) > 3 else ''}); a worker silent for "
@@ -286,15 +327,15 @@ def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None,
                 continue
             key = trial.user_attrs[CELL]
             with get_heartbeat_thread(trial._trial_id, storage):
-                if key not in by_key or _is_duplicate(study, trial, key):
+                trial.set_user_attr("worker", store.worker_id)
+                rec = store.load_record(key)
+                if key not in by_key or _is_duplicate(study, trial, key) or (rec or {}).get("status") in DONE:
+                    # A second copy of a cell (two workers queued it at once) or one done meanwhile.
                     study._storage.set_trial_system_attr(trial._trial_id, "duplicate", True)
                     study.tell(trial, state=TrialState.FAIL)
                     continue
-                rec = store.load_record(key)
-                if rec is None or rec.get("status") not in DONE:
-                    trial.set_user_attr("worker", store.worker_id)
-                    rec = _execute(execute, study, trial, key, by_key[key], cfg, store, group_ids, suite_id,
-                                   show_progress)
+                rec = _execute(execute, study, trial, key, by_key[key], cfg, store, group_ids, suite_id,
+                               show_progress)
             if rec.get("status") == "finished":
                 study.tell(trial, _value(rec))
             else:

@@ -142,7 +142,7 @@ def set_threads(n: int | None) -> None:
 
 def cmd_suite(args: argparse.Namespace) -> int:
     """`dmkd suite`: work in this process, or launch workers and collect the suite when they end."""
-    from harness.cluster import check_heartbeat
+    from harness.cluster import check_heartbeat, prepare
     from harness.suite import load_suite, run_suite
     from harness.tracking import Store
 
@@ -159,6 +159,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
         cfg.tuned = load_best_params(Path(args.results), cfg)
     specs = cfg.specs()
     if args.launcher != "local":
+        prepare(cfg, Store(Path(args.results), cfg.experiment, "none"), args.storage, heartbeat, grace)
         return _slurm(args, cfg, specs, t0)
     local = args.workers == "1" and args.workers_per_gpu is None
     if local:
@@ -168,6 +169,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
                   show_progress=not args.worker)
         return 0 if args.worker else _finish(args, cfg, specs, t0, f"1 worker, {_threads_now()} thread(s)")
     plan = plan_workers(args.workers, args.workers_per_gpu, len(specs))
+    prepare(cfg, Store(Path(args.results), cfg.experiment, "none"), args.storage, heartbeat, grace)
     threads = int(plan[0]["OMP_NUM_THREADS"])
     procs = []
     print(f"starting {len(plan)} workers x {threads} thread(s) on {available_cores()} cores", file=sys.stderr)
@@ -206,8 +208,10 @@ def _wait(procs: list[subprocess.Popen], cfg, specs, args, show: bool) -> None:
         if store is None and (Path(args.results) / cfg.experiment / "runs").is_dir():
             store = Store(Path(args.results), cfg.experiment, "none")
         if store is not None:
-            bar.n = len(specs) - len(records_done(store, specs)[1])
-            bar.refresh()
+            n = len(specs) - len(records_done(store, specs)[1])
+            if n != bar.n:
+                bar.n = n
+                bar.refresh()
     bar.close()
 
 
