@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tuned-dir", default=None,
                    help="folder of `dmkd tune-suite` files (default: <suite folder>/tuned/<suite name>)")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    s.add_argument("--claim-ttl", type=float, default=120.0, help="seconds after which a dead worker's claim expires")
+    from harness.launch import add_suite_options
+
+    add_suite_options(s)
     _common(s)
 
     rep = sub.add_parser("report", help="write LEADERBOARD.md and report.html from recorded runs")
@@ -291,44 +293,9 @@ def _run_distributed(spec, args, rank: int) -> int:
 
 
 def cmd_suite(args) -> int:
-    import math
+    from harness.launch import cmd_suite as launch
 
-    from harness.suite import load_suite, run_suite
-
-    if not (math.isfinite(args.claim_ttl) and args.claim_ttl > 0):
-        raise UserError(f"--claim-ttl must be a positive number of seconds, got {args.claim_ttl}",
-                        "use e.g. --claim-ttl 120")
-    cfg = load_suite(args.config)
-    if args.data_root:
-        cfg.data_root = args.data_root
-    if args.device != "auto":
-        cfg.device = args.device
-    if args.tuned and args.defaults:
-        raise UserError("--tuned and --defaults contradict each other", "pass one of them")
-    if args.tuned:
-        from harness.tune import load_best_params
-
-        cfg.tuned = load_best_params(Path(args.results), cfg)
-    elif not args.defaults:
-        from harness.tune import load_tuned_suite, tuned_dir
-
-        where = tuned_dir(cfg, args.tuned_dir)
-        cfg.tuned = load_tuned_suite(cfg, where)
-        if cfg.tuned:
-            print(f"using tuned settings from {where} for {len(cfg.tuned)} (row, scenario) pairs "
-                  "(--defaults runs the documented defaults)", file=sys.stderr)
-        elif args.tuned_dir:
-            raise UserError(f"no tuned settings for this suite under {where}", "run `dmkd tune-suite` first")
-    from harness.suite import preflight
-
-    preflight(cfg.specs())
-    store = _store(args, cfg.experiment)
-    records = run_suite(cfg, store, claim_ttl_s=args.claim_ttl)
-    print_records(records)
-    if not args.no_report:
-        _write_report(args, cfg.experiment)
-    failed = [r for r in records if r.get("status") == "failed"]
-    return 1 if failed else 0
+    return launch(args)
 
 
 def _write_report(args, experiment: str | None, out: str | None = None) -> None:

@@ -2,8 +2,8 @@
 
 Every run is executed by :func:`execute`, which writes the JSON record, the MLflow runs and a
 checkpoint after each task. Running a suite again skips finished runs and resumes unfinished
-ones from their last completed task. Several workers on the same suite and results folder divide
-the runs between them through claim files (a claim by a dead worker expires).
+ones from their last completed task. Any number of workers divide a suite's runs through an Optuna
+storage (harness/cluster.py); a dead worker's run is taken over and resumed from its checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +218,7 @@ def preflight(specs: list[RunSpec]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Executing runs with tracking, checkpoints and claims
+# Executing runs with tracking and checkpoints
 # ---------------------------------------------------------------------------------------------
 class TrackingObserver(RunObserver):
     """Writes the JSON record, MLflow metrics and a checkpoint as the run progresses."""
@@ -267,7 +266,6 @@ class TrackingObserver(RunObserver):
         if self.checkpoint and task_id + 1 < record["n_tasks"]:
             self.store.save_checkpoint(record["key"], record["config_hash"], state_fn())
         self.store.save_record(record)
-        self.store.heartbeat(record["key"])
         kill_after = os.environ.get("DMKD_TEST_KILL_AFTER_TASK")  # testing hook: a real kill -9 mid-suite
         if kill_after is not None and int(kill_after) == task_id:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -291,25 +289,6 @@ class TrackingObserver(RunObserver):
         if ml is not None and self.run_id:
             ml.set_status(self.run_id, "FINISHED")
         self.store.drop_checkpoint(record["key"])
-
-
-class _Heartbeat:
-    def __init__(self, store: Store, key: str, interval: float) -> None:
-        self.store, self.key, self.interval = store, key, interval
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.store.heartbeat(self.key)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume: bool = True,
@@ -365,82 +344,17 @@ def reconcile_mlflow(store: Store, records: list[dict[str, Any]]) -> None:
             ml.ensure_terminated(run_id, status)
 
 
-def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, claim_ttl_s: float = 120.0,
-              poll_s: float = 2.0, debug: bool = False) -> list[dict[str, Any]]:
-    """Execute every run of a suite that is not finished yet; returns the records of all its runs."""
-    from tqdm.auto import tqdm
+def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, storage_url: str | None = None,
+              heartbeat: int = 10, grace: int = 60, **kwargs: Any) -> list[dict[str, Any]]:
+    """Work on every unfinished run of a suite, with any other workers; returns the records of all its runs.
 
-    specs = cfg.specs()
-    ml = store.mlflow
-    suite_id = ml.find_or_create({"dmkd.kind": "suite", "dmkd.suite": cfg.name}, f"suite {cfg.name}") if ml else None
-    group_ids: dict[tuple[str, str], str | None] = {}
-    bar = tqdm(total=len(specs), desc=f"suite {cfg.name}", unit="run", disable=not show_progress, file=sys.stderr)
-    done: set[str] = set()
-    while True:
-        waiting = []
-        for spec in specs:
-            key = spec.key()
-            if key in done:
-                continue
-            rec = store.load_record(key)
-            if rec is not None and rec.get("status") in ("finished", "failed"):
-                done.add(key)
-                bar.update(1)
-                continue
-            if not store.claim(key, claim_ttl_s):
-                waiting.append(key)
-                continue
-            try:
-                rec = store.load_record(key)  # another worker may have finished it meanwhile
-                if rec is not None and rec.get("status") in ("finished", "failed"):
-                    done.add(key)
-                    bar.update(1)
-                    continue
-                gkey = (spec.method_label(), spec.scenario, spec.group_hash())
-                if ml is not None and gkey not in group_ids:
-                    group_ids[gkey] = group_run(store, cfg, spec, suite_id)
-                bar.set_postfix_str(f"{spec.method_label()} / {spec.scenario} / seed {spec.seed}")
-                task_bar = tqdm(desc="  tasks", unit="task", leave=False, disable=not show_progress, file=sys.stderr)
+    The runs are the trials of one Optuna study in ``storage_url`` (sqlite under the results folder
+    by default): see harness/cluster.py.
+    """
+    from harness.cluster import run_suite as work
 
-                def prog(k, T, record, task_bar=task_bar):
-                    task_bar.total = T
-                    task_bar.n = k
-                    task_bar.refresh()
-
-                extra = {"suite": cfg.name, "worker": store.worker_id}
-                if cfg.reference:
-                    extra["reference"] = cfg.reference
-                with _Heartbeat(store, key, max(claim_ttl_s / 4, 0.5)):
-                    execute(spec, store, group_ids.get(gkey), progress=prog, extra=extra)
-                task_bar.close()
-                done.add(key)
-                bar.update(1)
-            finally:
-                store.release(key)
-        if not waiting:
-            break
-        time.sleep(poll_s)  # other workers hold claims; wait for them to finish or expire
-    bar.close()
-    recs = [store.load_record(s.key()) for s in specs]
-    if ml is not None and suite_id:
-        finish_mlflow_tree(store, cfg, specs, recs, suite_id)
-    return [r for r in recs if r is not None]
-
-
-def finish_mlflow_tree(store: Store, cfg: SuiteConfig, specs: list[RunSpec], recs: list[dict[str, Any] | None],
-                       suite_id: str) -> None:
-    """Once every run of the suite has its final record, mark every seed run, every group run (also
-    those whose runs another worker did) and the suite run terminal in MLflow."""
-    ml = store.mlflow
-    if ml is None or not all(r is not None and r.get("status") in ("finished", "failed") for r in recs):
-        return
-    reconcile_mlflow(store, [r for r in recs if r is not None])
-    groups = {s.group_hash(): s for s in specs}
-    for spec in groups.values():
-        gid = group_run(store, cfg, spec, suite_id)
-        if gid:
-            ml.ensure_terminated(gid, "FINISHED")
-    ml.ensure_terminated(suite_id, "FINISHED")
+    return work(cfg, store, storage_url=storage_url, heartbeat=heartbeat, grace=grace,
+                show_progress=show_progress, **kwargs)
 
 
 def group_run(store: Store, cfg: SuiteConfig, spec: RunSpec, suite_id: str | None) -> str | None:

@@ -6,7 +6,6 @@ Layout under the results folder::
     results/mlartifacts/                       MLflow artifacts
     results/<experiment>/runs/<key>.json       one record per run; status running|finished|failed
     results/<experiment>/checkpoints/<key>.pt  resumable state after the last completed task
-    results/<experiment>/claims/<key>.claim    which worker is running a run (concurrent suites)
 
 MLflow nesting: suite -> (method configuration, scenario) -> seed. A run is marked FINISHED in
 MLflow only when it is; a killed run stays RUNNING until resumed. When MLflow fails (an
@@ -101,13 +100,13 @@ def check_results_dir(results_dir: Path) -> Path:
 
 
 class Store:
-    """Results of one experiment: JSON records, checkpoints, claims and (optionally) MLflow."""
+    """Results of one experiment: JSON records, checkpoints and (optionally) MLflow."""
 
     def __init__(self, results_dir: Path | str, experiment: str, tracking_uri: str | None = None) -> None:
         self.results_dir = check_results_dir(Path(results_dir))
         self.experiment = check_experiment_name(experiment)
         self.dir = self.results_dir / experiment
-        for sub in ("runs", "checkpoints", "claims"):
+        for sub in ("runs", "checkpoints"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         if tracking_uri is None:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.results_dir.resolve()}/mlflow.db"
@@ -203,56 +202,6 @@ class Store:
 
     def drop_checkpoint(self, key: str) -> None:
         self.checkpoint_path(key).unlink(missing_ok=True)
-
-    # ---- claims (concurrent workers) --------------------------------------------------------
-    def claim(self, key: str, ttl_s: float) -> bool:
-        """Atomically claim a run; a claim whose heartbeat is older than ttl_s has expired."""
-        path = self.dir / "claims" / f"{key}.claim"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                with os.fdopen(fd, "w") as f:
-                    f.write(self.worker_id)
-                return True
-            except FileExistsError:
-                try:
-                    age = time.time() - path.stat().st_mtime
-                    owner = path.read_text()
-                except FileNotFoundError:
-                    continue
-                if owner == self.worker_id:
-                    return True
-                if -ttl_s <= age <= ttl_s:
-                    return False
-                if age < 0:
-                    print(f"warning: claim {path.name} is dated {-age:.0f} s in the future (clock skew); "
-                          "treated as expired", file=sys.stderr)
-                # Expired: take it over atomically by renaming our own claim over it.
-                tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
-                tmp.write_text(self.worker_id)
-                os.replace(tmp, path)
-                time.sleep(0.05)
-                try:
-                    return path.read_text() == self.worker_id
-                except FileNotFoundError:
-                    continue
-        return False
-
-    def heartbeat(self, key: str) -> None:
-        path = self.dir / "claims" / f"{key}.claim"
-        try:
-            if path.read_text() == self.worker_id:
-                os.utime(path)
-        except FileNotFoundError:
-            pass
-
-    def release(self, key: str) -> None:
-        path = self.dir / "claims" / f"{key}.claim"
-        try:
-            if path.read_text() == self.worker_id:
-                path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class MlflowSink:

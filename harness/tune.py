@@ -30,10 +30,18 @@ from harness.tracking import Store, atomic_write_json
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
 
 
-def make_storage(url: str | None, results_dir: Path):
-    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite."""
+def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None, stale_callback=None):
+    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite.
+
+    With ``heartbeat_interval``, running trials record heartbeats and a trial silent for
+    ``grace_period`` seconds is failed and handed to ``stale_callback`` (suites re-queue it).
+    """
     import optuna
 
+    hb = {} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval,
+                                                "grace_period": grace_period,
+                                                "heartbeat_stale_trial_callback": stale_callback}
     if url is None:
         results_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
@@ -45,10 +53,15 @@ def make_storage(url: str | None, results_dir: Path):
             raise UserError(f"the folder of the Optuna journal {path} does not exist",
                             "create it first, or pass journal:<path> in an existing folder")
         try:
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            backend = JournalFileBackend(str(path))
         except OSError as e:
             raise UserError(f"cannot open the Optuna journal {path} ({e.strerror or e})",
                             "pass a journal file in a writable folder") from None
+        if hb:
+            from harness.cluster import JournalHeartbeatStorage
+
+            return JournalHeartbeatStorage(backend, **hb)
+        return optuna.storages.JournalStorage(backend)
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
         if (db.exists() and not os.access(db, os.W_OK)) or (not db.exists() and not os.access(db.parent, os.W_OK)):
@@ -59,7 +72,8 @@ def make_storage(url: str | None, results_dir: Path):
     for attempt in range(6):
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {})
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
+                else {"connect_args": {"timeout": 60}}, **hb)
         except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
             last = e
             time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
