@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from harness.api import Protocol
 from harness import runner
+from harness.api import Protocol
 from harness.runner import RunSpec, resolve_method, run
 
 # The quick suite's scenarios (configs/quick.yaml) and methods, labels as there.

@@ -5,6 +5,14 @@ gradients (``methods.common.diagonal_fisher``; empirical labels by default, samp
 option). ``separate`` keeps one (F, θ*) pair per past task; ``online`` keeps one running
 F ← γF + F_t with the latest anchor. Cross-entropy runs over the whole head, as FT.
 
+Cost: separate mode does not sum T penalties per step. Σ_t F_t (θ − θ*_t)² is one quadratic in θ,
+A (θ − m)² + K per entry, with A = Σ_t F_t, m = Σ_t F_t θ*_t / A (the Fisher-weighted anchor; any
+value where A = 0) and K = Σ_t F_t (θ*_t − m)². They are folded in once per task boundary
+(:meth:`EWC.consolidate`, a numerically stable update that never forms Σ F θ*²), so a step costs one
+quadratic whatever the number of past tasks, the state is two parameter-sized maps, and the loss
+value and gradient λ A (θ − m) = λ Σ_t F_t (θ − θ*_t) equal the per-task sum up to float rounding
+(exactly after the first task). Online mode is the same quadratic with A ← γA + F_t, m ← θ*_t, K = 0.
+
 Note on scale: F here is the mean of squared *per-sample* gradients (the definition), which is
 roughly batch-size times larger than Avalanche's importance (squared gradient of the batch-mean
 loss); Avalanche's penalty also has no 1/2. The same λ is therefore much weaker in Avalanche.
@@ -58,24 +66,47 @@ class EWC(Method):
 
     def __init__(self, hp: EWCParams, ctx) -> None:
         super().__init__(hp, ctx)
-        self.fishers: list[dict[str, Tensor]] = []  # separate: one per task; online: one
-        self.anchors: list[dict[str, Tensor]] = []
+        # The accumulated penalty Σ_n [A_n (θ_n − m_n)²] + K (see the module docstring).
+        self.coef: dict[str, Tensor] = {}  # A
+        self.center: dict[str, Tensor] = {}  # m
+        self.offset = torch.zeros((), device=ctx.device)  # K, summed over every entry
+        self.n_consolidated = 0
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def penalty(self) -> Tensor:
-        """(λ/2) Σ_tasks Σ_i F_i (θ_i − θ*_i)² (zero before the first boundary)."""
+        """(λ/2) Σ_tasks Σ_i F_i (θ_i − θ*_i)² (zero before the first boundary), as (λ/2)(Σ A (θ − m)² + K)."""
         total = torch.zeros((), device=self.ctx.device)
-        params = self._params()
-        for fisher, anchor in zip(self.fishers, self.anchors):
-            for n, p in params.items():
-                total = total + (fisher[n] * (p - anchor[n]).pow(2)).sum()
-        return 0.5 * self.hp.ewc_lambda * total
+        for n, p in self._params().items():
+            if n in self.coef:
+                total = total + (self.coef[n] * (p - self.center[n]).pow(2)).sum()
+        return 0.5 * self.hp.ewc_lambda * (total + self.offset)
+
+    def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        """Fold one task's (F_t, θ*_t) into the quadratic's coefficients (A, m, K)."""
+        with torch.no_grad():
+            if self.hp.mode == "online" or not self.coef:
+                gamma = self.hp.gamma if self.coef else 0.0
+                self.coef = {n: gamma * self.coef[n] + f if n in self.coef else f.clone() for n, f in fisher.items()}
+                self.center = {n: a.clone() for n, a in anchor.items()}
+                self.offset = torch.zeros((), device=self.ctx.device)
+            else:
+                offset = self.offset.clone()
+                for n, f in fisher.items():
+                    a_old, m_old, a = self.coef[n], self.center[n], anchor[n]
+                    coef = a_old + f
+                    # m = m_old + (F_t / A)(θ*_t − m_old); where A = 0 the entry has no penalty: keep θ*_t.
+                    m = torch.where(a_old > 0, m_old + f / coef.clamp_min(1e-38) * (a - m_old), a)
+                    # Σ_{s<t} F_s (θ*_s − m)² = K_old + A_old (m_old − m)², plus the new task's own term.
+                    offset = offset + (a_old * (m_old - m).pow(2)).sum() + (f * (a - m).pow(2)).sum()
+                    self.coef[n], self.center[n] = coef, m
+                self.offset = offset
+        self.n_consolidated += 1
 
     def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
         loss = nn.functional.cross_entropy(self.model(x), y)
-        if self.fishers:
+        if self.coef:
             loss = loss + self.penalty()
         return loss
 
@@ -84,24 +115,20 @@ class EWC(Method):
         batches = task.batches("train", self.hp.fisher_batch, shuffle=True, generator=gen, device=self.ctx.device)
         fisher = diagonal_fisher(self.model, batches, labels=self.hp.fisher_labels,
                                  max_samples=self.hp.fisher_samples or None, generator=gen)
-        anchor = {n: p.detach().clone() for n, p in self._params().items()}
-        if self.hp.mode == "online" and self.fishers:
-            fisher = {n: self.hp.gamma * self.fishers[0][n] + f for n, f in fisher.items()}
-            self.fishers, self.anchors = [fisher], [anchor]
-        else:
-            self.fishers.append(fisher)
-            self.anchors.append(anchor)
+        self.consolidate(fisher, {n: p.detach().clone() for n, p in self._params().items()})
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self.fishers, self.anchors)
+        return tensor_bytes(self.coef, self.center, self.offset)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"fishers": self.fishers, "anchors": self.anchors}
+        return {"coef": self.coef, "center": self.center, "offset": self.offset, "n_consolidated": self.n_consolidated}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         dev = self.ctx.device
-        self.fishers = [{n: t.to(dev) for n, t in f.items()} for f in state.get("fishers", [])]
-        self.anchors = [{n: t.to(dev) for n, t in a.items()} for a in state.get("anchors", [])]
+        self.coef = {n: t.to(dev) for n, t in state.get("coef", {}).items()}
+        self.center = {n: t.to(dev) for n, t in state.get("center", {}).items()}
+        self.offset = state.get("offset", torch.zeros(())).to(dev)
+        self.n_consolidated = int(state.get("n_consolidated", 0))
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
