@@ -114,10 +114,17 @@ class DMKDModel(nn.Module):
         return len(self.experts)
 
     # ---- routing ---------------------------------------------------------------------------
-    def reconstruction_errors(self, x: Tensor) -> Tensor:
-        """B x N mean squared reconstruction error of every autoencoder on the flattened input."""
+    def reconstruction_errors(self, x: Tensor, only: Tensor | None = None) -> Tensor:
+        """B x N mean squared reconstruction error of every autoencoder on the flattened input.
+
+        ``only`` (N booleans) computes just those autoencoders; the other columns are 0 (the router
+        masks them out, so an autoencoder of an expert without data costs nothing)."""
         flat = x.reshape(x.shape[0], -1)
-        return torch.stack([(ae(flat) - flat).pow(2).mean(dim=1) for ae in self.autoencoders], dim=1)
+        if only is None:
+            return torch.stack([(ae(flat) - flat).pow(2).mean(dim=1) for ae in self.autoencoders], dim=1)
+        cols = [(ae(flat) - flat).pow(2).mean(dim=1) if use else flat.new_zeros(flat.shape[0])
+                for ae, use in zip(self.autoencoders, only.tolist())]
+        return torch.stack(cols, dim=1)
 
     def expert_features(self, i: int, h: Tensor) -> Tensor:
         """Expert i's hidden layer relu(W1 h + b1): the feature space of its class Gaussians."""
@@ -147,12 +154,12 @@ class DMKDModel(nn.Module):
             # Per-dimension log-likelihood over the temperature; experts without Gaussians get -inf.
             return self.gaussian_scores(h) / (self.gauss_temperature * self.expert_hidden) + self.spec_bias
         if self.routing == "autoencoder":
-            err = self.reconstruction_errors(x)
+            # Only experts that own data compete (all of them before the first task ends).
+            eligible = torch.where(self.owned.any(), self.owned, torch.ones_like(self.owned))
+            err = self.reconstruction_errors(x, only=eligible)
             if self.ae_relative:
                 err = err / self.ae_scale
             logits = -err / self.ae_temperature + self.spec_bias
-            # Only experts that own data compete (all of them before the first task ends).
-            eligible = torch.where(self.owned.any(), self.owned, torch.ones_like(self.owned))
             return logits.masked_fill(~eligible, float("-inf"))
         return self.router(h) + self.spec_bias
 
