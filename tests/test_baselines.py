@@ -115,6 +115,23 @@ def test_ewc_accumulated_quadratic_equals_the_per_task_sum():
     assert m.state_bytes() == 2 * sum(4 * p.numel() for p in params.values()) + 4
 
 
+def test_ewc_direct_penalty_gradient_equals_autograd():
+    ctx = synthetic_ctx()
+    m = make(EWC, ctx, ewc_lambda=7.0)
+    params = dict(m.model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        m.consolidate({n: torch.rand(p.shape, generator=g) for n, p in params.items()},
+                      {n: p.detach() + torch.randn(p.shape, generator=g) for n, p in params.items()})
+    m.penalty().backward()
+    ref = {n: p.grad.clone() for n, p in params.items()}
+    m.model.zero_grad(set_to_none=True)
+    value = m.add_penalty_grad()
+    assert float(value) == pytest.approx(float(m.penalty().detach()), rel=1e-6)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-6, atol=1e-7)
+
+
 def test_ewc_penalty_after_one_task_is_exactly_the_definition():
     ctx = synthetic_ctx()
     m = make(EWC, ctx, ewc_lambda=2.0)
