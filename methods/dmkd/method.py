@@ -9,6 +9,14 @@ the top-K experts. routing=gaussian (SEED-like) trains home experts the same way
 fits per-class Gaussians of the home expert's hidden features on the task's training data; at test
 the likelihoods pick the top-K experts. ``training=decentralized`` (and ``teacher=aggregate``) runs the
 P-node version in methods/dmkd/decentralized.py: constructing DMKD with it returns a DecentralizedDMKD.
+
+Cost (bench/method_cost.py): the per-step work beyond FT's is the home expert's autoencoder, module-wise
+KD of every old expert (one stacked matmul per layer for the student's and the teacher's old experts;
+the teacher's stacked weights are built once per snapshot) and the preservation penalty, whose value
+and gradient are computed on the salient entries only and added to .grad without an autograd graph.
+The autoencoder router runs only the autoencoders of experts that own data. At a boundary the Fisher
+comes in closed form for Linear layers (one forward/backward instead of a per-sample vmap). All of it
+is exact up to float rounding; nothing is approximated.
 """
 
 from __future__ import annotations
