@@ -16,7 +16,10 @@ the teacher's stacked weights are built once per snapshot) and the preservation 
 and gradient are computed on the salient entries only and added to .grad without an autograd graph.
 The autoencoder router runs only the autoencoders of experts that own data. At a boundary the Fisher
 comes in closed form for Linear layers (one forward/backward instead of a per-sample vmap). All of it
-is exact up to float rounding; nothing is approximated.
+is exact up to float rounding; nothing is approximated. Measured on Split Fashion-MNIST (one thread):
+the training loop costs about 1.6x FT's per sample; the boundary work its algorithm needs (autoencoder
+calibration, Fisher and salient sets, the specialization statistics on validation data) brings the
+training time to about 2.3x FT's.
 """
 
 from __future__ import annotations
