@@ -5,6 +5,14 @@ Protocol (issue #3): Split Fashion-MNIST (5 x 2, full data), MLP 784-400-400, SG
 (ctx.make_model) and the same hyperparameters, translated to Avalanche's conventions by TWINS.
 Goals: |acc native − acc Avalanche| <= 0.02 and native >= 3x faster (train seconds, our meter).
 
+``--whole-run`` instead compares whole runs as a user sees them (:func:`whole_run`): wall time of data
+set-up, training and every evaluation of our run (``harness.runner.run``, the path of ``dmkd run``)
+against Avalanche driven the way its users drive it: its own ``SplitFMNIST`` benchmark (5 experiences,
+fixed class order, its default ToTensor+Normalize transforms on PIL images), its strategy
+(Naive/EWC/LwF/Replay/SynapticIntelligence) with an ``EvaluationPlugin`` of accuracy metrics, and
+``strategy.eval(test_stream)`` before training and after every experience (as our runner evaluates).
+Same process, same MLP and initial weights, same optimiser and batch sizes.
+
     OMP_NUM_THREADS=1 python bench/vs_avalanche.py [--max-train N] [--methods ft,ewc,...]
 
 ``--permuted`` runs the permuted anchor instead (:func:`permuted_anchor`, docs/permuted-anchor.md):
@@ -13,16 +21,20 @@ Avalanche's PermutedMNIST does, and Avalanche's own pipeline (its Naive strategy
 its PermutedMNIST builds them) as the reference.
 
     OMP_NUM_THREADS=1 python bench/vs_avalanche.py --permuted [--seeds 0,1,2] [--max-train N]
+    OMP_NUM_THREADS=1 python bench/vs_avalanche.py --whole-run [--methods ft,ewc,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
 
 from harness.api import Protocol
 from harness.runner import RunSpec, run
@@ -122,6 +134,87 @@ def permuted_anchor(seeds: list[int], n_tasks: int = 5, max_train: int = 0, max_
     accs = [avalanche_permuted_reference(s, n_tasks, max_train, max_test) for s in seeds]
     print(f"{'Avalanche pipeline (PermutedMNIST-style, Naive)':<56} {np.mean(accs):.4f}  per seed "
           f"{' '.join(f'{a:.4f}' for a in accs)}", flush=True)
+# Avalanche strategy class per native method, for whole runs (its hyperparameters: TWINS' Avalanche side).
+WHOLE_RUN_STRATEGIES = {"ft": "Naive", "ewc": "EWC", "lwf": "LwF", "si": "SynapticIntelligence", "er": "Replay"}
+
+
+def _avalanche_data_root() -> Path:
+    """Fashion-MNIST where torchvision's FashionMNIST (used by Avalanche's SplitFMNIST) finds it without
+    downloading: <tmp>/FashionMNIST/raw/ with the decompressed idx files of our data folder."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from scenarios.fmnist import find_fmnist
+
+    files = find_fmnist(None)
+    if files is None:
+        raise SystemExit("Fashion-MNIST not found (see the README's data section)")
+    root = Path(tempfile.gettempdir()) / "dmkd-avalanche-fmnist"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for src in files.values():
+        dest = raw / src.name.removesuffix(".gz")
+        if not dest.exists():
+            with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as fin, open(dest, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+    return root
+
+
+def avalanche_whole_run(native: str, tset: dict, proto: Protocol, root: Path) -> tuple[float, float]:
+    """(wall seconds, final class-IL average accuracy) of an Avalanche user's run, benchmark creation included."""
+    import avalanche.training as avl_training
+    from avalanche.benchmarks.classic import SplitFMNIST
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from harness.backbones import mlp
+
+    t0 = time.perf_counter()
+    bench = SplitFMNIST(n_experiences=5, seed=0, fixed_class_order=list(range(10)), dataset_root=root)
+    torch.manual_seed(0)  # the same initial weights as ctx.make_model() for seed 0
+    model = mlp((1, 28, 28), 10)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    strategy = getattr(avl_training, WHOLE_RUN_STRATEGIES[native])(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=proto.lr, momentum=proto.momentum),
+        criterion=torch.nn.CrossEntropyLoss(), train_mb_size=proto.batch_size, train_epochs=proto.epochs,
+        eval_mb_size=proto.eval_batch_size, device="cpu", evaluator=evaluator, **tset)
+    strategy.eval(bench.test_stream)  # random initialisation, as our runner does
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        strategy.eval(bench.test_stream)
+    wall = time.perf_counter() - t0
+    last = evaluator.get_last_metrics()
+    accs = [v for k, v in last.items() if k.startswith("Top1_Acc_Exp/eval_phase/test_stream")]
+    return wall, sum(accs) / max(len(accs), 1)
+
+
+def native_whole_run(native: str, nset: dict, proto: Protocol) -> tuple[float, float]:
+    """(wall seconds, final class-IL average accuracy) of our run, data loading included."""
+    from harness import runner
+    from scenarios.fmnist import load_fmnist
+
+    runner._SCENARIO_CACHE.clear()
+    load_fmnist.cache_clear()
+    t0 = time.perf_counter()
+    rec = run(RunSpec(native, "split-fmnist", 0, method_set=nset, protocol=proto))
+    return time.perf_counter() - t0, rec["metrics"]["class_il"]["final_avg_acc"]
+
+
+def whole_run(chosen: set[str]) -> None:
+    """Print whole-run wall times (ours against Avalanche's own pipeline, same process) and the ratio."""
+    proto = Protocol(epochs=1, batch_size=128, lr=0.01, momentum=0.9, optimizer="sgd", backbone="mlp")
+    root = _avalanche_data_root()
+    print(f"threads: torch={torch.get_num_threads()}; whole runs on Split Fashion-MNIST 5x2, full data, "
+          "wall seconds of data set-up + training + 6 evaluations of every test task")
+    print(f"{'method':<8}{'avalanche':<22}{'acc ours':>9}{'acc avl':>9}{'s ours':>9}{'s avl':>9}{'avl/ours':>10}")
+    for native, nset, _, tset in TWINS:
+        if native not in chosen or native not in WHOLE_RUN_STRATEGIES:
+            continue
+        t_n, a_n = native_whole_run(native, nset, proto)
+        t_a, a_a = avalanche_whole_run(native, tset, proto, root)
+        print(f"{native:<8}{WHOLE_RUN_STRATEGIES[native]:<22}{a_n:>9.4f}{a_a:>9.4f}{t_n:>9.2f}{t_a:>9.2f}"
+              f"{t_a / t_n:>9.2f}x", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,12 +224,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(t[0] for t in TWINS))
     ap.add_argument("--permuted", action="store_true", help="run the permuted anchor (docs/permuted-anchor.md)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the permuted anchor")
+    ap.add_argument("--whole-run", action="store_true", help="whole-run wall time against Avalanche's own pipeline")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.permuted:
         permuted_anchor([int(s) for s in args.seeds.split(",")], 5, args.max_train, args.max_test)
         return
     chosen = set(args.methods.split(","))
+    if args.whole_run:
+        whole_run(chosen)
+        return
     opts = {"max_train_per_task": args.max_train, "max_test_per_task": args.max_test}
     proto = Protocol(epochs=1, batch_size=128, lr=0.01, momentum=0.9, optimizer="sgd", backbone="mlp")
     print(f"{'method':<8}{'twin':<12}{'acc native':>11}{'acc avl':>9}{'diff':>8}{'t native':>10}{'t avl':>8}"

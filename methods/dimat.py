@@ -29,6 +29,12 @@ so bytes = |θ| x 4 per directed edge per round. The forward passes of steps (1)
 ``stat_batches`` batches of the agent's shard read directly from the task; they are training FLOPs
 (``ctx.counted``) but not training passes: they are no optimisation steps, so the measured passes per
 task (METHODS.md §6) count only the local training batches.
+
+Cost: DIMAT needs more than 2x FT's time per training sample, by its algorithm: every round each agent
+solves one linear assignment (Hungarian, O(units³), scipy) per hidden layer and neighbour (MLP: two
+400 x 400 problems per neighbour, 3 neighbours, 4 agents, R rounds per task), and runs each
+neighbour's model on its statistics batches. The agent's own activations are computed once per round
+and reused for every neighbour.
 """
 
 from __future__ import annotations
@@ -176,27 +182,39 @@ def _record(model: nn.Module, names: list[str], store: dict[str, Tensor]) -> lis
 
 
 @torch.no_grad()
-def match_units(model_a: nn.Module, model_b: nn.Module, batches: list[Tensor],
-                groups: list[UnitGroup]) -> list[Tensor]:
-    """Per unit group, the permutation of ``model_b``'s units that best matches ``model_a``'s.
-
-    ``perm[a]`` is b's unit paired with a's unit a (maximum total activation correlation, solved
-    exactly by linear_sum_assignment), ready for :func:`permute_state` on b's state.
-    """
+def observed_activations(model: nn.Module, batches: list[Tensor], groups: list[UnitGroup]) -> list[dict[str, Tensor]]:
+    """Per batch, the observed activations (samples x units) of every unit group of ``model``."""
     names = [g.observe for g in groups]
-    corr = {n: _Correlation() for n in names}
-    acts_a: dict[str, Tensor] = {}
-    acts_b: dict[str, Tensor] = {}
-    handles = _record(model_a, names, acts_a) + _record(model_b, names, acts_b)
+    out: list[dict[str, Tensor]] = []
+    acts: dict[str, Tensor] = {}
+    handles = _record(model, names, acts)
     try:
         for x in batches:
-            model_a(x)
-            model_b(x)
-            for n in names:
-                corr[n].add(_units(acts_a[n]), _units(acts_b[n]))
+            model(x)
+            out.append({n: _units(acts[n]) for n in names})
     finally:
         for h in handles:
             h.remove()
+    return out
+
+
+@torch.no_grad()
+def match_units(model_a: nn.Module, model_b: nn.Module, batches: list[Tensor],
+                groups: list[UnitGroup], acts_a: list[dict[str, Tensor]] | None = None) -> list[Tensor]:
+    """Per unit group, the permutation of ``model_b``'s units that best matches ``model_a``'s.
+
+    ``perm[a]`` is b's unit paired with a's unit a (maximum total activation correlation, solved
+    exactly by linear_sum_assignment), ready for :func:`permute_state` on b's state. ``acts_a``:
+    model_a's :func:`observed_activations` on ``batches`` when the caller already has them (an agent
+    matches every neighbour against the same activations of its own).
+    """
+    names = [g.observe for g in groups]
+    corr = {n: _Correlation() for n in names}
+    if acts_a is None:
+        acts_a = observed_activations(model_a, batches, groups)
+    for a, b in zip(acts_a, observed_activations(model_b, batches, groups)):
+        for n in names:
+            corr[n].add(a[n], b[n])
     perms = []
     for n in names:
         _, cols = linear_sum_assignment(corr[n].matrix().cpu().numpy(), maximize=True)
@@ -300,11 +318,12 @@ class Dimat(NodesMethod):
         if self.hp.permute and received:
             agent = self.agents[i]
             agent.eval()
+            own_acts = observed_activations(agent, batches, self.groups)  # the same for every neighbour
             for scratch, (j, theta) in zip(self._scratch_models(len(received)), sorted(received.items())):
                 scratch.load_state_dict(theta, strict=False)
                 reset_bn(scratch, batches)
                 scratch.eval()
-                perms = match_units(agent, scratch, batches, self.groups)
+                perms = match_units(agent, scratch, batches, self.groups, acts_a=own_acts)
                 moved = getattr(self, "_moved", None)  # (units moved, units) per matching, logged per round
                 if moved is not None:
                     moved.append((sum(int((p != torch.arange(len(p))).sum()) for p in perms),

@@ -11,6 +11,14 @@ Two normalisations of F, named so that a λ quoted from the literature means wha
 the batch-mean loss, ``methods.common.batch_mean_fisher``), roughly batch-size times smaller. The
 default, λ=5000 with batch_mean at the protocol's batch size, is FACIL's. Avalanche's penalty has no
 1/2: its λ equals our λ/2 under batch_mean.
+
+Cost: separate mode does not sum T penalties per step. Σ_t F_t (θ − θ*_t)² is one quadratic in θ,
+A (θ − m)² + K per entry, with A = Σ_t F_t, m = Σ_t F_t θ*_t / A (the Fisher-weighted anchor; any
+value where A = 0) and K = Σ_t F_t (θ*_t − m)². They are folded in once per task boundary
+(:meth:`EWC.consolidate`, a numerically stable update that never forms Σ F θ*²), so a step costs one
+quadratic whatever the number of past tasks, the state is two parameter-sized maps, and the loss
+value and gradient λ A (θ − m) = λ Σ_t F_t (θ − θ*_t) equal the per-task sum up to float rounding
+(exactly after the first task). Online mode is the same quadratic with A ← γA + F_t, m ← θ*_t, K = 0.
 """
 
 from __future__ import annotations
@@ -73,26 +81,78 @@ class EWC(Method):
 
     def __init__(self, hp: EWCParams, ctx) -> None:
         super().__init__(hp, ctx)
-        self.fishers: list[dict[str, Tensor]] = []  # separate: one per task; online: one
-        self.anchors: list[dict[str, Tensor]] = []
+        # The accumulated penalty Σ_n [A_n (θ_n − m_n)²] + K (see the module docstring).
+        self.coef: dict[str, Tensor] = {}  # A
+        self.center: dict[str, Tensor] = {}  # m
+        self.offset = torch.zeros((), device=ctx.device)  # K, summed over every entry
+        self.n_consolidated = 0
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def penalty(self) -> Tensor:
-        """(λ/2) Σ_tasks Σ_i F_i (θ_i − θ*_i)² (zero before the first boundary)."""
+        """(λ/2) Σ_tasks Σ_i F_i (θ_i − θ*_i)² (zero before the first boundary), as (λ/2)(Σ A (θ − m)² + K)."""
         total = torch.zeros((), device=self.ctx.device)
-        params = self._params()
-        for fisher, anchor in zip(self.fishers, self.anchors):
-            for n, p in params.items():
-                total = total + (fisher[n] * (p - anchor[n]).pow(2)).sum()
-        return 0.5 * self.hp.ewc_lambda * total
+        for n, p in self._params().items():
+            if n in self.coef:
+                total = total + (self.coef[n] * (p - self.center[n]).pow(2)).sum()
+        return 0.5 * self.hp.ewc_lambda * (total + self.offset)
+
+    def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        """Fold one task's (F_t, θ*_t) into the quadratic's coefficients (A, m, K)."""
+        with torch.no_grad():
+            if self.hp.mode == "online" or not self.coef:
+                gamma = self.hp.gamma if self.coef else 0.0
+                self.coef = {n: gamma * self.coef[n] + f if n in self.coef else f.clone() for n, f in fisher.items()}
+                self.center = {n: a.clone() for n, a in anchor.items()}
+                self.offset = torch.zeros((), device=self.ctx.device)
+            else:
+                offset = self.offset.clone()
+                for n, f in fisher.items():
+                    a_old, m_old, a = self.coef[n], self.center[n], anchor[n]
+                    coef = a_old + f
+                    # m = m_old + (F_t / A)(θ*_t − m_old); where A = 0 the entry has no penalty: keep θ*_t.
+                    m = torch.where(a_old > 0, m_old + f / coef.clamp_min(1e-38) * (a - m_old), a)
+                    # Σ_{s<t} F_s (θ*_s − m)² = K_old + A_old (m_old − m)², plus the new task's own term.
+                    offset = offset + (a_old * (m_old - m).pow(2)).sum() + (f * (a - m).pow(2)).sum()
+                    self.coef[n], self.center[n] = coef, m
+                self.offset = offset
+        self.n_consolidated += 1
 
     def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
         loss = nn.functional.cross_entropy(self.model(x), y)
-        if self.fishers:
+        if self.coef:
             loss = loss + self.penalty()
         return loss
+
+    def training_step(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        """Cross-entropy by autograd; the penalty's gradient λ A (θ − m) is added to .grad directly
+        (no graph through the quadratic: two passes over the parameters instead of a dozen)."""
+        if not self.coef:
+            return super().training_step(x, y, task)
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        loss = loss.detach() + self.add_penalty_grad()
+        self.optimizer.step()
+        return loss
+
+    @torch.no_grad()
+    def add_penalty_grad(self) -> Tensor:
+        """Add ∂penalty/∂θ = λ A (θ − m) to every parameter's .grad; return the penalty's value."""
+        total = torch.zeros((), device=self.ctx.device)
+        lam = self.hp.ewc_lambda
+        for n, p in self._params().items():
+            if n not in self.coef:
+                continue
+            diff = p - self.center[n]
+            scaled = self.coef[n] * diff
+            total = total + torch.dot(scaled.reshape(-1), diff.reshape(-1))
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(scaled, alpha=lam)
+        return 0.5 * lam * (total + self.offset)
 
     def after_task(self, task: Task) -> None:
         gen = torch.Generator().manual_seed(self.ctx.seed * 1000 + task.id)
@@ -101,24 +161,20 @@ class EWC(Method):
         estimate = batch_mean_fisher if self.hp.fisher_norm == "batch_mean" else diagonal_fisher
         fisher = estimate(self.model, batches, labels=self.hp.fisher_labels,
                           max_samples=self.hp.fisher_samples or None, generator=gen)
-        anchor = {n: p.detach().clone() for n, p in self._params().items()}
-        if self.hp.mode == "online" and self.fishers:
-            fisher = {n: self.hp.gamma * self.fishers[0][n] + f for n, f in fisher.items()}
-            self.fishers, self.anchors = [fisher], [anchor]
-        else:
-            self.fishers.append(fisher)
-            self.anchors.append(anchor)
+        self.consolidate(fisher, {n: p.detach().clone() for n, p in self._params().items()})
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self.fishers, self.anchors)
+        return tensor_bytes(self.coef, self.center, self.offset)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"fishers": self.fishers, "anchors": self.anchors}
+        return {"coef": self.coef, "center": self.center, "offset": self.offset, "n_consolidated": self.n_consolidated}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         dev = self.ctx.device
-        self.fishers = [{n: t.to(dev) for n, t in f.items()} for f in state.get("fishers", [])]
-        self.anchors = [{n: t.to(dev) for n, t in a.items()} for a in state.get("anchors", [])]
+        self.coef = {n: t.to(dev) for n, t in state.get("coef", {}).items()}
+        self.center = {n: t.to(dev) for n, t in state.get("center", {}).items()}
+        self.offset = state.get("offset", torch.zeros(())).to(dev)
+        self.n_consolidated = int(state.get("n_consolidated", 0))
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -66,10 +66,11 @@ def split_modules(backbone: nn.Module) -> nn.Sequential:
     return nn.Sequential(*[nn.Sequential(*b) for b in blocks], head)
 
 
-def hybrid_forward(teacher: nn.Sequential, student_module: nn.Module, i: int, x: Tensor) -> Tensor:
-    """z_S = T_{>i}(S_i(T_{<i}(x))): only the student module carries gradients."""
+def hybrid_forward(teacher: nn.Sequential, student_module: nn.Module, i: int, x: Tensor, start: int = 0) -> Tensor:
+    """z_S = T_{>i}(S_i(T_{<i}(x))): only the student module carries gradients. ``start=i`` when x is
+    already T_{<i}(x) (the caller ran the teacher's prefix)."""
     with torch.no_grad():
-        for j in range(i):
+        for j in range(start, i):
             x = teacher[j](x)
     x = student_module(x)
     for j in range(i + 1, len(teacher)):
@@ -118,9 +119,14 @@ class M2MKD(Method):
                 opt = self.ctx.make_optimizer(s_i.parameters())
                 for x, y in itertools.islice(stream, n_batches):
                     opt.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        z_t = teacher(x)
-                    loss = self._loss(hybrid_forward(teacher, s_i, i, x), y, z_t, phase1=True)
+                    with torch.no_grad():  # one teacher pass gives both T_{<i}(x) and z_T
+                        prefix = x
+                        for j in range(i):
+                            prefix = teacher[j](prefix)
+                        z_t = prefix
+                        for j in range(i, len(teacher)):
+                            z_t = teacher[j](z_t)
+                    loss = self._loss(hybrid_forward(teacher, s_i, i, prefix, start=i), y, z_t, phase1=True)
                     loss.backward()
                     opt.step()
                     loss_sum = loss_sum + loss.detach()

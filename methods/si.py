@@ -90,8 +90,12 @@ class SI(Method):
             for n, p in self._params().items():
                 if p.grad is None:
                     continue
-                self._grad[n] = p.grad.detach().clone()
-                self._before[n] = p.detach().clone()
+                if n in self._grad:  # reuse the buffers of the previous step (no allocation per step)
+                    self._grad[n].copy_(p.grad)
+                    self._before[n].copy_(p)
+                else:
+                    self._grad[n] = p.grad.detach().clone()
+                    self._before[n] = p.detach().clone()
                 if self._consolidated:
                     p.grad.add_(self.omega[n] * (p - self.anchor[n]), alpha=2.0 * self.hp.c)
 

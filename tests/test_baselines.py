@@ -55,6 +55,12 @@ def train(method, tasks) -> None:
 
 
 # ---------------------------------------------------------------- EWC
+def naive_ewc_penalty(lam: float, params, fishers, anchors):
+    """The definition: (λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², one term per past task."""
+    return 0.5 * lam * sum((f[n] * (p - a[n]).pow(2)).sum() for f, a in zip(fishers, anchors)
+                           for n, p in params.items())
+
+
 def test_ewc_penalty_matches_hand_computed_value():
     ctx = synthetic_ctx()
     m = make(EWC, ctx, ewc_lambda=3.0)
@@ -63,13 +69,77 @@ def test_ewc_penalty_matches_hand_computed_value():
     f2 = {n: torch.rand_like(p) for n, p in params.items()}
     a1 = {n: p.detach() + 0.1 for n, p in params.items()}
     a2 = {n: p.detach() - 0.2 for n, p in params.items()}
-    m.fishers, m.anchors = [f1, f2], [a1, a2]
+    m.consolidate(f1, a1)
+    m.consolidate(f2, a2)
     expected = 1.5 * sum(float((f1[n] * 0.01).sum() + (f2[n] * 0.04).sum()) for n in params)
     assert float(m.penalty().detach()) == pytest.approx(expected, rel=1e-5)
     # gradient of the penalty is λ Σ_t F_t (θ − θ*_t)
     m.penalty().backward()
     for n, p in params.items():
         torch.testing.assert_close(p.grad, 3.0 * (f1[n] * -0.1 + f2[n] * 0.2), rtol=1e-4, atol=1e-6)
+
+
+def test_ewc_accumulated_quadratic_equals_the_per_task_sum():
+    """Five tasks of hand-made Fisher maps (with exact zeros, so some entries have no penalty for a
+    while) and anchors: value and gradient of the one accumulated quadratic equal the naive sum at
+    several θ, and the state stays two parameter-sized maps."""
+    ctx = synthetic_ctx()
+    m = make(EWC, ctx, ewc_lambda=7.0)
+    params = dict(m.model.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    fishers, anchors = [], []
+    for t in range(5):
+        f = {n: torch.rand(p.shape, generator=g) * (torch.rand(p.shape, generator=g) > 0.3) for n, p in params.items()}
+        a = {n: p.detach() + torch.randn(p.shape, generator=g) for n, p in params.items()}
+        if t == 0:
+            f = {n: v * 0 for n, v in f.items()}  # a task whose Fisher is all zero
+        fishers.append(f)
+        anchors.append(a)
+        m.consolidate(f, a)
+        for shift in (0.0, 0.5):
+            with torch.no_grad():
+                for p in params.values():
+                    p.add_(shift)
+            for p in params.values():
+                p.grad = None
+            got = m.penalty()
+            want = naive_ewc_penalty(7.0, params, fishers, anchors)
+            assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6), t
+            got.backward()
+            g_got = {n: p.grad.clone() for n, p in params.items()}
+            for p in params.values():
+                p.grad = None
+            want.backward()
+            for n, p in params.items():
+                torch.testing.assert_close(g_got[n], p.grad, rtol=1e-5, atol=1e-5)
+    assert m.state_bytes() == 2 * sum(4 * p.numel() for p in params.values()) + 4
+
+
+def test_ewc_direct_penalty_gradient_equals_autograd():
+    ctx = synthetic_ctx()
+    m = make(EWC, ctx, ewc_lambda=7.0)
+    params = dict(m.model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        m.consolidate({n: torch.rand(p.shape, generator=g) for n, p in params.items()},
+                      {n: p.detach() + torch.randn(p.shape, generator=g) for n, p in params.items()})
+    m.penalty().backward()
+    ref = {n: p.grad.clone() for n, p in params.items()}
+    m.model.zero_grad(set_to_none=True)
+    value = m.add_penalty_grad()
+    assert float(value) == pytest.approx(float(m.penalty().detach()), rel=1e-6)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-6, atol=1e-7)
+
+
+def test_ewc_penalty_after_one_task_is_exactly_the_definition():
+    ctx = synthetic_ctx()
+    m = make(EWC, ctx, ewc_lambda=2.0)
+    params = dict(m.model.named_parameters())
+    f = {n: torch.rand_like(p) for n, p in params.items()}
+    a = {n: p.detach() + 0.3 for n, p in params.items()}
+    m.consolidate(f, a)
+    assert torch.equal(m.penalty(), naive_ewc_penalty(2.0, params, [f], [a]) + 0.0)
 
 
 @pytest.mark.parametrize("mode", ["separate", "online"])
@@ -79,22 +149,25 @@ def test_ewc_fisher_and_modes(mode):
     tasks = ctx.scenario.tasks
     train(m, tasks[:1])
     ref1 = diagonal_fisher(m.model, tasks[0].batches("train", 40))  # all samples, independent batching
+    anchor1 = {n: p.detach().clone() for n, p in m.model.named_parameters()}
     for n in ref1:
-        torch.testing.assert_close(m.fishers[0][n], ref1[n], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(m.coef[n], ref1[n], rtol=1e-4, atol=1e-7)
     train(m, tasks[1:2])
     ref2 = diagonal_fisher(m.model, tasks[1].batches("train", 40))
     anchor = {n: p.detach() for n, p in m.model.named_parameters()}
+    assert m.n_consolidated == 2
     if mode == "separate":
-        assert len(m.fishers) == 2
         for n in ref2:
-            torch.testing.assert_close(m.fishers[1][n], ref2[n], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(m.coef[n], ref1[n] + ref2[n], rtol=1e-4, atol=1e-7)
+            total = ref1[n] + ref2[n]
+            mean = torch.where(total > 0, (ref1[n] * anchor1[n] + ref2[n] * anchor[n]) / total.clamp_min(1e-30),
+                               anchor[n])
+            torch.testing.assert_close(m.center[n], mean, rtol=1e-3, atol=1e-6)
     else:
-        assert len(m.fishers) == 1
         for n in ref2:
-            torch.testing.assert_close(m.fishers[0][n], 0.5 * ref1[n] + ref2[n], rtol=1e-4, atol=1e-7)
-    for n, a in anchor.items():
-        torch.testing.assert_close(m.anchors[-1][n], a)
-    assert m.state_bytes() == sum(4 * p.numel() for p in m.model.parameters()) * 2 * len(m.fishers)
+            torch.testing.assert_close(m.coef[n], 0.5 * ref1[n] + ref2[n], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(m.center[n], anchor[n])
+    assert m.state_bytes() == sum(4 * p.numel() for p in m.model.parameters()) * 2 + 4
 
 
 # ---------------------------------------------------------------- LwF

@@ -443,3 +443,47 @@ def test_module_state_roundtrip_for_the_decentralized_issue():
     assert torch.equal(other.experts[2](h), model.experts[2](h))
     assert "ae.encode.weight" in model.module_state(2)
     assert model.routed_counts.shape == (3,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed paths: the same numbers as the plain forms they replace
+def test_direct_penalty_gradient_equals_autograd_of_the_penalty():
+    m = make_method(routing="learned", top_k=2, kd="none", lambda_pres=10.0)
+    train_tasks(m, 1)
+    with torch.no_grad():  # move away from the anchors so that the penalty is not zero
+        for p in m.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    params = {n: p for n, p in m.model.named_parameters() if not n.startswith("autoencoders")}
+    m.model.zero_grad(set_to_none=True)
+    (3.0 * m.pres.penalty(m.model)).backward()
+    ref = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    dense = sum((w * (params[n] - m.pres.anchors[n]).pow(2)).sum() for n, w in m.pres.weights.items())
+    m.model.zero_grad(set_to_none=True)
+    value = m.pres.add_penalty_grad(m.model, 3.0)
+    assert float(value) > 0 and float(value) == pytest.approx(float(dense.detach()), rel=1e-5)
+    assert set(ref) == {n for n, p in params.items() if p.grad is not None}  # zero grads, not None, as autograd
+    for n, g in ref.items():
+        torch.testing.assert_close(params[n].grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_module_kd_equals_the_mean_of_per_expert_terms():
+    from methods.common import kd_loss
+
+    for routing in ("learned", "autoencoder"):
+        m = make_method(routing=routing, top_k=2, kd="module")
+        train_tasks(m, 2)
+        x = torch.randn(9, D_IN)
+        with torch.no_grad():
+            for p in m.model.experts.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        h = m.model.encoder(x)
+        got = m._kd(x, h, m.model(x)).detach()
+        teacher = m.teacher
+        old = [i for i in range(teacher.n_experts) if routing != "autoencoder" or bool(teacher.owned[i])]
+        h_t = teacher.encoder(x)
+        terms = [kd_loss(m.model.experts[i](h), teacher.experts[i](h_t), m.hp.tau, m.teacher_classes) for i in old]
+        if routing == "learned":
+            terms.append(kd_loss(m.model.router(h), teacher.router(h_t), m.hp.tau))
+        want = torch.stack(terms).mean().detach()
+        assert float(got) > 1e-4
+        assert float(got) == pytest.approx(float(want), rel=1e-5), routing

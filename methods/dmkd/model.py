@@ -46,6 +46,24 @@ def diag_gaussian_log_density(f: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return -0.5 * ((diff.pow(2) / var.unsqueeze(0)).sum(dim=2) + var.log().sum(dim=1) + f.shape[1] * LOG_2PI)
 
 
+def stacked_expert_parameters(experts: list[nn.Module]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W1 (k·H, D), b1 (k·H), W2 (k, C, H), b2 (k, C)) of k experts Linear-ReLU-Linear, still in the
+    autograd graph of the experts' own parameters (gradients flow back to each expert)."""
+    firsts = [e[0] for e in experts]  # type: ignore[index]
+    lasts = [e[2] for e in experts]  # type: ignore[index]
+    return (torch.cat([m.weight for m in firsts]), torch.cat([m.bias for m in firsts]),
+            torch.stack([m.weight for m in lasts]), torch.stack([m.bias for m in lasts]))
+
+
+def stacked_expert_logits(params: tuple[Tensor, Tensor, Tensor, Tensor], h: Tensor) -> Tensor:
+    """k x B x C logits of k experts on the same inputs h (B, D) with one matmul per layer, the same
+    function as running the experts one by one (up to float rounding)."""
+    w1, b1, w2, b2 = params
+    k, _, hidden = w2.shape
+    z = torch.relu(F.linear(h, w1, b1)).reshape(h.shape[0], k, hidden).transpose(0, 1)
+    return torch.baddbmm(b2.unsqueeze(1), z, w2.transpose(1, 2))
+
+
 def top_k_gates(gates: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The K largest gates per row, renormalised to sum to 1, and their expert indices."""
     values, index = gates.topk(k, dim=1)
@@ -96,10 +114,17 @@ class DMKDModel(nn.Module):
         return len(self.experts)
 
     # ---- routing ---------------------------------------------------------------------------
-    def reconstruction_errors(self, x: Tensor) -> Tensor:
-        """B x N mean squared reconstruction error of every autoencoder on the flattened input."""
+    def reconstruction_errors(self, x: Tensor, only: Tensor | None = None) -> Tensor:
+        """B x N mean squared reconstruction error of every autoencoder on the flattened input.
+
+        ``only`` (N booleans) computes just those autoencoders; the other columns are 0 (the router
+        masks them out, so an autoencoder of an expert without data costs nothing)."""
         flat = x.reshape(x.shape[0], -1)
-        return torch.stack([(ae(flat) - flat).pow(2).mean(dim=1) for ae in self.autoencoders], dim=1)
+        if only is None:
+            return torch.stack([(ae(flat) - flat).pow(2).mean(dim=1) for ae in self.autoencoders], dim=1)
+        cols = [(ae(flat) - flat).pow(2).mean(dim=1) if use else flat.new_zeros(flat.shape[0])
+                for ae, use in zip(self.autoencoders, only.tolist())]
+        return torch.stack(cols, dim=1)
 
     def expert_features(self, i: int, h: Tensor) -> Tensor:
         """Expert i's hidden layer relu(W1 h + b1): the feature space of its class Gaussians."""
@@ -129,12 +154,12 @@ class DMKDModel(nn.Module):
             # Per-dimension log-likelihood over the temperature; experts without Gaussians get -inf.
             return self.gaussian_scores(h) / (self.gauss_temperature * self.expert_hidden) + self.spec_bias
         if self.routing == "autoencoder":
-            err = self.reconstruction_errors(x)
+            # Only experts that own data compete (all of them before the first task ends).
+            eligible = torch.where(self.owned.any(), self.owned, torch.ones_like(self.owned))
+            err = self.reconstruction_errors(x, only=eligible)
             if self.ae_relative:
                 err = err / self.ae_scale
             logits = -err / self.ae_temperature + self.spec_bias
-            # Only experts that own data compete (all of them before the first task ends).
-            eligible = torch.where(self.owned.any(), self.owned, torch.ones_like(self.owned))
             return logits.masked_fill(~eligible, float("-inf"))
         return self.router(h) + self.spec_bias
 

@@ -43,15 +43,27 @@ def preserved_parameters(model: DMKDModel) -> dict[str, nn.Parameter]:
 
 def fisher_importance(model: DMKDModel, batches: Iterable[tuple[Tensor, Tensor]], max_samples: int,
                       class_mask: Tensor | None = None) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher of every preserved parameter (per-sample gradients by vmap)."""
+    """Diagonal empirical Fisher of every preserved parameter.
+
+    When every preserved parameter belongs to an nn.Linear (encoder none/linear, mlp backbone) the
+    per-sample squared gradients come in closed form from one forward/backward of the sparse model
+    (each sample passes each Linear at most once; ``diagonal_fisher(per_sample="linear")``): the same
+    Fisher as per-sample gradients up to float rounding, at the cost of one training step instead of
+    a per-sample vmap over every expert. Otherwise vmap on the dense forward."""
     params = {n: p for n, p in preserved_parameters(model).items() if p.requires_grad}
 
     def forward(m: nn.Module, p: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(m, p, (x,), {"dense": True})
 
+    closed_form = all(isinstance(m, nn.Linear) or not any(True for _ in m.parameters(recurse=False))
+                      for n, m in model.named_modules() if not n.startswith("autoencoders"))
     with torch.no_grad():  # torch.func.grad still differentiates w.r.t. ``params``; no outer graph is kept
-        fisher = diagonal_fisher(model, batches, params=params, forward=forward, max_samples=max_samples,
-                                 class_mask=class_mask)
+        if closed_form:
+            fisher = diagonal_fisher(model, batches, params=params, max_samples=max_samples,
+                                     class_mask=class_mask, per_sample="linear")
+        else:
+            fisher = diagonal_fisher(model, batches, params=params, forward=forward, max_samples=max_samples,
+                                     class_mask=class_mask)
     return {n: f.detach() for n, f in fisher.items()}
 
 
@@ -86,6 +98,10 @@ class Preservation:
     anchors: dict[str, Tensor] = field(default_factory=dict)
     masks: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, Tensor] = field(default_factory=dict)  # Ω̂ · mask · λ_i
+    # Per parameter (shape, flat indices of its non-zero weights, those weights, their anchors): the
+    # penalty touches only the salient entries (salient_p of them) instead of every parameter.
+    _compact: dict[str, tuple[torch.Size, Tensor, Tensor, Tensor]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     def update(self, model: DMKDModel, new_importance: dict[str, Tensor], accumulate: bool, p: float,
                module_scale: dict[str, float] | None = None) -> None:
@@ -102,19 +118,52 @@ class Preservation:
         scale = module_scale or {}
         self.weights = {n: (self.importance[n] / norm).clamp(max=WEIGHT_CAP) * self.masks[n]
                         * scale.get(module_of(n) or "", 1.0) for n in self.importance}
+        self._compact = None
 
-    def penalty(self, model: DMKDModel) -> Tensor:
-        """Σ_n weights_n (θ_n − θ*_n)² over the preserved parameters present in the model."""
+    def _compacted(self) -> dict[str, tuple[torch.Size, Tensor, Tensor, Tensor]]:
+        if self._compact is None:
+            self._compact = {}
+            for n, w in self.weights.items():
+                idx = w.reshape(-1).nonzero().squeeze(1)
+                self._compact[n] = (w.shape, idx, w.reshape(-1).index_select(0, idx),
+                                    self.anchors[n].reshape(-1).index_select(0, idx))
+        return self._compact
+
+    @torch.no_grad()
+    def add_penalty_grad(self, model: DMKDModel, scale: float) -> Tensor:
+        """Add scale · ∂penalty/∂θ = 2·scale·w(θ − θ*) to the parameters' .grad and return the penalty
+        (detached): what backward of scale · penalty(model) does, without building its graph. Like that
+        backward, every trainable preserved parameter ends with a gradient (zero outside its salient set)."""
         params = dict(model.named_parameters())
         total = torch.zeros((), device=next(model.parameters()).device)
-        for n, w in self.weights.items():
+        for n, (shape, idx, w, a) in self._compacted().items():
             p = params.get(n)
-            if p is not None and p.shape == w.shape:
-                total = total + (w * (p - self.anchors[n]).pow(2)).sum()
+            if p is None or p.shape != shape or not p.requires_grad:
+                continue
+            diff = p.detach().reshape(-1).index_select(0, idx) - a
+            wd = w * diff
+            total = total + (wd * diff).sum()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.view(-1).index_add_(0, idx, wd, alpha=2.0 * scale)
+        return total
+
+    def penalty(self, model: DMKDModel) -> Tensor:
+        """Σ_n weights_n (θ_n − θ*_n)² over the preserved parameters present in the model.
+
+        Entries of zero weight add exactly zero, so only the non-zero ones are gathered (every
+        parameter still gets a gradient, zero outside its salient set, as the dense form gives)."""
+        params = dict(model.named_parameters())
+        total = torch.zeros((), device=next(model.parameters()).device)
+        for n, (shape, idx, w, a) in self._compacted().items():
+            p = params.get(n)
+            if p is not None and p.shape == shape:
+                total = total + (w * (p.reshape(-1).index_select(0, idx) - a).pow(2)).sum()
         return total
 
     def on_expert_added(self, model: DMKDModel) -> None:
         """Pad router maps with zeros for the new row (a new expert has no importance yet)."""
+        self._compact = None
         for maps in (self.importance, self.anchors, self.weights, self.masks):
             for n in ("router.weight", "router.bias"):
                 if n in maps:
@@ -123,6 +172,7 @@ class Preservation:
 
     def on_expert_removed(self, i: int) -> None:
         """Drop expert i's maps, renumber the later experts and the router rows."""
+        self._compact = None
         for maps in (self.importance, self.anchors, self.weights, self.masks):
             renamed: dict[str, Tensor] = {}
             for n, v in maps.items():
@@ -151,6 +201,7 @@ class Preservation:
         self.anchors = dict(state.get("anchors", {}))
         self.masks = dict(state.get("masks", {}))
         self.weights = dict(state.get("weights", {}))
+        self._compact = None
 
 
 def importance_histograms(importance: dict[str, Tensor], bins: int = 20) -> dict[str, dict[str, list[float]]]:
