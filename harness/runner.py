@@ -36,6 +36,7 @@ from harness.api import (
 )
 from harness.backbones import build_backbone
 from harness.costs import PeakMemory, StepFlopMeter, Stopwatch, count_flops, parameter_counts
+from harness.energy import EnergyMeter
 from harness.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -177,6 +178,13 @@ def evaluate(
     for a task not yet trained, the classes up to it, so FWT's entries are defined).
     Task-IL: argmax over task j's own classes. Domain-IL: plain argmax over all classes.
     """
+    with ctx.autocast():  # the protocol's precision, as in training
+        return _evaluate(method, scenario, after_task, split, ctx)
+
+
+def _evaluate(
+    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
+) -> dict[str, list[float]]:
     method.eval_mode()
     seen, own = _class_masks(scenario, ctx.device)
     out: dict[str, list[float]] = {s: [] for s in scenario.settings}
@@ -259,6 +267,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "tuned": spec.tuned,
         "tuned_trials": spec.tuned_trials,
         "eval_split": spec.eval_split,
+        "synthetic_data": scenario.synthetic is not None,
         "config": {
             "method": spec.method,
             "hparams": dataclasses.asdict(hp),
@@ -268,6 +277,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 "backbone": spec.protocol.backbone or scenario.default_backbone},
             "seed": spec.seed,
             "data_root": spec.data_root,
+            "synthetic_data": scenario.synthetic,  # the `dmkd synth` marker, None for real data
             "env": environment_info(device),
         },
         "n_tasks": T,
@@ -299,7 +309,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         record["resumed_from_task"] = start_task
     observer.on_start(record)
 
-    with PeakMemory(device) as mem:
+    # One central autocast region: every hook (teachers, Fisher passes, replay, routing) and evaluation.
+    with PeakMemory(device) as mem, EnergyMeter() as energy, ctx.autocast():
         if start_task == 0:
             watch.start()
             record["random_init_acc"] = evaluate(method, scenario, 0, spec.eval_split, ctx)
@@ -374,13 +385,37 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "comm_bytes": ctx.comm_bytes,
         "comm_rounds": ctx.comm_rounds,
         "flop_steps_counted": meter.counted_steps,
+        "dataset_device_bytes": dataset_device_bytes(scenario, device),
+        **energy.result,
     }
+    if device.type == "cuda":  # the peak without the data set held on the GPU
+        record["costs"]["peak_memory_excl_dataset_bytes"] = max(
+            mem.peak_bytes - record["costs"]["dataset_device_bytes"], 0)
     b = record["random_init_acc"]
     record["metrics"] = {s: metrics.summary(record["acc"][s], b[s]) for s in settings}
     record["status"] = "finished"
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     observer.on_end(record)
     return record
+
+
+def dataset_device_bytes(scenario: Scenario, device: torch.device) -> int:
+    """Bytes the scenario's data sources hold on ``device`` (uint8 images, float caches, preloads);
+    reported apart from the run's peak memory. 0 on the CPU."""
+    if device.type == "cpu":
+        return 0
+    seen: set[int] = set()
+    total = 0
+    for t in scenario.tasks:
+        for src in (t.source, getattr(t.source, "train", None), getattr(t.source, "test", None)):
+            if src is None or id(src) in seen:
+                continue
+            seen.add(id(src))
+            for name in ("data", "_float", "_cache"):
+                x = getattr(src, name, None)
+                if isinstance(x, Tensor) and x.device.type == device.type:
+                    total += x.numel() * x.element_size()
+    return total
 
 
 def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops: int) -> tuple[int, int]:

@@ -190,11 +190,10 @@ class DMKD(Method):
         if self.ae_optimizer is not None:
             self.ae_optimizer.zero_grad(set_to_none=True)
         loss = self.training_loss(x, y, task)
-        loss.backward()
+        opts = [o for o in (self.optimizer, self.ae_optimizer) if o is not None]
+        self.ctx.backward(loss, *opts)  # fp16: scaled, then unscaled for the hooks
         self.after_backward(x, y, task)
-        self.optimizer.step()
-        if self.ae_optimizer is not None:
-            self.ae_optimizer.step()
+        self.ctx.step(*opts)
         self.after_step(x, y, task)
         return loss
 
