@@ -279,8 +279,12 @@ class RunContext:
 
     # ---- numerics ----------------------------------------------------------------------
     def autocast(self) -> Any:
-        """The protocol's autocast region; the runner wraps every method hook and evaluation in it."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        """The protocol's autocast region; the runner wraps every method hook and evaluation in it.
+
+        The weight-cast cache is off: it lives until the outermost region exits, so inside one region
+        spanning many optimiser steps it would keep feeding the forward passes stale weights."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                              cache_enabled=False)
 
     def backward(self, loss: Tensor, *optimizers: torch.optim.Optimizer) -> None:
         """``loss.backward()``; under fp16 the loss is scaled and the given optimizers' gradients are

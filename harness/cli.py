@@ -339,7 +339,10 @@ def cmd_report(args) -> int:
 
 def print_records(records: list[dict[str, Any]]) -> None:
     """The final table of a run or suite: mean over seeds per (scenario, setting, method)."""
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError:
+        pd = None
 
     rows = []
     for r in records:
@@ -356,6 +359,10 @@ def print_records(records: list[dict[str, Any]]) -> None:
                          "train_s": r["costs"]["train_time_s"], "status": "finished"})
     if not rows:
         print("no runs")
+        return
+    if pd is None:  # minimal installs (the GPU machine): one plain line per row
+        for row in rows:
+            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return
     df = pd.DataFrame(rows)
     num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "params", "train_GFLOPs", "train_s")

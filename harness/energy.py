@@ -36,7 +36,7 @@ class EnergyMeter:
         try:
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
             self._tracker = OfflineEmissionsTracker(
-                country_iso_code="USA", save_to_file=False, log_level="error",
+                country_iso_code="USA", output_methods=[], log_level="error",  # no emissions.csv
                 measure_power_secs=self.interval_s, tracking_mode="process", allow_multiple_runs=True,
             )
             self._tracker.start()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -141,9 +142,38 @@ def _write_marker(folder: Path, name: str, seed: int, scale: float, counts: dict
     (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
+class _Py2Str(bytes):
+    """A Python 2 ``str``: pickled with the (SHORT_)BINSTRING opcode, as in the official CIFAR files."""
+
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Protocol-2 pickler writing ``_Py2Str`` as Python 2 strings (keys and names of the real files)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def save_py2str(self, obj: _Py2Str) -> None:
+        n = len(obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(head + bytes(obj))
+        self.memoize(obj)
+
+    dispatch[_Py2Str] = save_py2str
+
+
+def _py2(obj: object) -> object:
+    if isinstance(obj, str):
+        return _Py2Str(obj.encode("latin1"))
+    if isinstance(obj, dict):
+        return {_py2(k): _py2(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_py2(v) for v in obj]
+    return obj
+
+
 def _pickle(path: Path, obj: dict) -> None:
+    """The official archives are Python 2 pickles (byte-string keys, read with encoding='latin1')."""
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the official archives are Python 2 pickles
+        _Py2Pickler(f, protocol=2).dump(_py2(obj))
 
 
 def write_cifar(out: Path, n_classes: int, scale: float = 1.0, seed: int = 0) -> dict[str, int]:
