@@ -363,7 +363,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     # Costs of the final model.
     x_probe = next(ctx.eval_batches(scenario.tasks[0], spec.eval_split))[0][:64]
     method.eval_mode()
-    inf_flops, _ = count_flops(method.predict, x_probe)
+    with ctx.autocast():
+        inf_flops, _ = count_flops(method.predict, x_probe)
     total_p, trainable_p = parameter_counts(method.inference_modules())
     train_samples = sum(p["train_samples"] for p in record["per_task"])
     train_s = sum(p["train_s"] for p in record["per_task"])

@@ -96,7 +96,22 @@ def protocol_line(recs: Sequence[Record]) -> str:
     parts.append("scenario options: " + _fmt_options(recs[0].get("config", {}).get("scenario_options", {})))
     buffers = sorted({(r["label"], b) for r in recs if (b := buffer_size(r)) is not None})
     parts.append("buffer: " + (", ".join(f"{lab}={b}" for lab, b in buffers) if buffers else "none (no replay)"))
+    numerics = sorted({_numerics(protocol_of(r)) for r in recs})
+    if numerics != ["fp32"]:
+        parts.append("precision " + " | ".join(numerics))
+    if any(is_synthetic(r) for r in recs):
+        parts.append("DATA: SYNTHETIC (written by dmkd synth, not the real data set)")
     return "; ".join(parts)
+
+
+def _numerics(p: dict[str, Any]) -> str:
+    out = str(p.get("precision", "fp32"))
+    return out + ("+channels_last" if p.get("channels_last") else "") + ("+compile" if p.get("compile") else "")
+
+
+def is_synthetic(rec: Record) -> bool:
+    """Whether a run used data written by `dmkd synth` (its SYNTHETIC marker was found)."""
+    return bool(rec.get("synthetic_data") or rec.get("config", {}).get("synthetic_data"))
 
 
 @dataclass
@@ -111,7 +126,8 @@ class Leaderboard:
 
     @property
     def title(self) -> str:
-        return f"{self.scenario} — {SETTING_NAMES.get(self.setting, self.setting)}"
+        synthetic = " [synthetic data]" if any(is_synthetic(r) for r in self.records) else ""
+        return f"{self.scenario}{synthetic} — {SETTING_NAMES.get(self.setting, self.setting)}"
 
     @property
     def anchor(self) -> str:
@@ -143,6 +159,9 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     out["peak_memory_bytes"] = mean_std(_cost(r, "peak_memory_bytes") for r in recs).mean
     out["memory_kind"] = "/".join(sorted({str(r.get("costs", {}).get("peak_memory_kind", "?")) for r in recs}))
     out["comm_bytes"] = mean_std(_cost(r, "comm_bytes") for r in recs).mean
+    out["energy_kwh"] = mean_std(_cost(r, "energy_kwh") for r in recs).mean
+    kinds = {str(r.get("costs", {}).get("energy_kind", "")).split(" ")[0] for r in recs}
+    out["energy_kind"] = "/".join(sorted(k for k in kinds if k)) or "unavailable"
     out["wall_s"] = mean_std(wall).mean
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
     return out
@@ -195,6 +214,9 @@ def display_frame(board: Leaderboard) -> pd.DataFrame:
         out[title] = [MeanStd(a, b, int(n)).fmt() for a, b, n in zip(f[f"{m}_mean"], f[f"{m}_std"], f[f"{m}_n"])]
     out["Params"] = [fmt_si(v) for v in f["params"]]
     out["Train FLOPs"] = [fmt_si(v, "FLOP") for v in f["train_flops"]]
+    if "energy_kwh" in f:  # beside FLOPs: codecarbon's energy, measured (NVML) or estimated (CPU)
+        out["Energy"] = [fmt_si(None if v is None or pd.isna(v) else v * 1000.0, "Wh") + (f" ({k})" if k else "")
+                         for v, k in zip(f["energy_kwh"], f["energy_kind"])]
     kinds = set(f["memory_kind"])
     if len(kinds) == 1:
         out[f"Peak memory ({kinds.pop()})"] = [fmt_si(v, "B", 1024) for v in f["peak_memory_bytes"]]

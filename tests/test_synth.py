@@ -136,6 +136,10 @@ def test_run_records_say_synthetic(root, tmp_path):
     rec = run(spec)
     assert rec["synthetic_data"] is True and rec["config"]["synthetic_data"]["synthetic"] is True
     assert rec["config"]["scenario_options"]["synthetic_data"] is True
+    from reports.tables import leaderboards
+
+    board = leaderboards([rec])[0]
+    assert "[synthetic data]" in board.title and "DATA: SYNTHETIC" in board.protocol
 
 
 def test_cli_synth_and_bad_name(tmp_path, capsys):
