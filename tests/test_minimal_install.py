@@ -27,13 +27,13 @@ def test_run_and_suite_without_tracking_tuning_reporting_or_energy_packages(tmp_
     data, res = tmp_path / "data", tmp_path / "results"
     generate("cifar10", data, scale=0.002)
     env = _env(tmp_path)
-    probe = subprocess.run([sys.executable, "-c", "import pandas"], env=env, capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", "import pandas"], check=False, env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "halted" in probe.stderr  # the shim is in force
     common = ["--data-root", str(data), "--tracking-uri", "none", "--results", str(res), "--device", "cpu"]
     sets = ["--set", "backbone=mlp", "--set", "max_train_per_task=20", "--set", "max_test_per_task=8"]
     out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--method", "er", "--scenario",
                           "split-cifar10", "--set", "precision=bf16", *sets, *common],
-                         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                         check=False, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "setting=class_il" in out.stdout and "status=finished" in out.stdout
     rec = json.loads(next((res / "adhoc" / "runs").glob("*.json")).read_text())
@@ -45,6 +45,6 @@ def test_run_and_suite_without_tracking_tuning_reporting_or_energy_packages(tmp_
                      "scenarios: [{name: split-cifar10, options: {max_train_per_task: 20, max_test_per_task: 8}}]\n"
                      "methods: [ft]\n")
     out = subprocess.run([sys.executable, "-m", "harness.cli", "suite", str(suite), "--no-report", *common],
-                         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                         check=False, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(next((res / "s" / "runs").glob("*.json")).read_text())["status"] == "finished"
