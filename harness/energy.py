@@ -4,7 +4,9 @@ codecarbon reads GPU power through NVML (a measurement) and the CPU through RAPL
 exposes it (a measurement) or from the CPU's TDP times its load (an estimate); RAM is always an
 estimate from its size. Each run records the total energy in kWh, the parts, and a label saying
 whether the total rests on a measurement (``measured (NVML)`` / ``measured (RAPL)``) or is an
-estimate (``estimated (CPU: cpu_load)``). Without codecarbon the energy is recorded as unavailable.
+estimate (``estimated (CPU: cpu_load)``). Without codecarbon, a CUDA run still gets the GPU's own
+energy counter through NVML (nvidia-ml-py, ``nvmlDeviceGetTotalEnergyConsumption``), labelled
+``measured (NVML, GPU only)``; otherwise the energy is recorded as unavailable.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ MEASURED_CPU_MODES = frozenset({"intel_rapl", "intel_power_gadget", "apple_power
 class EnergyMeter:
     """Context manager: ``result`` holds the energy record after exit ({} fields None when unavailable)."""
 
-    def __init__(self, enabled: bool = True, interval_s: float = 5.0) -> None:
+    def __init__(self, enabled: bool = True, interval_s: float = 5.0, device: Any = None) -> None:
         self.enabled = enabled and os.environ.get("DMKD_ENERGY", "1") not in ("0", "off", "false")
         self.interval_s = interval_s
+        self.device = device
         self._tracker: Any = None
+        self._nvml: tuple[Any, int] | None = None  # (device handle, energy in mJ at the start)
         self.result: dict[str, Any] = {"energy_kwh": None, "energy_kind": "unavailable (codecarbon not installed)"}
 
     def __enter__(self) -> EnergyMeter:  # noqa: PYI034
@@ -32,6 +36,7 @@ class EnergyMeter:
         try:
             from codecarbon import OfflineEmissionsTracker
         except ImportError:
+            self._start_nvml()
             return self
         try:
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
@@ -45,7 +50,37 @@ class EnergyMeter:
             self.result["energy_kind"] = f"unavailable (codecarbon failed: {type(e).__name__})"
         return self
 
+    def _start_nvml(self) -> None:
+        """GPU energy counter of the run's device (Volta and newer), when nvidia-ml-py is there."""
+        if self.device is None or getattr(self.device, "type", "") != "cuda":
+            return
+        try:
+            import pynvml
+            import torch
+
+            pynvml.nvmlInit()
+            props = torch.cuda.get_device_properties(self.device)
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}")
+            except Exception:  # noqa: BLE001 - older drivers / MIG: fall back to the index
+                handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+            self._nvml = (handle, int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)))
+        except Exception as e:  # noqa: BLE001 - energy must never cost the run
+            self.result["energy_kind"] = f"unavailable (no codecarbon; NVML failed: {type(e).__name__})"
+
     def __exit__(self, *exc: object) -> None:
+        if self._nvml is not None:
+            import pynvml
+
+            handle, start_mj = self._nvml
+            try:
+                kwh = (int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)) - start_mj) / 3.6e9
+            except Exception as e:  # noqa: BLE001
+                self.result["energy_kind"] = f"unavailable (NVML failed: {type(e).__name__})"
+                return
+            self.result = {"energy_kwh": kwh, "energy_gpu_kwh": kwh, "energy_kind": "measured (NVML, GPU only)",
+                           "energy_tool": "nvidia-ml-py"}
+            return
         if self._tracker is None:
             return
         try:

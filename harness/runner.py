@@ -310,7 +310,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     observer.on_start(record)
 
     # One central autocast region: every hook (teachers, Fisher passes, replay, routing) and evaluation.
-    with PeakMemory(device) as mem, EnergyMeter() as energy, ctx.autocast():
+    with PeakMemory(device) as mem, EnergyMeter(device=device) as energy, ctx.autocast():
         if start_task == 0:
             watch.start()
             record["random_init_acc"] = evaluate(method, scenario, 0, spec.eval_split, ctx)

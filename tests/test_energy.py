@@ -39,3 +39,23 @@ def test_run_records_energy_and_report_shows_it_beside_flops():
     cols = list(frame.columns)
     assert cols[cols.index("Train FLOPs") + 1] == "Energy"
     assert frame["Energy"][0].endswith("Wh (estimated)") or frame["Energy"][0].endswith("Wh (measured)")
+
+
+def test_gpu_energy_from_nvml_counter_without_codecarbon(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    readings = iter([1_000, 3_601_000])  # mJ: 3,600 J apart = 0.001 kWh
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByUUID=lambda uuid: ("handle", uuid),
+        nvmlDeviceGetTotalEnergyConsumption=lambda h: next(readings),
+    )
+    monkeypatch.setitem(sys.modules, "codecarbon", None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid="abc"))
+    with EnergyMeter(device=torch.device("cuda", 0)) as e:
+        pass
+    assert e.result["energy_kwh"] == pytest.approx(0.001) and e.result["energy_kind"] == "measured (NVML, GPU only)"
