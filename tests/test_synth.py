@@ -198,3 +198,13 @@ def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
 def test_cli_download_flag_only_where_it_applies(capsys):
     assert main(["run", "--method", "ft", "--scenario", "pacs", "--download", "--tracking-uri", "none"]) == 2
     assert "--download is not available for pacs" in capsys.readouterr().err
+
+
+def test_dataset_device_bytes_counts_the_sources_on_the_device(root):
+    from harness.runner import dataset_device_bytes
+
+    sc = build_scenario("split-cifar10", {}, 0, str(root))
+    assert dataset_device_bytes(sc, torch.device("cpu")) == 0  # on the CPU it is part of the process
+    src = sc.tasks[0].source
+    src.data = src.data.to("meta")  # stands in for a GPU: same accounting, no memory
+    assert dataset_device_bytes(sc, torch.device("meta")) == 600 * 3 * 32 * 32  # uint8, counted once
