@@ -71,6 +71,8 @@ def table_key(rec: Record) -> tuple[str, str, str]:
     """(scenario, scenario options, core protocol): runs sharing it are comparable in one table."""
     p = protocol_of(rec)
     core = {k: p.get(k) for k in ("backbone", "epochs", "batch_size")}
+    if _numerics(p) != "fp32":  # bf16 / fp16 / channels_last / compile runs get their own tables
+        core["numerics"] = _numerics(p)
     opts = rec.get("config", {}).get("scenario_options", {})
     return rec["scenario"], json.dumps(opts, sort_keys=True, default=str), json.dumps(core, sort_keys=True)
 

@@ -59,3 +59,14 @@ def test_gpu_energy_from_nvml_counter_without_codecarbon(monkeypatch):
     with EnergyMeter(device=torch.device("cuda", 0)) as e:
         pass
     assert e.result["energy_kwh"] == pytest.approx(0.001) and e.result["energy_kind"] == "measured (NVML, GPU only)"
+
+
+def test_precision_runs_get_their_own_table():
+    from reports.tables import table_key
+
+    def rec(**proto):
+        return {"scenario": "s", "config": {"protocol": {"backbone": "mlp", "epochs": 1, "batch_size": 8, **proto}}}
+
+    assert table_key(rec()) == table_key(rec(precision="fp32", channels_last=False))  # old records = fp32
+    assert table_key(rec(precision="bf16")) != table_key(rec(precision="fp32"))
+    assert table_key(rec(channels_last=True)) != table_key(rec())
