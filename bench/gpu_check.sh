@@ -26,7 +26,7 @@ done
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-DATA=$OUTDIR/data RES=$OUTDIR/results
+DATA=$OUTDIR/data-$SCALE RES=$OUTDIR/results
 rm -rf "$RES"; mkdir -p "$OUTDIR" "$RES"
 t0=$(date +%s)
 echo "== gpu_check: device $DEVICE, scale $SCALE, $EPOCHS epoch(s)/task, $($PY -c 'import torch,sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())')"
