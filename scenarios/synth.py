@@ -158,6 +158,7 @@ class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
         self.memoize(obj)
 
     dispatch[_Py2Str] = save_py2str
+    dispatch[bytes] = save_py2str  # numpy's raw pixel bytes too: 1 byte per byte, as in the real files
 
 
 def _py2(obj: object) -> object:
