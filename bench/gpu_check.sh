@@ -10,10 +10,11 @@
 # It needs only torch, torchvision, numpy, pillow, pyyaml, psutil and tqdm: no mlflow, optuna,
 # pandas or codecarbon (every run uses --tracking-uri none; energy is recorded when codecarbon is there).
 #
-# Usage: bench/gpu_check.sh [--device cuda] [--scale 1.0] [--epochs 3] [--out /tmp/gpu_check]
+# Usage: bench/gpu_check.sh [--device cuda] [--scale 1.0] [--epochs 2] [--out /tmp/gpu_check]
+# (each run is stopped after RUN_TIMEOUT seconds, default 200, so that the whole check stays bounded)
 # CPU rehearsal: bench/gpu_check.sh --device cpu --scale 0.02 --epochs 1
 set -euo pipefail
-DEVICE=cuda SCALE=1.0 EPOCHS=3 OUTDIR=/tmp/gpu_check
+DEVICE=cuda SCALE=1.0 EPOCHS=2 OUTDIR=/tmp/gpu_check RUN_TIMEOUT=${RUN_TIMEOUT:-200}
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -37,7 +38,7 @@ echo "== gpu_check: device $DEVICE, scale $SCALE, $EPOCHS epoch(s)/task, $($PY -
 MAMMOTH=(--set backbone=resnet18-reduced --set batch_size=32 --set optimizer=sgd --set lr=0.03 --set momentum=0)
 run() {  # run EXPERIMENT METHOD [extra --set ...]
   local exp=$1 method=$2; shift 2
-  $PY -m harness.cli run --method "$method" --scenario split-cifar10 --data-root "$DATA" --device "$DEVICE" \
+  timeout "$RUN_TIMEOUT" $PY -m harness.cli run --method "$method" --scenario split-cifar10 --data-root "$DATA" --device "$DEVICE" \
     --tracking-uri none --results "$RES" --experiment "$exp" --epochs "$EPOCHS" "${MAMMOTH[@]}" "$@" \
     > "$OUTDIR/$exp-$method.log" 2>&1 || { echo "run $exp $method failed:"; tail -5 "$OUTDIR/$exp-$method.log"; exit 1; }
   echo "   $exp $method done ($(( $(date +%s) - t0 )) s)"
@@ -62,7 +63,7 @@ methods: [ft]
 EOF
   s=$($PY -c 'import time; print(time.time())')
   for w in $(seq 1 $n); do
-    $PY -m harness.cli suite "$OUTDIR/workers$n.yaml" --results "$RES" --tracking-uri none --no-report \
+    timeout "$RUN_TIMEOUT" $PY -m harness.cli suite "$OUTDIR/workers$n.yaml" --results "$RES" --tracking-uri none --no-report \
       > "$OUTDIR/workers$n-w$w.log" 2>&1 &
   done
   wait
