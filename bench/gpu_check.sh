@@ -102,8 +102,9 @@ for n in (1, 4):
     samples = sum(r["costs"]["train_samples"] for r in rs if r.get("status") == "finished")
     agg[n] = samples / (e - s)
     per = [r["costs"]["samples_per_s"] for r in rs if r.get("status") == "finished"]
-    print(f"{n} worker(s): {len(per)} runs finished, wall {e - s:.0f} s, aggregate {agg[n]:.0f} samples/s "
-          f"(per run training {min(per):.0f}-{max(per):.0f} samples/s, incl. evaluation in the wall time)")
+    span = f"{min(per):.0f}-{max(per):.0f}" if per else "-"
+    print(f"{n} worker(s): {len(per)} of 4 runs finished, wall {e - s:.0f} s, aggregate {agg[n]:.0f} samples/s "
+          f"(per run training {span} samples/s; the wall time includes evaluation and start-up)")
 if agg.get(1):
     print(f"4 workers / 1 worker aggregate throughput: {agg[4] / agg[1]:.2f}x")
 EOF
