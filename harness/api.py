@@ -183,6 +183,8 @@ class Scenario:
     options: dict[str, Any] = field(default_factory=dict)
     # Protocol defaults of this scenario (epochs, batch size, optimiser) — overridable.
     protocol_defaults: dict[str, Any] = field(default_factory=dict)
+    # The SYNTHETIC marker of data written by `dmkd synth` (None: real data); recorded with every run.
+    synthetic: dict[str, Any] | None = None
 
     @property
     def settings(self) -> list[str]:
@@ -208,6 +210,12 @@ class Protocol:
     weight_decay: float = 0.0
     backbone: str | None = None  # None: the scenario's default
     reset_optimizer: bool = True  # fresh optimiser state at every task (Avalanche/FACIL default)
+    # Numerics and speed (GPU): autocast dtype of every forward pass (training, teachers, Fisher passes,
+    # replay, routing, evaluation); fp16 adds torch.amp's gradient scaler. channels_last: NHWC weights and
+    # image batches. compile: torch.compile the model (nn.Module.compile, in place; state dict unchanged).
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -227,6 +235,12 @@ class Protocol:
             raise UserError(f"momentum must be < 1, got {self.momentum}", "use e.g. momentum=0.9")
         if self.optimizer not in ("sgd", "adam"):
             raise UserError(f"unknown optimizer {self.optimizer!r}", "use sgd or adam")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+
+
+# Autocast dtype of each Protocol.precision (None: no autocast).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,6 +279,45 @@ class RunContext:
         self.extra_flops = 0  # FLOPs of work outside training steps and task boundaries (see counted)
         self.current_task: Task | None = None
         self.allow_test = True  # False during tuning: test splits must not be read
+        self.amp_dtype = PRECISIONS.get(protocol.precision)
+        self.scaler: torch.amp.GradScaler | None = (
+            torch.amp.GradScaler(device.type) if protocol.precision == "fp16" else None
+        )
+
+    # ---- numerics ----------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """The protocol's autocast region; the runner wraps every method hook and evaluation in it.
+
+        The weight-cast cache is off: it lives until the outermost region exits, so inside one region
+        spanning many optimiser steps it would keep feeding the forward passes stale weights."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                              cache_enabled=False)
+
+    def backward(self, loss: Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """``loss.backward()``; under fp16 the loss is scaled and the given optimizers' gradients are
+        unscaled right after, so that hooks between backward and step see true gradients."""
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            self.scaler.unscale_(opt)
+
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` for each; under fp16 through the gradient scaler (a step with inf/NaN
+        gradients is skipped and the scale lowered)."""
+        if self.scaler is None:
+            for opt in optimizers:
+                opt.step()
+            return
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+
+    def _memory_format(self, x: Tensor) -> Tensor:
+        if self.protocol.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     # ---- model and optimiser -----------------------------------------------------------
     @property
@@ -273,9 +326,14 @@ class RunContext:
 
     def make_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialised backbone+head for this scenario, on the device: the run's initial
-        weights, or (``seed`` given) the initialisation drawn from that seed (DIMAT's agents)."""
-        model = self._model_factory() if seed is None else self._model_factory(seed)
-        return model.to(self.device)
+        weights, or (``seed`` given) the initialisation drawn from that seed (DIMAT's agents);
+        channels_last and compiled when the protocol says so."""
+        model = (self._model_factory() if seed is None else self._model_factory(seed)).to(self.device)
+        if self.protocol.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+        if self.protocol.compile:
+            model.compile()
+        return model
 
     def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         p = self.protocol
@@ -306,13 +364,16 @@ class RunContext:
                 if self.step_hook is not None:
                     self.step_hook(len(y))
                 self.samples_seen += len(y)
-                yield x, y
+                yield self._memory_format(x), y
 
     def eval_batches(self, task: Task, split: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
         """Unshuffled batches of a task's validation (default) or test split."""
         if split == "test" and not self.allow_test:
             raise PermissionError("the test split is sealed during tuning")
-        return task.batches(split, self.protocol.eval_batch_size, device=self.device)
+        batches = task.batches(split, self.protocol.eval_batch_size, device=self.device)
+        if not self.protocol.channels_last:
+            return batches
+        return ((self._memory_format(x), y) for x, y in batches)
 
     # ---- meters ------------------------------------------------------------------------
     def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -433,9 +494,9 @@ class Method:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.training_loss(x, y, task)
-        loss.backward()
+        self.ctx.backward(loss, self.optimizer)
         self.after_backward(x, y, task)
-        self.optimizer.step()
+        self.ctx.step(self.optimizer)
         self.after_step(x, y, task)
         return loss
 

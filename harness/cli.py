@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=None)
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="method/scenario/protocol option")
     r.add_argument("--experiment", default="adhoc")
+    r.add_argument("--download", action="store_true",
+                   help="fetch missing CIFAR-10/100 with torchvision's download (online machines only)")
     r.add_argument("--nodes-backend", default=None, choices=["inprocess", "distributed"],
                    help="decentralized methods: run nodes in one process or one process per node (torchrun)")
     _common(r)
@@ -148,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")
     ts.add_argument("--out", default=None, help="output folder (default: <suite folder>/tuned/<suite name>)")
     _common(ts)
+    g = sub.add_parser("synth", help="write a synthetic data set in its real on-disk format and size")
+    g.add_argument("name", help="cifar10, cifar100, tinyimagenet, pacs, officehome or all")
+    g.add_argument("--out", required=True, help="data root to write under (then pass it as --data-root)")
+    g.add_argument("--scale", type=float, default=1.0, help="fraction of the real image counts (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     a = sub.add_parser("ablate", help="grid over DMKD's switches (Optuna GridSampler)")
     a.add_argument("config")
@@ -196,11 +204,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         from harness.tune import cmd_tune_suite
 
         return cmd_tune_suite(args)
+    if args.cmd == "synth":
+        return cmd_synth(args)
     if args.cmd == "ablate":
         from harness.tune import cmd_ablate
 
         return cmd_ablate(args)
     raise UserError(f"unknown command {args.cmd}")
+
+
+def cmd_synth(args) -> int:
+    from scenarios.synth import generate
+
+    counts = generate(args.name, Path(args.out), args.scale, args.seed)
+    for name, c in counts.items():
+        print(f"{name}: {', '.join(f'{k} {v:,}' for k, v in c.items())} images (synthetic) under {args.out}")
+    return 0
 
 
 def cmd_list() -> int:
@@ -234,6 +253,14 @@ def cmd_run(args) -> int:
     from harness.suite import execute, validate_specs
 
     m_set, s_set, p_set = route_sets(parse_sets(args.set), args.method, args.scenario)
+    if args.download:
+        from scenarios.base import scenario_option_names
+
+        if "download" not in scenario_option_names(args.scenario):
+            raise UserError(f"--download is not available for {args.scenario}",
+                            "only split-cifar10 and split-cifar100 download; the error of a missing data set "
+                            "says what to fetch for the others")
+        s_set["download"] = True
     if args.epochs is not None:
         p_set["epochs"] = args.epochs
     if args.nodes_backend:
@@ -344,12 +371,25 @@ def cmd_report(args) -> int:
 def print_records(records: list[dict[str, Any]]) -> None:
     """The final table of a run or suite per (scenario, setting, method): mean over seeds, the 95%
     Student-t half-width of the final accuracy (blank for one seed), measured passes per task, the
-    run's own peak memory and the analytic footprint."""
+    run's own peak memory and the analytic footprint. Without pandas (minimal installs) one plain
+    line per run."""
     import math
 
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError:
+        pd = None
 
-    from reports.tables import passes_of, row_label, t_half_width
+    if pd is not None:
+        from reports.tables import passes_of, row_label, t_half_width
+    else:  # reports needs pandas and scipy; the plain lines need only the record
+
+        def passes_of(r):
+            p = r.get("costs", {}).get("passes_per_task")
+            return None if p is None else [p]
+
+        def row_label(r):
+            return r.get("label")
 
     rows = []
     for r in records:
@@ -370,6 +410,10 @@ def print_records(records: list[dict[str, Any]]) -> None:
                          "train_s": c["train_time_s"], "status": "finished"})
     if not rows:
         print("no runs")
+        return
+    if pd is None:  # minimal installs (the GPU machine): one plain line per row
+        for row in rows:
+            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return
     df = pd.DataFrame(rows)
     num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "passes/task", "params", "train_GFLOPs",

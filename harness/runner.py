@@ -45,6 +45,7 @@ from harness.costs import (
     footprint,
     parameter_counts,
 )
+from harness.energy import EnergyMeter
 from harness.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -252,6 +253,13 @@ def evaluate(
     for a task not yet trained, the classes up to it, so FWT's entries are defined).
     Task-IL: argmax over task j's own classes. Domain-IL: plain argmax over all classes.
     """
+    with ctx.autocast():  # the protocol's precision, as in training
+        return _evaluate(method, scenario, after_task, split, ctx)
+
+
+def _evaluate(
+    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
+) -> dict[str, list[float]]:
     method.eval_mode()
     seen, own = _class_masks(scenario, ctx.device)
     out: dict[str, list[float]] = {s: [] for s in scenario.settings}
@@ -338,6 +346,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "tuned": spec.tuned,
         "tuned_trials": spec.tuned_trials,
         "eval_split": spec.eval_split,
+        "synthetic_data": scenario.synthetic is not None,
         "config": {
             "method": spec.method,
             "hparams": dataclasses.asdict(hp),
@@ -347,6 +356,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 "backbone": spec.protocol.backbone or scenario.default_backbone},
             "seed": spec.seed,
             "data_root": spec.data_root,
+            "synthetic_data": scenario.synthetic,  # the `dmkd synth` marker, None for real data
             "env": environment_info(device),
         },
         "n_tasks": T,
@@ -382,7 +392,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     for src in sources:  # data resident before the peak counter starts: it is stated apart, not run order
         if hasattr(src, "to"):
             src.to(device)
-    with PeakMemory(device) as mem:
+    # One central autocast region: every hook (teachers, Fisher passes, replay, routing) and evaluation.
+    with PeakMemory(device) as mem, EnergyMeter(device=device) as energy, ctx.autocast():
         if start_task == 0:
             watch.start()
             record["random_init_acc"] = evaluate(method, scenario, 0, spec.eval_split, ctx)
@@ -437,7 +448,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     # Costs of the final model.
     x_probe = next(ctx.eval_batches(scenario.tasks[0], spec.eval_split))[0][:64]
     method.eval_mode()
-    inf_flops, _ = count_flops(method.predict, x_probe)
+    with ctx.autocast():
+        inf_flops, _ = count_flops(method.predict, x_probe)
     total_p, trainable_p = parameter_counts(method.inference_modules())
     train_samples = sum(p["train_samples"] for p in record["per_task"])
     train_s = sum(p["train_s"] for p in record["per_task"])
@@ -470,7 +482,12 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "host_peak_memory_kind": mem.host_kind,
         "dataset_bytes": dataset_bytes(sources),
         **footprint(method.inference_modules(), method.state_bytes()),
+        "dataset_device_bytes": sum(n for d, n in dataset_bytes(sources).items() if not d.startswith("cpu")),
+        **energy.result,
     }
+    if device.type == "cuda":  # the peak without the data set held on the GPU
+        record["costs"]["peak_memory_excl_dataset_bytes"] = max(
+            mem.peak_bytes - record["costs"]["dataset_device_bytes"], 0)
     b = record["random_init_acc"]
     record["metrics"] = {s: metrics.summary(record["acc"][s], b[s]) for s in settings}
     record["status"] = "finished"

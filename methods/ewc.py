@@ -133,9 +133,9 @@ class EWC(Method):
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(self.model(x), y)
-        loss.backward()
+        self.ctx.backward(loss, self.optimizer)  # fp16: scaled, then unscaled before the penalty is added
         loss = loss.detach() + self.add_penalty_grad()
-        self.optimizer.step()
+        self.ctx.step(self.optimizer)
         return loss
 
     @torch.no_grad()

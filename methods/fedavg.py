@@ -170,8 +170,8 @@ class NodesMethod(Method):
             for x, y in self.round_batches(task, node):
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
+                self.ctx.backward(loss)
+                self.ctx.step(opt)
                 loss_sum = loss_sum + loss.detach()
         check_finite(loss_sum, self.NAME, task.id)
 

@@ -127,8 +127,8 @@ class M2MKD(Method):
                         for j in range(i, len(teacher)):
                             z_t = teacher[j](z_t)
                     loss = self._loss(hybrid_forward(teacher, s_i, i, prefix, start=i), y, z_t, phase1=True)
-                    loss.backward()
-                    opt.step()
+                    self.ctx.backward(loss)
+                    self.ctx.step(opt)
                     loss_sum = loss_sum + loss.detach()
                 students.append(s_i)
             with torch.no_grad():
@@ -143,8 +143,8 @@ class M2MKD(Method):
                 with torch.no_grad():
                     z_t = teacher(x)
             loss = self._loss(self.model(x), y, z_t, phase1=False)
-            loss.backward()
-            self.optimizer.step()
+            self.ctx.backward(loss)
+            self.ctx.step(self.optimizer)
             loss_sum = loss_sum + loss.detach()
         check_finite(loss_sum, self.NAME, task.id)
 

@@ -144,6 +144,8 @@ def table_key(rec: Record) -> tuple[str, str, str]:
     """(scenario, scenario options, core protocol): runs sharing it are comparable in one table."""
     p = protocol_of(rec)
     core = {k: p.get(k) for k in ("backbone", "epochs", "batch_size")}
+    if _numerics(p) != "fp32":  # bf16 / fp16 / channels_last / compile runs get their own tables
+        core["numerics"] = _numerics(p)
     opts = rec.get("config", {}).get("scenario_options", {})
     return rec["scenario"], json.dumps(opts, sort_keys=True, default=str), json.dumps(core, sort_keys=True)
 
@@ -185,6 +187,11 @@ def protocol_line(recs: Sequence[Record]) -> str:
     parts.append(f"seeds {', '.join(map(str, seeds))} ({len(seeds)})")
     parts.append("evaluated on the " + " | ".join(sorted({str(r.get("eval_split", "test")) for r in recs})) + " split")
     parts.append("cells: mean ± 95% t-interval half-width over seeds" if len(seeds) > 1 else "cells: one seed, no interval")
+    numerics = sorted({_numerics(protocol_of(r)) for r in recs})
+    if numerics != ["fp32"]:
+        parts.append("precision " + " | ".join(numerics))
+    if any(is_synthetic(r) for r in recs):
+        parts.append("DATA: SYNTHETIC (written by dmkd synth, not the real data set)")
     return "; ".join(parts)
 
 
@@ -201,6 +208,16 @@ def tuning_note(recs: Sequence[Record]) -> str:
     return f"mixed: {len(tuned)} rows {t_text}, {len(default)} rows defaults"
 
 
+def _numerics(p: dict[str, Any]) -> str:
+    out = str(p.get("precision", "fp32"))
+    return out + ("+channels_last" if p.get("channels_last") else "") + ("+compile" if p.get("compile") else "")
+
+
+def is_synthetic(rec: Record) -> bool:
+    """Whether a run used data written by `dmkd synth` (its SYNTHETIC marker was found)."""
+    return bool(rec.get("synthetic_data") or rec.get("config", {}).get("synthetic_data"))
+
+
 @dataclass
 class Leaderboard:
     """One leaderboard: a scenario/protocol and one setting; ``frame`` holds numbers, not strings."""
@@ -213,7 +230,8 @@ class Leaderboard:
 
     @property
     def title(self) -> str:
-        return f"{self.scenario} — {SETTING_NAMES.get(self.setting, self.setting)}"
+        synthetic = " [synthetic data]" if any(is_synthetic(r) for r in self.records) else ""
+        return f"{self.scenario}{synthetic} — {SETTING_NAMES.get(self.setting, self.setting)}"
 
     @property
     def anchor(self) -> str:
@@ -289,6 +307,9 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     out["passes_per_task"] = float(np.mean([np.mean(p) for p in passes])) if len(passes) == len(recs) else math.nan
     out["passes_differ"] = any(passes_differ(r) for r in recs)
     out["comm_bytes"] = mean_std(_cost(r, "comm_bytes") for r in recs).mean
+    out["energy_kwh"] = mean_std(_cost(r, "energy_kwh") for r in recs).mean
+    kinds = {str(r.get("costs", {}).get("energy_kind", "")).split(" ")[0] for r in recs}
+    out["energy_kind"] = "/".join(sorted(k for k in kinds if k)) or "unavailable"
     out["wall_s"] = mean_std(wall).mean
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
     return out
@@ -388,6 +409,9 @@ def display_frame(board: Leaderboard) -> pd.DataFrame:
                           for v, d in zip(f["passes_per_task"], f["passes_differ"])]
     out["Params"] = [fmt_si(v) for v in f["params"]]
     out["Train FLOPs"] = [fmt_si(v, "FLOP") for v in f["train_flops"]]
+    if "energy_kwh" in f:  # beside FLOPs: codecarbon's energy, measured (NVML) or estimated (CPU)
+        out["Energy"] = [fmt_si(None if v is None or pd.isna(v) else v * 1000.0, "Wh") + (f" ({k})" if k else "")
+                         for v, k in zip(f["energy_kwh"], f["energy_kind"])]
     kinds = set(f["memory_kind"])
     if len(kinds) == 1:
         out[f"Peak memory of the run ({kinds.pop()})"] = [fmt_si(v, "B", 1024) for v in f["peak_memory_bytes"]]

@@ -68,6 +68,8 @@ def build_scenario(name: str, options: dict[str, Any] | None, seed: int, data_ro
     opts = hparams_from(spec.options, dict(options or {}))
     sc = spec.build(opts, seed=seed, data_root=data_root)
     sc.options = dataclasses.asdict(opts)
+    if sc.synthetic is not None:
+        sc.options["synthetic_data"] = True  # shown wherever the options are (records, MLflow params)
     return sc
 
 

@@ -24,6 +24,7 @@ from harness.api import Scenario
 from harness.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, register_scenario
 from scenarios.streaming import ImageTensorSource
+from scenarios.synth import synthetic_marker
 
 # Per-channel statistics of the training images, pixels scaled to [0, 1].
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -98,8 +99,30 @@ FAMILIES = {
 def _how_to_get(fam: _Family, root: str) -> str:
     return (
         f"download {fam.archive} (the python version) from the CIFAR site (cs.toronto.edu/~kriz/cifar.html) "
-        f"and extract it under {root} so that {root}/{fam.folder}/ exists; pass --data-root or set DMKD_DATA"
+        f"and extract it under {root} so that {root}/{fam.folder}/ exists; pass --data-root or set DMKD_DATA; "
+        f"on an online machine --set download=true fetches it there (or --download); offline, "
+        f"`dmkd synth {fam.name.lower().replace('-', '')} --out {root}` writes a synthetic stand-in"
     )
+
+
+def download_cifar(fam: _Family, data_root: str | None) -> Path:
+    """Fetch and extract the official archive with torchvision's own download (MD5-checked)."""
+    try:
+        return find_cifar(fam, data_root)
+    except UserError:
+        pass
+    roots = candidate_roots(data_root)
+    if not roots:
+        raise UserError(f"download of {fam.name} needs a target folder", "pass --data-root DIR or set DMKD_DATA")
+    root = roots[0]
+    try:
+        (CIFAR10 if fam.num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise UserError(
+            f"downloading {fam.archive} into {root} failed ({type(e).__name__}: {e})",
+            f"on an offline machine fetch it elsewhere: {_how_to_get(fam, str(root))}",
+        ) from None
+    return root
 
 
 def find_cifar(fam: _Family, data_root: str | None) -> Path:
@@ -116,11 +139,14 @@ def find_cifar(fam: _Family, data_root: str | None) -> Path:
 
 @functools.lru_cache(maxsize=2)
 def load_cifar(
-    num_classes: int, data_root: str | None, check_md5: bool
-) -> tuple[Tensor, Tensor, int, list[str]]:
-    """(uint8 images N x 3 x 32 x 32, train first then test; labels; number of train images; class names)."""
+    num_classes: int, data_root: str | None, check_md5: bool, download: bool = False
+) -> tuple[Tensor, Tensor, int, list[str], dict | None]:
+    """(uint8 images N x 3 x 32 x 32, train first then test; labels; number of train images; class names;
+    the SYNTHETIC marker of `dmkd synth` data or None). Synthetic files skip the MD5 check."""
     fam = FAMILIES[num_classes]
-    root = find_cifar(fam, data_root)
+    root = download_cifar(fam, data_root) if download else find_cifar(fam, data_root)
+    synthetic = synthetic_marker(root / fam.folder)
+    check_md5 = check_md5 and synthetic is None
     parts = []
     for train in (True, False):
         try:
@@ -166,7 +192,7 @@ def load_cifar(
             (torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), labels, list(ds.classes))
         )
     (tx, ty, names), (vx, vy, _) = parts
-    return torch.cat([tx, vx]), torch.cat([ty, vy]), len(ty), names
+    return torch.cat([tx, vx]), torch.cat([ty, vy]), len(ty), names, synthetic
 
 
 @dataclass
@@ -174,12 +200,16 @@ class CifarOptions(ScenarioOptions):
     """n_tasks: tasks of equal class count (CIFAR-10: 5 -> 5 x 2; CIFAR-100: 10 -> 10 x 10, 20 -> 20 x 5).
     shuffle_classes: False keeps classes 0..C-1 in order; True draws the class order from the seed.
     augment: random crop 32 (padding 4) + horizontal flip of training batches, on the device (default True).
-    check_md5: verify the official MD5 sums of the files (default True; False for re-packed copies)."""
+    check_md5: verify the official MD5 sums of the files (default True; False for re-packed copies;
+        data written by `dmkd synth` are never MD5-checked).
+    download: fetch the official archive with torchvision's download into the data root when it is
+        missing (default False: nothing is downloaded; needs a machine that is online)."""
 
     n_tasks: int = 5
     shuffle_classes: bool = False
     augment: bool = True
     check_md5: bool = True
+    download: bool = False
 
 
 @dataclass
@@ -190,7 +220,7 @@ class Cifar100Options(CifarOptions):
 
 
 def _build(name: str, num_classes: int, opts: CifarOptions, seed: int, data_root: str | None) -> Scenario:
-    data, targets, n_train, names = load_cifar(num_classes, data_root, opts.check_md5)
+    data, targets, n_train, names, synthetic = load_cifar(num_classes, data_root, opts.check_md5, opts.download)
     fam = FAMILIES[num_classes]
     source = ImageTensorSource(data, targets, mean=fam.mean, std=fam.std, augment=opts.augment, pad=4)
     order = list(range(num_classes))
@@ -199,7 +229,8 @@ def _build(name: str, num_classes: int, opts: CifarOptions, seed: int, data_root
     tasks = class_split_tasks(
         source, targets[:n_train], targets[n_train:], n_train, order, opts.n_tasks, opts, seed
     )
-    return Scenario(name, "class", tasks, num_classes, (3, 32, 32), "resnet18-reduced", names)
+    return Scenario(name, "class", tasks, num_classes, (3, 32, 32), "resnet18-reduced", names,
+                    synthetic=synthetic)
 
 
 @register_scenario(

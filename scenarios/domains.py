@@ -23,6 +23,7 @@ from harness.api import Scenario, Task, require
 from harness.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, cap, register_scenario, split_train_val
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
+from scenarios.synth import synthetic_marker
 
 PACS_DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 OFFICEHOME_DOMAINS = ("Art", "Clipart", "Product", "Real_World")
@@ -106,8 +107,9 @@ PACS = _Dataset(
     "PACS",
     PACS_DOMAINS,
     ("PACS", "pacs", "kfold", "PACS/kfold", "pacs/kfold"),
-    "download the PACS images (the kfold folders) and place them as <root>/PACS/<domain>/<class>/<image>; "
-    "pass --data-root or set DMKD_DATA",
+    "download the PACS images (the 'kfold' image folders of Li et al., ICCV 2017) and place them as <root>/PACS/<domain>/<class>/<image> "
+    "with domains photo, art_painting, cartoon, sketch; pass --data-root or set DMKD_DATA (no --download); "
+    "offline, `dmkd synth pacs --out <root>` writes a synthetic stand-in",
 )
 OFFICEHOME = _Dataset(
     "OfficeHome",
@@ -119,8 +121,10 @@ OFFICEHOME = _Dataset(
         "office_home",
         "OfficeHome/OfficeHomeDataset_10072016",
     ),
-    "download OfficeHomeDataset_10072016.zip and extract it as <root>/OfficeHome/<domain>/<class>/<image>;"
-    " pass --data-root or set DMKD_DATA",
+    "download OfficeHomeDataset_10072016.zip (hemanthdv.org/officeHomeDataset.html) and extract it as "
+    "<root>/OfficeHome/<domain>/<class>/<image> with domains Art, Clipart, Product, Real World; pass "
+    "--data-root or set DMKD_DATA (no --download); offline, `dmkd synth officehome --out <root>` writes a "
+    "synthetic stand-in",
 )
 
 
@@ -187,7 +191,9 @@ def build_domain_scenario(
     name: str, ds: _Dataset, opts: DomainOptions, seed: int, data_root: str | None
 ) -> Scenario:
     order = parse_domain_order(opts.domain_order, ds.domains)
-    classes, files = scan_domains(ds, find_domains(ds, data_root, order), order)
+    dirs = find_domains(ds, data_root, order)
+    synthetic = synthetic_marker(next(iter(dirs.values())).parent)
+    classes, files = scan_domains(ds, dirs, order)
     label = {c: i for i, c in enumerate(classes)}
     paths = [p for d in order for p, _ in files[d]]
     targets = torch.tensor([label[c] for d in order for _, c in files[d]], dtype=torch.long)
@@ -212,7 +218,8 @@ def build_domain_scenario(
         tasks.append(Task(t, list(range(len(classes))), source, train, val, test, name=d))
     if opts.in_memory:
         source.preload(torch.cat([torch.cat([t.train_idx, t.val_idx, t.test_idx]) for t in tasks]))
-    return Scenario(name, "domain", tasks, len(classes), source.input_shape, "resnet18", classes)
+    return Scenario(name, "domain", tasks, len(classes), source.input_shape, "resnet18", classes,
+                    synthetic=synthetic)
 
 
 @register_scenario(

@@ -19,11 +19,14 @@ from harness.api import Scenario, require
 from harness.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, find_dir, register_scenario
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
+from scenarios.synth import synthetic_marker
 
 FOLDER_NAMES = ("tiny-imagenet-200", "tiny-imagenet", "tinyimagenet", "TinyImageNet")
 HOW_TO_GET = (
-    "download tiny-imagenet-200.zip (the CS231n Tiny ImageNet archive) and extract it under the data root "
-    "so that <root>/tiny-imagenet-200/wnids.txt exists; pass --data-root or set DMKD_DATA"
+    "download tiny-imagenet-200.zip (the CS231n Tiny ImageNet archive, cs231n.stanford.edu/tiny-imagenet-200.zip) "
+    "and extract it under the data root so that <root>/tiny-imagenet-200/wnids.txt, train/ and val/ exist; "
+    "pass --data-root or set DMKD_DATA (no --download: torchvision has no Tiny-ImageNet class); offline, "
+    "`dmkd synth tinyimagenet --out <root>` writes a synthetic stand-in"
 )
 
 
@@ -37,6 +40,7 @@ class TinyImageNetFiles:
     paths: list[Path]
     targets: torch.Tensor
     n_train: int
+    synthetic: dict | None = None  # the SYNTHETIC marker of `dmkd synth` data
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -94,7 +98,8 @@ def scan_tinyimagenet(data_root: str | None) -> TinyImageNetFiles:
     if words.is_file():
         desc = dict(ln.split("\t", 1) for ln in _read_lines(words) if "\t" in ln)
         names = [desc.get(w, w).strip() for w in wnids]
-    return TinyImageNetFiles(root, wnids, names, paths, torch.tensor(targets, dtype=torch.long), n_train)
+    return TinyImageNetFiles(root, wnids, names, paths, torch.tensor(targets, dtype=torch.long), n_train,
+                             synthetic_marker(root))
 
 
 @dataclass
@@ -148,5 +153,6 @@ def split_tinyimagenet(opts: TinyImageNetOptions, seed: int, data_root: str | No
     if opts.in_memory:
         source.preload(torch.cat([torch.cat([t.train_idx, t.val_idx, t.test_idx]) for t in tasks]))
     return Scenario(
-        "split-tinyimagenet", "class", tasks, n_classes, source.input_shape, "resnet18", files.class_names
+        "split-tinyimagenet", "class", tasks, n_classes, source.input_shape, "resnet18", files.class_names,
+        synthetic=files.synthetic,
     )

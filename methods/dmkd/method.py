@@ -224,13 +224,12 @@ class DMKD(Method):
             loss = self.training_loss(x, y, task)
         finally:
             self._skip_penalty = False
-        loss.backward()
+        opts = [o for o in (self.optimizer, self.ae_optimizer) if o is not None]
+        self.ctx.backward(loss, *opts)  # fp16: scaled, then unscaled for the hooks
         if direct:  # λ_pres Σ w (θ − θ*)²: its value and gradient without an autograd graph
             loss = loss.detach() + self.hp.lambda_pres * self.pres.add_penalty_grad(self.model, self.hp.lambda_pres)
         self.after_backward(x, y, task)
-        self.optimizer.step()
-        if self.ae_optimizer is not None:
-            self.ae_optimizer.step()
+        self.ctx.step(*opts)
         self.after_step(x, y, task)
         return loss
 
