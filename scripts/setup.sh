@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 PKGS="dataset-fashion-mnist"
-EXTRAS=""
+EXTRAS="[energy]"
 if [ "${1:-}" = "--test" ]; then
   PKGS="$PKGS chromium postgresql"
-  EXTRAS="[dev,avalanche]"
+  EXTRAS="[dev,avalanche,energy]"
 fi
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
