@@ -7,13 +7,13 @@ Errors a user can cause print one line (``error: <problem> — <fix>``) and exit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from harness.console import print_records, write_report
 from harness.errors import UserError
+from harness.overrides import parse_sets, route_sets
 
 DEFAULT_RESULTS = "results"
 
@@ -22,61 +22,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         print(f"error: {message} — see '{self.prog} --help'", file=sys.stderr)
         raise SystemExit(2)
-
-
-def _parse_value(text: str) -> Any:
-    from harness.yamlio import load_yaml_text
-
-    try:
-        return load_yaml_text(text, "--set value")
-    except UserError:
-        return text
-
-
-def parse_sets(items: list[str] | None) -> list[tuple[str, Any]]:
-    out = []
-    for it in items or []:
-        if "=" not in it or it.startswith("="):
-            raise UserError(f"--set {it!r} is not key=value", "write e.g. --set lr=0.05")
-        k, v = it.split("=", 1)
-        out.append((k.strip(), _parse_value(v.strip())))
-    return out
-
-
-def route_sets(sets: list[tuple[str, Any]], method: str, scenario: str) -> tuple[dict, dict, dict]:
-    """Send each key=value to the method's hyperparameters, the scenario's options or the protocol.
-
-    A key may be prefixed (``method.``, ``scenario.``, ``protocol.``); unprefixed keys go to the
-    first of method, scenario, protocol that has a field of that name.
-    """
-    import scenarios  # noqa: F401
-    from harness.api import Protocol
-    from harness.runner import resolve_method
-    from scenarios.base import SCENARIOS, scenario_option_names
-
-    m_fields = {f.name for f in dataclasses.fields(resolve_method(method).HParams)}
-    if scenario not in SCENARIOS:
-        raise UserError(f"unknown scenario {scenario!r}", f"choose one of: {', '.join(SCENARIOS)}")
-    s_fields = set(scenario_option_names(scenario))
-    p_fields = {f.name for f in dataclasses.fields(Protocol)}
-    m_set: dict[str, Any] = {}
-    s_set: dict[str, Any] = {}
-    p_set: dict[str, Any] = {}
-    for key, value in sets:
-        prefix, _, name = key.rpartition(".")
-        if prefix == "method" or (not prefix and name in m_fields):
-            m_set[name] = value
-        elif prefix == "scenario" or (not prefix and name in s_fields):
-            s_set[name] = value
-        elif prefix == "protocol" or (not prefix and name in p_fields):
-            p_set[name] = value
-        else:
-            raise UserError(
-                f"unknown option {key!r} for method {method} / scenario {scenario}",
-                f"method options: {', '.join(sorted(m_fields)) or '-'}; scenario options: {', '.join(sorted(s_fields))}; "
-                f"protocol: {', '.join(sorted(p_fields))}",
-            )
-    return m_set, s_set, p_set
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -325,111 +270,9 @@ def cmd_suite(args) -> int:
     return launch(args)
 
 
-def _write_report(args, experiment: str | None, out: str | None = None) -> None:
-    try:
-        from reports.build import report_from_results
-    except ImportError:
-        print("(report package not available; skipping the report)", file=sys.stderr)
-        return
-    from harness.errors import redact
-    from harness.tracking import NO_MLFLOW, tracking_reachable
-
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri is None and (Path(args.results) / "mlflow.db").exists():
-        uri = f"sqlite:///{(Path(args.results) / 'mlflow.db').resolve()}"
-    if uri in NO_MLFLOW:
-        uri = None  # JSON records only
-    if uri is not None and not tracking_reachable(uri):
-        print(f"warning: the MLflow server {redact(uri)} does not answer; the report uses the JSON records",
-              file=sys.stderr)
-        uri = None
-    try:
-        paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=uri)
-    except UserError:
-        raise
-    except OSError as e:
-        where = out or Path(args.results) / "report"
-        raise UserError(f"cannot write the report to {where} ({e.strerror or e})",
-                        "pass a writable folder with --out") from None
-    except Exception as e:  # noqa: BLE001 - an unreadable tracking store must not cost the report
-        print(f"warning: reading runs from MLflow at {redact(uri)} failed ({type(e).__name__}); using the JSON "
-              "records", file=sys.stderr)
-        try:
-            paths = report_from_results(Path(args.results), experiment=experiment, out=out, tracking_uri=None)
-        except OSError as e2:
-            raise UserError(f"cannot write the report to {out or Path(args.results) / 'report'} "
-                            f"({e2.strerror or e2})", "pass a writable folder with --out") from None
-    for name, p in (paths or {}).items():
-        print(f"{name}: {p}")
-
-
 def cmd_report(args) -> int:
-    _write_report(args, args.experiment, args.out)
+    write_report(args, args.experiment, args.out)
     return 0
-
-
-def print_records(records: list[dict[str, Any]]) -> None:
-    """The final table of a run or suite per (scenario, setting, method): mean over seeds, the 95%
-    Student-t half-width of the final accuracy (blank for one seed), measured passes per task, the
-    run's own peak memory and the analytic footprint. Without pandas (minimal installs) one plain
-    line per run."""
-    import math
-
-    try:
-        import pandas as pd
-    except ImportError:
-        pd = None
-
-    if pd is not None:
-        from reports.tables import passes_of, row_label, t_half_width
-    else:  # reports needs pandas and scipy; the plain lines need only the record
-
-        def passes_of(r):
-            p = r.get("costs", {}).get("passes_per_task")
-            return None if p is None else [p]
-
-        def row_label(r):
-            return r.get("label")
-
-    rows = []
-    for r in records:
-        if r.get("status") != "finished":
-            rows.append({"scenario": r.get("scenario"), "setting": "-", "method": r.get("label"),
-                         "seed": r.get("seed"), "final_acc": float("nan"), "status": r.get("status")})
-            continue
-        c = r["costs"]
-        passes = passes_of(r)
-        for s, m in r["metrics"].items():
-            rows.append({"scenario": r["scenario"], "setting": s, "method": row_label(r), "seed": r["seed"],
-                         "final_acc": m["final_avg_acc"], "avg_inc_acc": m["avg_inc_acc"],
-                         "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m.get("fwt", float("nan")),
-                         "passes/task": float("nan") if passes is None else sum(passes) / len(passes),
-                         "params": c["params_total"], "train_GFLOPs": c["train_flops_total"] / 1e9,
-                         "peak_MiB": c.get("peak_memory_bytes", float("nan")) / 2**20,
-                         "footprint_MiB": c.get("footprint_bytes", float("nan")) / 2**20,
-                         "train_s": c["train_time_s"], "status": "finished"})
-    if not rows:
-        print("no runs")
-        return
-    if pd is None:  # minimal installs (the GPU machine): one plain line per row
-        for row in rows:
-            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        return
-    df = pd.DataFrame(rows)
-    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "passes/task", "params", "train_GFLOPs",
-                       "peak_MiB", "footprint_MiB", "train_s") if c in df]
-    g = df.groupby(["scenario", "setting", "method"], sort=False)
-    table = g[num].mean()
-    table.insert(0, "seeds", g.size())
-    std = g["final_acc"].std(ddof=1)
-    table.insert(2, "±95%", [t_half_width(sd, int(n)) if n > 1 and not math.isnan(sd) else float("nan")
-                             for sd, n in zip(std, table["seeds"])])
-    with pd.option_context("display.max_rows", 500, "display.width", 220, "display.float_format", "{:.4f}".format):
-        print(table.to_string(na_rep=""))
-    kinds = sorted({str(r.get("costs", {}).get("peak_memory_kind")) for r in records if r.get("status") == "finished"})
-    if kinds:
-        print(f"±95%: half-width of the 95% Student-t interval of final_acc over seeds (blank: one seed); "
-              f"peak: the run's own ({', '.join(kinds)}); footprint: parameters + buffers + method state")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ work plus ``grace``. The worker that sees the last cell done closes the suite's 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -34,7 +33,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import UserError
-from harness.launch import GRACE_S, HEARTBEAT_S
+from harness.suite import GRACE_S, HEARTBEAT_S
 
 if TYPE_CHECKING:
     from harness.runner import RunSpec
@@ -48,8 +47,6 @@ try:  # Optuna >= 4.9 renamed the callback; keep working with the older name
     from optuna.storages import RetryHeartbeatStaleTrialCallback as _Retry
 except ImportError:  # pragma: no cover
     from optuna.storages import RetryFailedTrialCallback as _Retry
-from optuna.storages import JournalStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,52 +90,8 @@ def check_heartbeat(heartbeat: Any, grace: Any) -> tuple[int, int]:
     return out[0], out[1]
 
 
-class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
-    """A journal-file storage with Optuna's heartbeat protocol (the journal has none of its own).
-
-    A worker writes a changing value into the running trial's system attributes; another worker
-    calls a trial stale when it has seen that value unchanged for ``grace_period`` seconds of its
-    own monotonic clock, so clocks that disagree between machines cannot fake or hide a death.
-    """
-
-    ATTR = "dmkd_heartbeat"
-
-    def __init__(self, backend, heartbeat_interval: int, grace_period: int, heartbeat_stale_trial_callback=None):
-        super().__init__(backend)
-        self._hb_interval = heartbeat_interval
-        self._grace = grace_period
-        self._stale_cb = heartbeat_stale_trial_callback
-        self._seen: dict[int, tuple[Any, float]] = {}
-        self._beats = 0
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._beats += 1
-        with contextlib.suppress(Exception):  # the trial finished meanwhile: nothing to keep alive
-            self.set_trial_system_attr(trial_id, self.ATTR, [time.time(), self._beats])
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        from optuna.trial import TrialState
-
-        now = time.monotonic()
-        stale = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = t.system_attrs.get(self.ATTR)
-            seen = self._seen.get(t._trial_id)
-            if seen is None or seen[0] != beat:
-                self._seen[t._trial_id] = (beat, now)
-            elif now - seen[1] > self._grace:
-                stale.append(t._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._hb_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self._stale_cb
-
-
 def open_storage(url: str | None, store: Store, heartbeat: int, grace: int):
-    from harness.tune import make_storage
+    from harness.storage import make_storage
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental
@@ -420,4 +373,4 @@ def records_done(store: Store, specs: list[RunSpec]) -> tuple[list[dict[str, Any
     return recs, left
 
 
-__all__ = ["JournalHeartbeatStorage", "check_heartbeat", "close_mlflow", "run_suite", "study_name"]
+__all__ = ["check_heartbeat", "close_mlflow", "run_suite", "study_name"]

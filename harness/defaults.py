@@ -48,9 +48,13 @@ def _show(value: Any) -> str:
 
 def method_table(name: str) -> str:
     """Markdown table of one method's hyperparameters."""
-    from harness.runner import resolve_method
+    import methods  # noqa: F401  (registers every method)
+    from harness.api import METHODS
+    from harness.errors import UserError
 
-    cls = resolve_method(name)
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
     lines = [f"### {name}", "", cls.DESCRIPTION or (cls.__doc__ or "").strip().splitlines()[0], ""]
     table = rows(cls.HParams)
     if not table:

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.suite import GRACE_S, HEARTBEAT_S
 
-HEARTBEAT_S = 10  # seconds between a worker's heartbeats
-GRACE_S = 60  # seconds of silence after which a worker counts as dead
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
@@ -146,8 +145,8 @@ def set_threads(n: int | None) -> None:
 
 def cmd_suite(args: argparse.Namespace) -> int:
     """`dmkd suite`: work in this process, or launch workers and collect the suite when they end."""
-    from harness.cluster import check_heartbeat, prepare
-    from harness.suite import load_suite, run_suite
+    from harness.cluster import check_heartbeat, prepare, run_suite
+    from harness.suite import load_suite
     from harness.tracking import Store
 
     t0 = time.monotonic()
@@ -237,8 +236,8 @@ def _wait(procs: list[subprocess.Popen], cfg, specs, args, show: bool) -> None:
 
 def _finish(args, cfg, specs, t0: float, how: str, codes: list[int] | None = None) -> int:
     """The suite's table, report and wall time, once its workers have ended."""
-    from harness.cli import _write_report, print_records
     from harness.cluster import records_done
+    from harness.console import print_records, write_report
     from harness.tracking import Store
 
     store = Store(Path(args.results), cfg.experiment, "none")
@@ -250,7 +249,7 @@ def _finish(args, cfg, specs, t0: float, how: str, codes: list[int] | None = Non
               + (f" (worker exit status {', '.join(map(str, bad))})" if bad else "")
               + " — run the same command again: they resume from their checkpoints", file=sys.stderr)
     elif not args.no_report:
-        _write_report(args, cfg.experiment)
+        write_report(args, cfg.experiment)
     print(f"wall time: {time.monotonic() - t0:.1f} s ({how}, {len(specs)} runs)")
     failed = [r for r in records if r.get("status") == "failed"]
     return 1 if failed or left else 0
@@ -261,10 +260,9 @@ def _finish(args, cfg, specs, t0: float, how: str, codes: list[int] | None = Non
 # ---------------------------------------------------------------------------------------------
 def submitit_worker(argv: list[str], cpus: int) -> int:
     """One Slurm (or submitit-local) job: a suite worker using the CPUs the job was given."""
-    from harness.cli import main
-
     threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus)
-    rc = main([*argv, "--threads", str(max(1, threads))])
+    rc = subprocess.run([sys.executable, "-m", "harness.cli", *argv, "--threads", str(max(1, threads))],
+                        check=False).returncode
     if rc != 0:
         raise RuntimeError(f"suite worker exited with status {rc}")
     return rc

@@ -24,8 +24,8 @@ Faults (``on_fault``): ``drop`` completes the round with the nodes that answered
 The distributed backend can only stop: a collective cannot finish without a dead rank. Either
 outcome is appended to ``events`` (round, missing nodes, outcome).
 
-``python -m harness.nodes METHOD SCENARIO --set k=v ...`` under ``torchrun --nproc-per-node P`` runs
-one decentralized run with the distributed backend (rank 0 prints the record's metrics).
+Under torchrun the entry point is the CLI's: ``torchrun --nproc-per-node P -m harness.cli run --method
+fedavg --scenario split-fmnist --nodes-backend distributed`` (rank 0 records the run).
 """
 
 from __future__ import annotations
@@ -486,50 +486,3 @@ def using_generator(ctx: Any, gen: torch.Generator) -> Iterator[None]:
         yield
     finally:
         ctx.generator = saved
-
-
-def main(argv: list[str] | None = None) -> int:
-    """torchrun entry: ``torchrun --nproc-per-node P -m harness.nodes fedavg split-fmnist --set ...``."""
-    import argparse
-    import json
-    import sys
-
-    from harness.runner import RunSpec, run
-
-    ap = argparse.ArgumentParser(prog="python -m harness.nodes", description=main.__doc__)
-    ap.add_argument("method")
-    ap.add_argument("scenario")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--set", action="append", default=[], help="method option k=v")
-    ap.add_argument("--scenario-set", action="append", default=[], help="scenario option k=v")
-    ap.add_argument("--out", default="", help="write rank 0's record as JSON here")
-    args = ap.parse_args(argv)
-    try:
-        mset = dict(kv.split("=", 1) for kv in args.set) | {"backend": "distributed"}
-        sset = dict(kv.split("=", 1) for kv in args.scenario_set)
-        from harness.api import Protocol
-
-        rec = run(RunSpec(args.method, args.scenario, args.seed, method_set=mset, scenario_set=sset,
-                          protocol=Protocol(epochs=args.epochs), device="cpu"))
-    except UserError as e:
-        print(e.line(), file=sys.stderr)
-        return 2
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        summary = {"metrics": rec["metrics"], "comm_bytes": rec["costs"]["comm_bytes"],
-                   "comm_rounds": rec["costs"]["comm_rounds"], "train_time_s": rec["costs"]["train_time_s"],
-                   "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-        print(json.dumps(summary, indent=1))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rec, f, default=str)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -23,6 +23,9 @@ from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, _safe, run
 from harness.tracking import Store, flatten
 
+HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/cluster.py)
+GRACE_S = 60  # seconds of silence after which a worker counts as dead
+
 SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description",
               "reference"}
 
@@ -342,19 +345,6 @@ def reconcile_mlflow(store: Store, records: list[dict[str, Any]]) -> None:
         status = {"finished": "FINISHED", "failed": "FAILED"}.get(str(rec.get("status")))
         if run_id and status:
             ml.ensure_terminated(run_id, status)
-
-
-def run_suite(cfg: SuiteConfig, store: Store, *, show_progress: bool = True, storage_url: str | None = None,
-              heartbeat: int = 10, grace: int = 60, **kwargs: Any) -> list[dict[str, Any]]:
-    """Work on every unfinished run of a suite, with any other workers; returns the records of all its runs.
-
-    The runs are the trials of one Optuna study in ``storage_url`` (sqlite under the results folder
-    by default): see harness/cluster.py.
-    """
-    from harness.cluster import run_suite as work
-
-    return work(cfg, store, storage_url=storage_url, heartbeat=heartbeat, grace=grace,
-                show_progress=show_progress, **kwargs)
 
 
 def group_run(store: Store, cfg: SuiteConfig, spec: RunSpec, suite_id: str | None) -> str | None:

@@ -16,85 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from harness.api import Protocol, TrainingDiverged, hparams_from, split_params
-from harness.errors import UserError, one_line, redact
+from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, check_splits, resolve_method, run
+from harness.storage import create_study, make_storage
 from harness.tracking import Store, atomic_write_json
 
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
-
-
-def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None, stale_callback=None):
-    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite.
-
-    With ``heartbeat_interval``, running trials record heartbeats and a trial silent for
-    ``grace_period`` seconds is failed and handed to ``stale_callback`` (suites re-queue it).
-    """
-    import optuna
-
-    hb = {} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval,
-                                                "grace_period": grace_period,
-                                                "heartbeat_stale_trial_callback": stale_callback}
-    if url is None:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url[len("journal:"):]).expanduser()
-        if not path.parent.is_dir():
-            raise UserError(f"the folder of the Optuna journal {path} does not exist",
-                            "create it first, or pass journal:<path> in an existing folder")
-        try:
-            backend = JournalFileBackend(str(path))
-        except OSError as e:
-            raise UserError(f"cannot open the Optuna journal {path} ({e.strerror or e})",
-                            "pass a journal file in a writable folder") from None
-        if hb:
-            from harness.cluster import JournalHeartbeatStorage
-
-            return JournalHeartbeatStorage(backend, **hb)
-        return optuna.storages.JournalStorage(backend)
-    if url.startswith("sqlite:///"):
-        db = Path(url[len("sqlite:///"):])
-        if (db.exists() and not os.access(db, os.W_OK)) or (not db.exists() and not os.access(db.parent, os.W_OK)):
-            raise UserError(f"the Optuna storage {db} is not writable", "pass a writable --storage (or --results)")
-    import random
-
-    last: Exception | None = None
-    for attempt in range(6):
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                else {"connect_args": {"timeout": 60}}, **hb)
-        except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
-            last = e
-            time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
-    raise UserError(f"cannot open Optuna storage {redact(url)} ({type(last).__name__}: {one_line(last, 160)})",
-                    "check the URL, that the database server is reachable and the driver installed")
-
-
-def _create_study(**kwargs):
-    """create_study(load_if_exists=True), retried: concurrent workers may race to create it."""
-    import optuna
-
-    for attempt in range(5):
-        try:
-            return optuna.create_study(load_if_exists=True, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
-            if attempt == 4:
-                raise UserError(f"cannot create the Optuna study {kwargs.get('study_name')!r} "
-                                f"({type(e).__name__}: {one_line(e, 200)})",
-                                "check that the storage is writable and reachable") from None
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 def make_pruner(name: str):
@@ -171,7 +104,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed) if sampler_seed is not None else None
-    study = _create_study(study_name=study_name, storage=storage, direction="maximize", pruner=make_pruner(pruner),
+    study = create_study(study_name=study_name, storage=storage, direction="maximize", pruner=make_pruner(pruner),
                           sampler=sampler)
     store = Store(results_dir, "tuning", tracking_uri)
     sink = store.mlflow
@@ -299,7 +232,7 @@ def load_best_params(results_dir: Path, cfg) -> dict[tuple[str, str], dict[str, 
 
 
 def cmd_tune(args) -> int:
-    from harness.cli import parse_sets, route_sets
+    from harness.overrides import parse_sets, route_sets
 
     m_set, s_set, p_set = route_sets(parse_sets(args.set), args.method, args.scenario)
     if args.epochs is not None:
@@ -378,7 +311,7 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.GridSampler({k: list(v) for k, v in grid.items()}, seed=0)
-    study = _create_study(study_name=f"ablation__{cfg['name']}", storage=storage, sampler=sampler,
+    study = create_study(study_name=f"ablation__{cfg['name']}", storage=storage, sampler=sampler,
                           direction="maximize")
     store = Store(results_dir, cfg["experiment"], tracking_uri)
     protocol = hparams_from(Protocol, cfg.get("protocol") or {})
@@ -414,7 +347,7 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
 def cmd_ablate(args) -> int:
     cfg = load_ablation(args.config)
     recs = ablate(cfg, Path(args.results), args.storage, args.tracking_uri, args.data_root, args.device)
-    from harness.cli import print_records
+    from harness.console import print_records
 
     print_records(recs)
     return 0

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 export OMP_NUM_THREADS=1
+lint-imports  # the architecture contract in pyproject.toml: imports point one way
 python3 -m pytest "$@"

@@ -240,7 +240,7 @@ def test_journal_heartbeat_ignores_the_writers_clock(tmp_path):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from harness.cluster import JournalHeartbeatStorage
+    from harness.storage import JournalHeartbeatStorage
 
     st = JournalHeartbeatStorage(JournalFileBackend(str(tmp_path / "j.log")), 1, 1)
     study = optuna.create_study(storage=st)

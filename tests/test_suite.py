@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.cluster import run_suite
 from harness.errors import UserError
-from harness.suite import load_suite, run_suite
+from harness.suite import load_suite
 from harness.tracking import Store
 from tests.conftest import needs_fmnist
 

@@ -327,3 +327,6 @@ class DecentralizedDMKD(NodesMethod, DMKD):
             if i in self.learners:
                 self.learners[i].load_state_dict(s)
         NodesMethod.load_extra_state(self, state.get("nodes", {}))
+
+
+DMKD.VARIANTS["decentralized"] = DecentralizedDMKD

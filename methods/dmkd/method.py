@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +100,14 @@ class DMKD(Method):
     HParams = DMKDParams
     DESCRIPTION = "DMKD: modular experts, top-K router, KD from snapshots, salient-parameter preservation"
 
+    # training mode -> the subclass that trains that way; filled by the subclass's module when the
+    # package is imported (methods/dmkd/__init__.py), so this module never imports it back.
+    VARIANTS: ClassVar[dict[str, type]] = {}
+
     def __new__(cls, hp: DMKDParams | None = None, *args: Any, **kwargs: Any) -> Self:
         """training=decentralized: the registered name builds the P-node method (same options)."""
-        if cls is DMKD and hp is not None and hp.training == "decentralized":
-            from methods.dmkd.decentralized import DecentralizedDMKD
-
-            return super().__new__(DecentralizedDMKD)
+        if cls is DMKD and hp is not None and hp.training in DMKD.VARIANTS:
+            return super().__new__(DMKD.VARIANTS[hp.training])
         return super().__new__(cls)
 
     def __init__(self, hp: DMKDParams, ctx: RunContext) -> None:

@@ -1,0 +1,125 @@
+"""Optuna storages and studies from a URL: sqlite under the results folder (default), a journal file
+(``journal:<path>``, with a heartbeat of our own), or any RDB URL (PostgreSQL across machines).
+Problems are one UserError line with the password of the URL masked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from optuna.storages import JournalStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+
+from harness.errors import UserError, one_line, redact
+
+
+def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None, stale_callback=None):
+    """An Optuna storage from a URL: sqlite:///..., postgresql://..., journal:<file>; default sqlite.
+
+    With ``heartbeat_interval``, running trials record heartbeats and a trial silent for
+    ``grace_period`` seconds is failed and handed to ``stale_callback`` (suites re-queue it).
+    """
+    import optuna
+
+    hb = {} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval,
+                                                "grace_period": grace_period,
+                                                "heartbeat_stale_trial_callback": stale_callback}
+    if url is None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:"):]).expanduser()
+        if not path.parent.is_dir():
+            raise UserError(f"the folder of the Optuna journal {path} does not exist",
+                            "create it first, or pass journal:<path> in an existing folder")
+        try:
+            backend = JournalFileBackend(str(path))
+        except OSError as e:
+            raise UserError(f"cannot open the Optuna journal {path} ({e.strerror or e})",
+                            "pass a journal file in a writable folder") from None
+        if hb:
+            return JournalHeartbeatStorage(backend, **hb)
+        return optuna.storages.JournalStorage(backend)
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        if (db.exists() and not os.access(db, os.W_OK)) or (not db.exists() and not os.access(db.parent, os.W_OK)):
+            raise UserError(f"the Optuna storage {db} is not writable", "pass a writable --storage (or --results)")
+    import random
+
+    last: Exception | None = None
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
+                else {"connect_args": {"timeout": 60}}, **hb)
+        except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
+            last = e
+            time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
+    raise UserError(f"cannot open Optuna storage {redact(url)} ({type(last).__name__}: {one_line(last, 160)})",
+                    "check the URL, that the database server is reachable and the driver installed")
+
+
+def create_study(**kwargs):
+    """create_study(load_if_exists=True), retried: concurrent workers may race to create it."""
+    import optuna
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(load_if_exists=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
+            if attempt == 4:
+                raise UserError(f"cannot create the Optuna study {kwargs.get('study_name')!r} "
+                                f"({type(e).__name__}: {one_line(e, 200)})",
+                                "check that the storage is writable and reachable") from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
+    """A journal-file storage with Optuna's heartbeat protocol (the journal has none of its own).
+
+    A worker writes a changing value into the running trial's system attributes; another worker
+    calls a trial stale when it has seen that value unchanged for ``grace_period`` seconds of its
+    own monotonic clock, so clocks that disagree between machines cannot fake or hide a death.
+    """
+
+    ATTR = "dmkd_heartbeat"
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int, heartbeat_stale_trial_callback=None):
+        super().__init__(backend)
+        self._hb_interval = heartbeat_interval
+        self._grace = grace_period
+        self._stale_cb = heartbeat_stale_trial_callback
+        self._seen: dict[int, tuple[Any, float]] = {}
+        self._beats = 0
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._beats += 1
+        with contextlib.suppress(Exception):  # the trial finished meanwhile: nothing to keep alive
+            self.set_trial_system_attr(trial_id, self.ATTR, [time.time(), self._beats])
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.trial import TrialState
+
+        now = time.monotonic()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = t.system_attrs.get(self.ATTR)
+            seen = self._seen.get(t._trial_id)
+            if seen is None or seen[0] != beat:
+                self._seen[t._trial_id] = (beat, now)
+            elif now - seen[1] > self._grace:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._hb_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self._stale_cb
