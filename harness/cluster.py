@@ -33,7 +33,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import UserError
-from harness.suite import GRACE_S, HEARTBEAT_S
+from harness.suite import DONE, GRACE_S, HEARTBEAT_S, check_heartbeat
 
 if TYPE_CHECKING:
     from harness.runner import RunSpec
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from harness.tracking import Store
 
 CELL = "dmkd_cell"
-DONE = ("finished", "failed")
 
 try:  # Optuna >= 4.9 renamed the callback; keep working with the older name
     from optuna.storages import RetryHeartbeatStaleTrialCallback as _Retry
@@ -70,24 +69,6 @@ def study_name(cfg: SuiteConfig, specs: list[RunSpec]) -> str:
     """Two suites that differ in any resolved field (a protocol value too) never share a study."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cfg.name)[:80]
     return f"suite-{safe}-{cells_hash(specs)[:16]}"
-
-
-def check_heartbeat(heartbeat: Any, grace: Any) -> tuple[int, int]:
-    """Whole seconds >= 1, and a grace period longer than the heartbeat; else one UserError line."""
-    out = []
-    for name, v in (("--heartbeat", heartbeat), ("--grace", grace)):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            f = math.nan
-        if not math.isfinite(f) or f < 1 or f != int(f):
-            raise UserError(f"{name} must be a whole number of seconds >= 1, got {v!r}",
-                            f"e.g. --heartbeat {HEARTBEAT_S} --grace {GRACE_S}")
-        out.append(int(f))
-    if out[1] <= out[0]:
-        raise UserError(f"--grace ({out[1]} s) must be longer than --heartbeat ({out[0]} s)",
-                        "a live worker would otherwise be taken for dead; e.g. --grace 6x the heartbeat")
-    return out[0], out[1]
 
 
 def open_storage(url: str | None, store: Store, heartbeat: int, grace: int):
@@ -359,18 +340,6 @@ def close_mlflow(store: Store, cfg: SuiteConfig, keys: list[str]) -> None:
             rec = recs[tags["dmkd.key"]]
             if rec.get("mlflow_run_id") in (None, r.info.run_id):
                 ml.set_status(r.info.run_id, "FINISHED" if rec["status"] == "finished" else "FAILED")
-
-
-def records_done(store: Store, specs: list[RunSpec]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records of a suite's cells and the keys of the cells not done yet."""
-    recs, left = [], []
-    for s in specs:
-        r = store.load_record(s.key())
-        if r is not None:
-            recs.append(r)
-        if r is None or r.get("status") not in DONE:
-            left.append(s.key())
-    return recs, left
 
 
 __all__ = ["check_heartbeat", "close_mlflow", "run_suite", "study_name"]

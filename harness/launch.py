@@ -145,8 +145,9 @@ def set_threads(n: int | None) -> None:
 
 def cmd_suite(args: argparse.Namespace) -> int:
     """`dmkd suite`: work in this process, or launch workers and collect the suite when they end."""
-    from harness.cluster import check_heartbeat, prepare, run_suite
-    from harness.suite import load_suite
+    import importlib.util
+
+    from harness.suite import check_heartbeat, load_suite, run_sequential
     from harness.tracking import Store
 
     t0 = time.monotonic()
@@ -159,11 +160,11 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if args.tuned and args.defaults:
         raise UserError("--tuned and --defaults contradict each other", "pass one of them")
     if args.tuned:
-        from harness.tune import load_best_params
+        from harness.tuned import load_best_params
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
     elif not args.defaults:
-        from harness.tune import load_tuned_suite, tuned_dir
+        from harness.tuned import load_tuned_suite, tuned_dir
 
         where = tuned_dir(cfg, args.tuned_dir)
         cfg.tuned = load_tuned_suite(cfg, where)
@@ -177,10 +178,20 @@ def cmd_suite(args: argparse.Namespace) -> int:
         from harness.suite import preflight
 
         preflight(specs)  # every scenario builds before the first run trains
+    local = args.workers == "1" and args.workers_per_gpu is None
+    if importlib.util.find_spec("optuna") is None:  # a minimal install: one worker, in suite order
+        if not (local and args.launcher == "local" and args.storage is None):
+            raise UserError("optuna is not installed, and it is what coordinates several workers",
+                            "pip install optuna, or run one worker without --storage")
+        set_threads(args.threads)
+        run_sequential(cfg, Store(Path(args.results), cfg.experiment, args.tracking_uri),
+                       show_progress=not args.worker)
+        return _finish(args, cfg, specs, t0, f"1 worker without a coordinator, {_threads_now()} thread(s)")
+    from harness.cluster import prepare, run_suite
+
     if args.launcher != "local":
         prepare(cfg, Store(Path(args.results), cfg.experiment, "none"), args.storage, heartbeat, grace)
         return _slurm(args, cfg, specs, t0)
-    local = args.workers == "1" and args.workers_per_gpu is None
     if local:
         set_threads(args.threads)
         store = Store(Path(args.results), cfg.experiment, args.tracking_uri)
@@ -217,7 +228,7 @@ def _wait(procs: list[subprocess.Popen], cfg, specs, args, show: bool) -> None:
     """Wait for local workers, with one progress bar over the suite's records."""
     from tqdm.auto import tqdm
 
-    from harness.cluster import records_done
+    from harness.suite import records_done
     from harness.tracking import Store
 
     store = None
@@ -236,8 +247,8 @@ def _wait(procs: list[subprocess.Popen], cfg, specs, args, show: bool) -> None:
 
 def _finish(args, cfg, specs, t0: float, how: str, codes: list[int] | None = None) -> int:
     """The suite's table, report and wall time, once its workers have ended."""
-    from harness.cluster import records_done
     from harness.console import print_records, write_report
+    from harness.suite import records_done
     from harness.tracking import Store
 
     store = Store(Path(args.results), cfg.experiment, "none")

@@ -482,7 +482,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "host_peak_memory_kind": mem.host_kind,
         "dataset_bytes": dataset_bytes(sources),
         **footprint(method.inference_modules(), method.state_bytes()),
-        "dataset_device_bytes": sum(n for d, n in dataset_bytes(sources).items() if not d.startswith("cpu")),
+        "dataset_device_bytes": dataset_device_bytes(scenario, device),
         **energy.result,
     }
     if device.type == "cuda":  # the peak without the data set held on the GPU
@@ -494,6 +494,14 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     observer.on_end(record)
     return record
+
+
+def dataset_device_bytes(scenario: Scenario, device: torch.device) -> int:
+    """Bytes the scenario's data sources hold on ``device`` (an accelerator), reported apart from the
+    run's peak memory; 0 on the CPU, where they are part of the process."""
+    if device.type == "cpu":
+        return 0
+    return sum(n for d, n in dataset_bytes(_data_sources(scenario)).items() if torch.device(d).type == device.type)
 
 
 def _data_sources(scenario: Scenario) -> list[Any]:

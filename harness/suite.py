@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from harness.errors import UserError
 from harness.runner import RunObserver, RunSpec, _safe, run
 from harness.tracking import Store, flatten
 
+DONE = ("finished", "failed")  # a cell with a record in one of these states is done
 HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/cluster.py)
 GRACE_S = 60  # seconds of silence after which a worker counts as dead
 
@@ -353,3 +355,54 @@ def group_run(store: Store, cfg: SuiteConfig, spec: RunSpec, suite_id: str | Non
     return store.mlflow.find_or_create(
         {"dmkd.kind": "group", "dmkd.suite": cfg.name, "dmkd.group": f"{label}|{spec.scenario}",
          "dmkd.config_group": spec.group_hash()}, f"{label} on {spec.scenario}", suite_id)
+
+
+def check_heartbeat(heartbeat: Any, grace: Any) -> tuple[int, int]:
+    """Whole seconds >= 1, and a grace period longer than the heartbeat; else one UserError line."""
+    out = []
+    for name, v in (("--heartbeat", heartbeat), ("--grace", grace)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if not math.isfinite(f) or f < 1 or f != int(f):
+            raise UserError(f"{name} must be a whole number of seconds >= 1, got {v!r}",
+                            f"e.g. --heartbeat {HEARTBEAT_S} --grace {GRACE_S}")
+        out.append(int(f))
+    if out[1] <= out[0]:
+        raise UserError(f"--grace ({out[1]} s) must be longer than --heartbeat ({out[0]} s)",
+                        "a live worker would otherwise be taken for dead; e.g. --grace 6x the heartbeat")
+    return out[0], out[1]
+
+
+def run_sequential(cfg: SuiteConfig, store: Store, *, show_progress: bool = True) -> list[dict[str, Any]]:
+    """One worker and no coordinator, for installs without Optuna (the GPU machine): every cell not
+    done yet, in suite order, each resumed from its checkpoint; the records are the same as a
+    coordinated suite's. Several workers need the coordinator (harness/cluster.py)."""
+    from tqdm.auto import tqdm
+
+    specs = cfg.specs()
+    ml = store.mlflow
+    suite_id = ml.find_or_create({"dmkd.kind": "suite", "dmkd.suite": cfg.name}, f"suite {cfg.name}") if ml else None
+    extra: dict[str, Any] = {"suite": cfg.name, "worker": store.worker_id}
+    if cfg.reference:
+        extra["reference"] = cfg.reference
+    for spec in tqdm(specs, desc=f"suite {cfg.name}", unit="run", disable=not show_progress, file=sys.stderr):
+        if (store.load_record(spec.key()) or {}).get("status") in ("finished", "failed"):
+            continue
+        execute(spec, store, group_run(store, cfg, spec, suite_id) if ml else None, extra=extra)
+    recs = [r for r in (store.load_record(s.key()) for s in specs) if r is not None]
+    reconcile_mlflow(store, recs)
+    return recs
+
+
+def records_done(store: Store, specs: list[RunSpec]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a suite's cells and the keys of the cells not done yet."""
+    recs, left = [], []
+    for s in specs:
+        r = store.load_record(s.key())
+        if r is not None:
+            recs.append(r)
+        if r is None or r.get("status") not in DONE:
+            left.append(s.key())
+    return recs, left

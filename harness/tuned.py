@@ -1,0 +1,87 @@
+"""Tuned settings as files: ``dmkd tune``'s best parameters (results/tuned/<method>__<scenario>.json) and
+``dmkd tune-suite``'s checked-in files (configs/tuned/<suite>/<scenario>.yaml). Reading them needs no
+Optuna, so a suite on a minimal install runs its tuned settings too."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+
+def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
+    return Path(results_dir) / "tuned" / f"{method}__{scenario}.json"
+
+
+def load_best_params(results_dir: Path, cfg) -> dict[tuple[str, str], dict[str, Any]]:
+    """Best parameters saved by `dmkd tune` for the (method, scenario) pairs of a suite."""
+    out = {}
+    for m, _label, _ in cfg.methods:
+        for sc, _ in cfg.scenarios:
+            p = best_params_path(results_dir, m, sc)
+            if p.exists():
+                try:
+                    saved = json.loads(p.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise UserError(f"tuned settings {p} are unreadable ({type(e).__name__})",
+                                    f"delete it and run `dmkd tune --method {m} --scenario {sc}` again") from None
+                if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+                    raise UserError(f"tuned settings {p} have no 'params' mapping",
+                                    f"delete it and run `dmkd tune --method {m} --scenario {sc}` again")
+                out[(m, sc)] = saved
+    if not out:
+        raise UserError(f"--tuned: no saved parameters under {Path(results_dir) / 'tuned'}",
+                        "run `dmkd tune --method M --scenario S` first")
+    return out
+
+
+def tuned_dir(cfg, override: str | Path | None = None) -> Path:
+    """Where a suite's tuned settings live: ``<suite file's folder>/tuned/<suite name>/`` by default."""
+    if override is not None:
+        return Path(override)
+    base = Path(cfg.source).parent if getattr(cfg, "source", None) else Path("configs")
+    return base / "tuned" / cfg.name
+
+
+def tuned_file(directory: Path, scenario: str) -> Path:
+    return Path(directory) / f"{scenario}.yaml"
+
+
+def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Tuned settings for the suite's (row label, scenario) pairs from ``directory`` (none: {}).
+
+    A file tuned for other scenario options, another protocol or other fixed row settings is a
+    user error: its settings would not mean what they meant there.
+    """
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for sc_name, sc_opts in cfg.scenarios:
+        path = tuned_file(directory, sc_name)
+        if not path.is_file():
+            continue
+        from harness.yamlio import load_yaml_file
+
+        doc = load_yaml_file(path, "tuned-settings file")
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+            raise UserError(f"{path} is not a tuned-settings file (no 'entries:')", "re-run `dmkd tune-suite`")
+        for what, have, want in (("scenario options", doc.get("scenario_options") or {}, dict(sc_opts)),
+                                 ("protocol", doc.get("protocol") or {}, dict(cfg.protocol))):
+            if have != want:
+                raise UserError(f"{path} was tuned for {what} {have}, the suite has {want}",
+                                "re-run `dmkd tune-suite` for this suite, or pass --defaults")
+        for m_name, label, overrides in cfg.methods:
+            row = label or m_name
+            e = doc["entries"].get(row)
+            if e is None:
+                print(f"warning: {path} has no entry for {row}; it runs its defaults", file=sys.stderr)
+                continue
+            if e.get("method") != m_name or (e.get("fixed") or {}) != dict(overrides):
+                raise UserError(f"{path}: entry {row!r} was tuned for {e.get('method')} with {e.get('fixed')}, "
+                                f"the suite has {m_name} with {dict(overrides)}",
+                                "re-run `dmkd tune-suite` for this suite, or pass --defaults")
+            prov = e.get("provenance") or {}
+            out[(row, sc_name)] = {"params": dict(e.get("params") or {}), "n_trials": int(prov.get("trials", 0)),
+                                   "provenance": prov, "file": str(path)}
+    return out
