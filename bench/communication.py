@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     sset = {"max_train_per_task": args.max_train} if args.max_train else {}
     table = []
-    for partition, extra in (("iid", {"partition": "iid"}), ("dirichlet(0.5)", {"partition": "dirichlet", "alpha": 0.5})):
+    for partition, extra in (("iid", {"partition": "iid"}), ("dirichlet(0.5)", {"partition": "dirichlet", "dirichlet_alpha": 0.5})):
         fedavg_bytes = None
         for label, method, opts in rows(args.rounds):
             t0 = time.perf_counter()

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
           f"max_train_per_task={args.max_train or 'all'}")
     print(f"{'row':<22}{'partition':<16}{'cil':>7}{'til':>7}{'agents val':>11}{'moved (all)':>12}{'moved (last)':>13}")
     for part in args.partitions.split(","):
-        extra = {"partition": part} | ({"alpha": 0.5} if part == "dirichlet" else {})
+        extra = {"partition": part} | ({"dirichlet_alpha": 0.5} if part == "dirichlet" else {})
         rows = [("dimat", "dimat", {}), ("wa", "wa", {})]
         if part == "iid":
             rows += [("dimat[init=shared]", "dimat", {"init": "shared"}), ("wa[init=shared]", "wa", {"init": "shared"})]

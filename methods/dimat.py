@@ -289,7 +289,7 @@ class Dimat(NodesMethod):
         for task in self.ctx.scenario.tasks:
             labels = task.source.targets[task.train_idx]
             part = partition_indices(task.train_idx, labels, hp.n_nodes, hp.partition, seed=self.ctx.seed,
-                                     task_id=task.id, alpha=hp.alpha, class_order=self.class_order)
+                                     task_id=task.id, alpha=hp.dirichlet_alpha, class_order=self.class_order)
             empty = [i for i, sh in enumerate(part.shards) if len(sh) == 0]
             if empty:
                 raise UserError(

@@ -45,7 +45,7 @@ class NodesParams(HParams):
                                "DIMAT (Saadati et al. 2024): fully connected and ring topologies")
     partition: str = documented("iid", "iid | dirichlet | round_robin (class k to node k mod P)",
                                 "McMahan et al. 2017 (IID and pathological non-IID); Hsu et al. 2019 (Dirichlet)")
-    alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
+    dirichlet_alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
                               "Hsu et al. 2019 / common FL benchmarks: α = 0.5")
     rounds: int = documented(3, "R, communication rounds per task",
                              "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)")
@@ -67,7 +67,8 @@ class NodesParams(HParams):
         require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}", "use rounds=3 for example")
         require(self.local_epochs >= 0, f"local_epochs must be >= 0, got {self.local_epochs}",
                 "use local_epochs=0 (epochs / rounds) or a positive number of epochs per round")
-        require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}", "use alpha=0.5 for example")
+        require(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}",
+                "use dirichlet_alpha=0.5 for example")
         require(self.round_timeout_s > 0, "round_timeout_s must be > 0", "use round_timeout_s=300 for example")
         choice(self.partition, SCHEMES, "partition")
         choice(self.backend, BACKENDS, "backend")
@@ -134,7 +135,7 @@ class NodesMethod(Method):
         """Partition the task over the nodes (same seed on every rank) and log its statistics."""
         labels = task.source.targets[task.train_idx]
         part = partition_indices(task.train_idx, labels, self.hp.n_nodes, self.hp.partition, seed=self.ctx.seed,
-                                 task_id=task.id, alpha=self.hp.alpha, class_order=self.class_order)
+                                 task_id=task.id, alpha=self.hp.dirichlet_alpha, class_order=self.class_order)
         self.shards = dict(enumerate(part.shards))
         self.ctx.artifacts["partition"][str(task.id)] = partition_stats(part, task.source.targets,
                                                                         self.ctx.num_classes)

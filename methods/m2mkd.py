@@ -38,7 +38,7 @@ class M2MKDParams(HParams):
 
     alpha: float = documented(0.5, "KD weight α: (1−α)·CE + α·τ²·KL in phase 1, CE + α·τ²·KL in phase 2",
                               "Lo et al. 2024 (m2mKD): α = 0.5")
-    tau: float = documented(1.0, "KD temperature τ", "Lo et al. 2024 (m2mKD): τ = 1")
+    temperature: float = documented(1.0, "KD temperature τ", "Lo et al. 2024 (m2mKD): τ = 1")
     phase1_share: float = documented(
         0.5, "share of the task's training batches spent on phase 1 (split equally over the modules; 0 skips "
         "it), the rest on phase 2", "ours: the paper gives each phase its own schedule; under one budget "
@@ -46,7 +46,7 @@ class M2MKDParams(HParams):
 
     def validate(self) -> None:
         require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}", "use alpha=0.5")
-        require(self.tau > 0, f"tau must be > 0, got {self.tau}", "use tau=1")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}", "use temperature=1")
         require(0.0 <= self.phase1_share < 1.0, f"phase1_share must be in [0, 1), got {self.phase1_share}",
                 "use phase1_share=0.5 (0 skips phase 1)")
 
@@ -94,7 +94,7 @@ class M2MKD(Method):
         ce = F.cross_entropy(z, y)
         if z_t is None:
             return ce
-        kd = kd_loss(z, z_t, self.hp.tau, self.teacher_classes)
+        kd = kd_loss(z, z_t, self.hp.temperature, self.teacher_classes)
         return ((1 - self.hp.alpha) * ce if phase1 else ce) + self.hp.alpha * kd
 
     def phase_batches(self, n_train: int) -> tuple[list[int], int]:
@@ -157,7 +157,7 @@ class M2MKD(Method):
         """lr (base), KD weight α in 0.1..0.9 and τ in {1, 2, 4} (the paper uses α=0.5, τ=1)."""
         return {**super().search_space(trial),
                 "alpha": trial.suggest_float("alpha", 0.1, 0.9),
-                "tau": trial.suggest_categorical("tau", [1.0, 2.0, 4.0])}
+                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0])}
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.teacher)

@@ -160,11 +160,11 @@ class FixedTeacher(nn.Module):
 
 
 def test_logit_kd_against_hand_computed_value():
-    m = make_method(kd="logits", tau=2.0)
+    m = make_method(kd="logits", temperature=2.0)
     m.teacher = FixedTeacher(torch.tensor([[0.0, 1.0, 9.0, 9.0]]))
     m.teacher_classes = [0, 1]
     student = torch.tensor([[1.0, 0.0, -5.0, 3.0]], requires_grad=True)
-    # tau=2: p_t = softmax([0, .5]) = [a, b], p_s = softmax([.5, 0]) = [b, a]; KL = (b - a) ln(b / a)
+    # temperature=2: p_t = softmax([0, .5]) = [a, b], p_s = softmax([.5, 0]) = [b, a]; KL = (b - a) ln(b / a)
     a = 1 / (1 + math.exp(0.5))
     b = 1 - a
     expected = 4.0 * (b - a) * math.log(b / a)
@@ -481,9 +481,9 @@ def test_stacked_module_kd_equals_the_mean_of_per_expert_terms():
         teacher = m.teacher
         old = [i for i in range(teacher.n_experts) if routing != "autoencoder" or bool(teacher.owned[i])]
         h_t = teacher.encoder(x)
-        terms = [kd_loss(m.model.experts[i](h), teacher.experts[i](h_t), m.hp.tau, m.teacher_classes) for i in old]
+        terms = [kd_loss(m.model.experts[i](h), teacher.experts[i](h_t), m.hp.temperature, m.teacher_classes) for i in old]
         if routing == "learned":
-            terms.append(kd_loss(m.model.router(h), teacher.router(h_t), m.hp.tau))
+            terms.append(kd_loss(m.model.router(h), teacher.router(h_t), m.hp.temperature))
         want = torch.stack(terms).mean().detach()
         assert float(got) > 1e-4
         assert float(got) == pytest.approx(float(want), rel=1e-5), routing

@@ -80,7 +80,7 @@ def test_dispatch_and_invalid_decentralized_options():
 
 
 def test_full_sync_is_the_routed_count_weighted_average_by_hand():
-    m = method(routing="learned", encoder="linear", encoder_dim=6, partition="dirichlet", alpha=0.5)
+    m = method(routing="learned", encoder="linear", encoder_dim=6, partition="dirichlet", dirichlet_alpha=0.5)
     train_locally(m)
     before = params_of(m)
     counts = {i: (lr.model.routed_counts - m.counts_at_sync[i]).tolist() for i, lr in m.learners.items()}

@@ -48,7 +48,7 @@ def test_hybrid_forward_trains_only_the_student_module():
 
 
 def test_m2mkd_loss_against_hand_computed_value():
-    hp = M2MKDParams(alpha=0.5, tau=1.0)
+    hp = M2MKDParams(alpha=0.5, temperature=1.0)
     m = M2MKD(hp, make_ctx())
     m.teacher_classes = [0, 1]
     z = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
@@ -91,7 +91,7 @@ def test_m2mkd_validation():
     with pytest.raises(UserError):
         hparams_from(M2MKDParams, {"alpha": 1.5})
     with pytest.raises(UserError):
-        hparams_from(M2MKDParams, {"tau": 0})
+        hparams_from(M2MKDParams, {"temperature": 0})
 
 
 def test_moe_is_dmkd_with_kd_preservation_and_specialization_off():

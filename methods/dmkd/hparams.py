@@ -61,12 +61,12 @@ class DMKDParams(HParams):
       combine="probs": y = log Σ_{i∈TopK} g̃_i softmax(M_i(x)) (a mixture of the experts' distributions, so
           a confident right expert wins a task-IL decision even at a small gate) | logits: y = Σ g̃_i M_i(x).
     Loss
-      kd="module": none | logits (tau^2 KL on the combined logits, classes the teacher knows) | module
+      kd="module": none | logits (temperature^2 KL on the combined logits, classes the teacher knows) | module
           (each expert from its own snapshot and the router's gates from the snapshot router, m2mKD-style).
       teacher="snapshot": snapshot at the previous boundary | aggregate (decentralized only) |
           external (at teacher_path: a state dict of the run's backbone, torch.save(model.state_dict()),
           read with weights_only=True; pickled modules are refused, since unpickling runs code).
-      tau=2.0, lambda_kd=1.0, lambda_balance=0.01 (CV^2 of expert importance, Shazeer 2017),
+      temperature=2.0, lambda_kd=1.0, lambda_balance=0.01 (CV^2 of expert importance, Shazeer 2017),
       lambda_diversity=0.0 (mean pairwise cosine similarity of the experts' in-batch class profiles).
     Knowledge preservation (at every boundary)
       preservation="fisher": none | magnitude (|theta|) | fisher (diagonal, empirical, fisher_samples).
@@ -82,7 +82,7 @@ class DMKDParams(HParams):
     Decentralized (methods/dmkd/decentralized.py; the nodes options mean what they mean for FedAvg/DIMAT)
       training="centralized" | decentralized (P = n_nodes >= 2 full DMKD learners, one shard of every task
           each); n_nodes=1. topology="full" (network average) | ring (gossip with the two neighbours).
-      partition="iid" | dirichlet (alpha=0.5) | round_robin. rounds=3 synchronisations per task, each after
+      partition="iid" | dirichlet (dirichlet_alpha=0.5) | round_robin. rounds=3 synchronisations per task, each after
           local_epochs=0 local epochs (0 = epochs / rounds: R·E = the protocol's epochs, as for FedAvg;
           free_budget=true allows another product).
       communication="full": module-wise weighted average of the modules routed to since the last sync |
@@ -110,7 +110,7 @@ class DMKDParams(HParams):
     kd: str = "module"
     teacher: str = "snapshot"
     teacher_path: str | None = None
-    tau: float = 2.0
+    temperature: float = 2.0
     lambda_kd: float = 1.0
     lambda_balance: float = 0.01
     lambda_diversity: float = 0.0
@@ -132,7 +132,7 @@ class DMKDParams(HParams):
     communication: str = "full"
     n_nodes: int = 1
     partition: str = "iid"
-    alpha: float = 0.5
+    dirichlet_alpha: float = 0.5
     rounds: int = 3
     local_epochs: float = 0.0
     free_budget: bool = False
@@ -173,7 +173,7 @@ class DMKDParams(HParams):
                 "set n_max >= n_experts")
         require(self.encoder_dim >= 1 and self.expert_hidden >= 1 and self.ae_hidden >= 1,
                 "encoder_dim, expert_hidden and ae_hidden must be >= 1", "use positive layer widths")
-        require(self.tau > 0, f"tau must be > 0, got {self.tau}", "set tau=2 for example")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}", "set temperature=2 for example")
         require(0 < self.salient_p <= 1, f"salient_p must be in (0, 1], got {self.salient_p}", "use e.g. 0.1")
         require(self.ae_temperature > 0 and self.ae_lr > 0, "ae_temperature and ae_lr must be > 0",
                 "use ae_temperature=0.02 ae_lr=0.003")

@@ -270,12 +270,12 @@ class DMKD(Method):
 
     def _kd(self, x: Tensor, h: Tensor, logits: Tensor) -> Tensor:
         """L_KD: logits (combined output vs teacher) or module (each expert and the router vs its snapshot)."""
-        teacher, classes, tau = self.teacher, self.teacher_classes, self.hp.tau
+        teacher, classes, temperature = self.teacher, self.teacher_classes, self.hp.temperature
         assert teacher is not None
         if self.hp.kd == "logits":
             with torch.no_grad():
                 t_out = teacher(x)
-            return kd_loss(logits, t_out, tau, classes)
+            return kd_loss(logits, t_out, temperature, classes)
         assert isinstance(teacher, DMKDModel)
         old = [i for i in range(min(teacher.n_experts, self.model.n_experts))
                if not self.owner_routing or bool(teacher.owned[i])]
@@ -294,10 +294,10 @@ class DMKD(Method):
         if t_logits is not None:
             s_logits = stacked_expert_logits(stacked_expert_parameters([self.model.experts[i] for i in old]), h)
             C = s_logits.shape[2]
-            terms.append(kd_loss(s_logits.reshape(-1, C), t_logits.reshape(-1, C), tau, classes))
+            terms.append(kd_loss(s_logits.reshape(-1, C), t_logits.reshape(-1, C), temperature, classes))
             weights.append(float(len(old)))
         if t_router is not None and t_router.shape[1] == self.model.n_experts:
-            terms.append(kd_loss(self.model.router(h), t_router, tau))
+            terms.append(kd_loss(self.model.router(h), t_router, temperature))
             weights.append(1.0)
         if not terms:
             return logits.new_zeros(())
@@ -474,7 +474,7 @@ class DMKD(Method):
         N in 4..8 and K in 1..3 (K <= N holds for every pair)."""
         return {**super().search_space(trial),
                 "lambda_kd": trial.suggest_float("lambda_kd", 0.1, 10.0, log=True),
-                "tau": trial.suggest_categorical("tau", [1.0, 2.0, 4.0]),
+                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0]),
                 "lambda_pres": trial.suggest_float("lambda_pres", 1.0, 100.0, log=True),
                 "salient_p": trial.suggest_float("salient_p", 0.02, 0.5, log=True),
                 "n_experts": trial.suggest_int("n_experts", 4, 8),
