@@ -22,8 +22,10 @@ class ScenarioOptions:
 
     val_fraction: share of each task's training data held out as its validation split
         (tuning reads it; the test split is never used for model selection).
-    max_train_per_task / max_test_per_task: cap the samples per task (0 = all); for quick
-        checks and tests, never for reported numbers.
+    max_train_per_task / max_test_per_task: cap the samples per task (0 = all), drawn from the
+        seed (the same subset for every method); the cap is taken before the validation carve.
+        For quick checks (configs/quick.yaml sizes Permuted tasks like Split tasks) and tests;
+        every report caption shows the caps.
     """
 
     val_fraction: float = 0.1
