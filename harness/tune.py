@@ -62,7 +62,8 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
          study_name: str | None = None, seeds: list[int] | None = None, pruner: str = "median",
          protocol: Protocol | None = None, scenario_set: dict | None = None, fixed: dict | None = None,
          data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
-         show_progress: bool = True, objective: str = "auto", sampler_seed: int | None = None) -> dict[str, Any]:
+         show_progress: bool = True, objective: str = "auto", sampler_seed: int | None = None,
+         wait_poll_s: float = 2.0) -> dict[str, Any]:
     """Run (this worker's share of) a study with exactly ``trials`` finished trials in total.
 
     ``objective``: the setting whose validation final accuracy is maximised; ``auto`` is class-IL
@@ -188,16 +189,19 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
         bar.n = sum(t.state in done_states for t in study.get_trials(deepcopy=False))
         bar.refresh()
     bar.close()
-    # Wait for trials other workers still run, then save the best parameters.
+    # Wait for the trials other workers still run (they may hold the best value), then save the best.
+    _wait_for_running(study, poll_s=wait_poll_s)
     finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not finished:
         raise UserError(f"study {study_name}: no trial completed", "see the trial errors above")
     best = max(finished, key=lambda t: t.value)
     n_done = sum(t.state in (*done_states, TrialState.FAIL) and not t.system_attrs.get("surplus")
                  for t in study.get_trials(deepcopy=False))
+    trial_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.get_trials(deepcopy=False)
+                  if t.datetime_complete and t.datetime_start and not t.system_attrs.get("surplus"))
     out = {"method": method, "scenario": scenario, "study": study_name, "params": dict(best.user_attrs["params"]),
            "value": best.value, "objective": f"final average accuracy ({setting}) on the validation split",
-           "n_trials": n_done, "seeds": seeds, "best_trial": best.number}
+           "n_trials": n_done, "seeds": seeds, "best_trial": best.number, "trial_s": round(trial_s, 1)}
     atomic_write_json(best_params_path(results_dir, method, scenario), out)
     if sink and study_run:
         sink.log_params(study_run, {f"best.{k}": v for k, v in out["params"].items()})
@@ -333,9 +337,26 @@ def cmd_ablate(args) -> int:
 SAMPLER = "optuna TPESampler"
 
 
-def _study_name(suite: str, scenario: str, row: str, trials: int, sampler_seed: int) -> str:
+def _wait_for_running(study, poll_s: float = 2.0) -> None:
+    """Block while trials of this study run on other workers (a crashed worker's trial is failed by
+    the storage's heartbeat where it has one; without one, its RUNNING trial is waited for)."""
+    from optuna.trial import TrialState
+
+    while True:
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if not t.system_attrs.get("surplus")]
+        if not running:
+            return
+        time.sleep(poll_s)
+
+
+def _study_name(suite: str, scenario: str, row: str, trials: int, sampler_seed: int, shared: dict[str, Any]) -> str:
+    """Readable study name plus a digest of everything its trials share (scenario options, protocol,
+    fixed settings, seeds, pruner), so that a study made under another configuration is never continued."""
+    from harness.runner import _digest
+
     raw = f"tune-suite.{suite}.{scenario}.{row}.t{trials}.ss{sampler_seed}"
-    return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in raw)
+    return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in raw) + "." + _digest(shared)
 
 
 def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: list[int] | None = None,
@@ -363,7 +384,9 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
         objective_text = ""
         for m_name, label, overrides in cfg.methods:
             row = label or m_name
-            study = _study_name(cfg.name, sc_name, row, trials, sampler_seed)
+            study = _study_name(cfg.name, sc_name, row, trials, sampler_seed, {
+                "method": m_name, "scenario_set": dict(sc_opts), "protocol": dict(cfg.protocol),
+                "fixed": dict(overrides), "seeds": seeds, "pruner": pruner})
             t0 = time.perf_counter()
             out = tune(m_name, sc_name, trials=trials, results_dir=results_dir, storage_url=storage_url,
                        study_name=study, seeds=seeds, pruner=pruner, protocol=protocol, scenario_set=dict(sc_opts),
@@ -377,7 +400,8 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
                                "best_trial": int(out["best_trial"]), "study": study,
                                "storage": storage_url or str(Path(results_dir) / "optuna.db"),
                                "objective": out["objective"], "date": datetime.now(UTC).isoformat(
-                                   timespec="seconds"), "git_revision": git_revision(), "wall_s": round(wall, 1)}}
+                                   timespec="seconds"), "git_revision": git_revision(), "wall_s": round(wall, 1),
+                               "trial_s": out["trial_s"]}}
             print(f"{sc_name} / {row}: best validation {out['value']:.4f} after {out['n_trials']} trials "
                   f"({wall:.0f} s): " + ", ".join(f"{k}={v}" for k, v in out["params"].items()), file=sys.stderr)
         doc = {"suite": cfg.name, "scenario": sc_name, "scenario_options": dict(sc_opts),

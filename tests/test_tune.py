@@ -307,3 +307,47 @@ def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp
     # A file tuned for other scenario options is refused rather than silently reused.
     suite.write_text(suite.read_text().replace("max_test_per_task: 60", "max_test_per_task: 70"))
     assert main(["suite", str(suite), "--results", str(res), "--no-report", "--tracking-uri", "none"]) == 2
+
+
+def test_tune_suite_study_name_carries_every_shared_setting():
+    from harness.tune import _study_name
+
+    base = {"method": "ft", "scenario_set": {"n_tasks": 5}, "protocol": {"epochs": 1}, "fixed": {}, "seeds": [0],
+            "pruner": "median"}
+    a = _study_name("quick", "permuted-fmnist", "ft", 20, 0, base)
+    assert a.startswith("tune-suite.quick.permuted-fmnist.ft.t20.ss0.")
+    assert a == _study_name("quick", "permuted-fmnist", "ft", 20, 0, dict(base))
+    # Another scenario option, protocol, fixed setting or seed list is another study, never continued.
+    for key, val in (("scenario_set", {"n_tasks": 5, "max_train_per_task": 12000}), ("protocol", {"epochs": 2}),
+                     ("fixed", {"buffer_size": 50}), ("seeds", [0, 1]), ("pruner", "none")):
+        assert _study_name("quick", "permuted-fmnist", "ft", 20, 0, {**base, key: val}) != a
+
+
+@needs_fmnist
+def test_a_worker_waits_for_the_trial_another_worker_still_runs(tmp_path):
+    """The last worker out picks the best of all trials, the one still running elsewhere included."""
+    import threading
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="w", storage=url, direction="maximize")
+    foreign = study.ask()  # another worker's trial: RUNNING while this worker runs its own
+    done = threading.Event()
+
+    def other_worker():
+        # Finish the foreign trial only after this worker's own trial has completed.
+        while not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            time.sleep(0.05)
+        time.sleep(1.0)
+        foreign.set_user_attr("params", {"protocol.lr": 0.123})
+        study.tell(foreign, 2.0)  # better than any accuracy
+        done.set()
+
+    th = threading.Thread(target=other_worker)
+    th.start()
+    out = tune("ft", "split-fmnist", trials=2, results_dir=tmp_path, storage_url=url, study_name="w",
+               scenario_set=SMALL, tracking_uri="none", show_progress=False, wait_poll_s=0.1)
+    th.join()
+    assert done.is_set() and out["value"] == 2.0 and out["params"] == {"protocol.lr": 0.123}
+    assert out["n_trials"] == 2
