@@ -377,6 +377,7 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
 
     seeds = list(seeds if seeds else cfg.seeds[:1])
     protocol = protocol_from(cfg.protocol)
+    revision = git_revision()  # the code the trials ran, read once (HEAD may move while tuning runs)
     out_dir = Path(out_dir)
     written = []
     for sc_name, sc_opts in cfg.scenarios:
@@ -400,7 +401,7 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
                                "best_trial": int(out["best_trial"]), "study": study,
                                "storage": storage_url or str(Path(results_dir) / "optuna.db"),
                                "objective": out["objective"], "date": datetime.now(UTC).isoformat(
-                                   timespec="seconds"), "git_revision": git_revision(), "wall_s": round(wall, 1),
+                                   timespec="seconds"), "git_revision": revision, "wall_s": round(wall, 1),
                                "trial_s": out["trial_s"]}}
             print(f"{sc_name} / {row}: best validation {out['value']:.4f} after {out['n_trials']} trials "
                   f"({wall:.0f} s): " + ", ".join(f"{k}={v}" for k, v in out["params"].items()), file=sys.stderr)
