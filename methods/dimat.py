@@ -48,13 +48,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from harness.api import RunContext, Task, choice, register, require
-from harness.backbones import Backbone
-from harness.defaults import documented
-from harness.errors import UserError
-from harness.nodes import State
-from harness.partition import partition_indices
-from methods.fedavg import NodesMethod, NodesParams
+from harness.core.backbones import Backbone
+from harness.core.config import choice, require
+from harness.core.context import RunContext
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.errors import UserError
+from harness.core.method import register
+from harness.core.nodes import State
+from harness.core.nodes_method import NodesMethod, NodesParams
+from harness.core.partition import partition_indices
 
 _SPATIAL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)

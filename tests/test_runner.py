@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness import metrics
-from harness.api import Protocol, RunContext, Scenario, Task, TensorSource
-from harness.errors import UserError
-from harness.runner import RunSpec, evaluate, run
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task, TensorSource
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
+from harness.engine import metrics
+from harness.engine.evaluation import evaluate
+from harness.engine.runner import RunSpec, run
 from tests.conftest import TINY, needs_fmnist
 
 
@@ -105,7 +108,7 @@ def test_unknown_names_are_user_errors():
 
 
 def test_counted_work_between_steps_adds_exact_flops_once():
-    from harness.costs import StepFlopMeter
+    from harness.engine.costs import StepFlopMeter
 
     sc = _toy_scenario()
     ctx = RunContext(sc, Protocol(), torch.device("cpu"), 0, lambda: None)

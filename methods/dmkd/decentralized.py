@@ -2,7 +2,7 @@
 
 P nodes, each a full DMKD learner (encoder, experts, router, autoencoders, its own teacher, importance
 maps and optimisers) trained with the normal DMKD loss on its shard of every task (``partition`` iid |
-dirichlet | round_robin, via :class:`methods.fedavg.NodesMethod`). Per task, ``rounds`` times: every node
+dirichlet | round_robin, via :class:`harness.core.nodes_method.NodesMethod`). Per task, ``rounds`` times: every node
 trains ``local_epochs`` epochs (E; R·E = the protocol's epochs by default) through ``ctx.train_batches`` (samples and FLOPs counted), then the
 nodes synchronise:
 
@@ -45,13 +45,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.api import RunContext, Task, check_finite, tensor_bytes
-from harness.nodes import using_generator
+from harness.core.context import RunContext, check_finite
+from harness.core.data import Task
+from harness.core.method import tensor_bytes
+from harness.core.nodes import using_generator
+from harness.core.nodes_method import NodesMethod
 from methods.common import frozen_copy
 from methods.dmkd.hparams import DMKDParams
 from methods.dmkd.method import DMKD
 from methods.dmkd.model import DMKDModel
-from methods.fedavg import NodesMethod
 
 
 class QuietContext:

@@ -1,0 +1,64 @@
+"""Accuracy of a method on every task's split after a task, in each setting of the scenario.
+
+Class-IL: argmax over the classes seen so far; task-IL: over the task's own classes; domain-IL: over
+all classes. The runner calls :func:`evaluate` after every task (and once before training).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from harness.core.context import RunContext
+from harness.core.data import CLASS_IL, DOMAIN_IL, TASK_IL, Scenario
+from harness.core.method import Method
+
+
+def _class_masks(scenario: Scenario, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
+    """Additive masks: seen[k] keeps classes of tasks 0..k; own[j] keeps task j's classes."""
+    C = scenario.num_classes
+    seen, own = [], []
+    acc = torch.full((C,), float("-inf"))
+    for t in scenario.tasks:
+        m = torch.full((C,), float("-inf"))
+        m[t.classes] = 0.0
+        acc = torch.maximum(acc, m)
+        seen.append(acc.clone().to(device))
+        own.append(m.to(device))
+    return seen, own
+
+
+@torch.no_grad()
+def evaluate(
+    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
+) -> dict[str, list[float]]:
+    """Accuracy on every task's split after training task ``after_task``.
+
+    Class-IL: argmax over the classes of tasks 0..max(after_task, j) (every class seen so far;
+    for a task not yet trained, the classes up to it, so FWT's entries are defined).
+    Task-IL: argmax over task j's own classes. Domain-IL: plain argmax over all classes.
+    """
+    with ctx.autocast():  # the protocol's precision, as in training
+        return _evaluate(method, scenario, after_task, split, ctx)
+
+
+def _evaluate(
+    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
+) -> dict[str, list[float]]:
+    method.eval_mode()
+    seen, own = _class_masks(scenario, ctx.device)
+    out: dict[str, list[float]] = {s: [] for s in scenario.settings}
+    for j, task in enumerate(scenario.tasks):
+        correct = {s: torch.zeros((), dtype=torch.long, device=ctx.device) for s in scenario.settings}
+        n = 0
+        for x, y in ctx.eval_batches(task, split):
+            logits = method.predict(x)
+            n += len(y)
+            if scenario.setting == "class":
+                correct[CLASS_IL] += (( logits + seen[max(after_task, j)]).argmax(1) == y).sum()
+                correct[TASK_IL] += ((logits + own[j]).argmax(1) == y).sum()
+            else:
+                correct[DOMAIN_IL] += (logits.argmax(1) == y).sum()
+        for s in scenario.settings:
+            out[s].append(float(correct[s]) / max(n, 1))
+    return out
