@@ -7,25 +7,11 @@ all classes. The runner calls :func:`evaluate` after every task (and once before
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
+from harness.core.accuracy import class_masks
 from harness.core.context import RunContext
 from harness.core.data import CLASS_IL, DOMAIN_IL, TASK_IL, Scenario
 from harness.core.method import Method
-
-
-def _class_masks(scenario: Scenario, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
-    """Additive masks: seen[k] keeps classes of tasks 0..k; own[j] keeps task j's classes."""
-    C = scenario.num_classes
-    seen, own = [], []
-    acc = torch.full((C,), float("-inf"))
-    for t in scenario.tasks:
-        m = torch.full((C,), float("-inf"))
-        m[t.classes] = 0.0
-        acc = torch.maximum(acc, m)
-        seen.append(acc.clone().to(device))
-        own.append(m.to(device))
-    return seen, own
 
 
 @torch.no_grad()
@@ -46,7 +32,7 @@ def _evaluate(
     method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
 ) -> dict[str, list[float]]:
     method.eval_mode()
-    seen, own = _class_masks(scenario, ctx.device)
+    seen, own = class_masks(scenario, ctx.device)
     out: dict[str, list[float]] = {s: [] for s in scenario.settings}
     for j, task in enumerate(scenario.tasks):
         correct = {s: torch.zeros((), dtype=torch.long, device=ctx.device) for s in scenario.settings}
