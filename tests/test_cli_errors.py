@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli.main import main
+from harness.cli.dmkd import main
 from tests.conftest import needs_fmnist
 
 REPO = Path(__file__).resolve().parent.parent

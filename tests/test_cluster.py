@@ -261,7 +261,7 @@ def test_journal_heartbeat_ignores_the_writers_clock(tmp_path):
                                           ("10", "inf", "--grace must be"), ("10", "0", "--grace must be"),
                                           ("10", "10", "must be longer than")])
 def test_bad_heartbeat_values_are_one_line_errors(tmp_path, capsys, hb, grace, msg):
-    from harness.cli.main import main
+    from harness.cli.dmkd import main
 
     rc = main(["suite", str(_suite(tmp_path)), "--results", str(tmp_path / "res"), "--heartbeat", hb, "--grace", grace])
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cli.main import main
+from harness.cli.dmkd import main
 from harness.core.errors import UserError, one_line, redact
 from harness.engine.runner import RunSpec
 from harness.orchestration.tracking import Store

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.cli.main import main
+from harness.cli.dmkd import main
 from harness.core.errors import UserError
 from harness.engine.runner import RunSpec, run
 from scenarios import cifar

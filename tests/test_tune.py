@@ -256,7 +256,7 @@ def test_objective_setting_can_be_chosen(tmp_path):
 def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp_path, monkeypatch):
     import yaml
 
-    from harness.cli.main import main
+    from harness.cli.dmkd import main
 
     suite = tmp_path / "tiny.yaml"
     suite.write_text("name: tiny\nseeds: [0]\nprotocol: {epochs: 1, batch_size: 64}\nscenarios:\n"

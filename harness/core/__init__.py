@@ -17,6 +17,7 @@ _HOME = {
     "harness.core.context": ("RunContext", "TrainingDiverged", "check_finite"),
     "harness.core.method": ("HParams", "Method", "METHODS", "register", "tensor_bytes"),
     "harness.core.config": ("hparams_from", "require", "choice", "split_params"),
+    "harness.core.accuracy": ("seen_classes_accuracy",),
     "harness.core.defaults": ("documented",),
     "harness.core.errors": ("UserError",),
     "harness.core.nodes_method": ("NodesMethod", "NodesParams"),
@@ -46,6 +47,7 @@ __all__ = [
     "hparams_from",
     "register",
     "require",
+    "seen_classes_accuracy",
     "split_params",
     "tensor_bytes",
 ]
@@ -58,6 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from harness.core.accuracy import seen_classes_accuracy
     from harness.core.config import choice, hparams_from, require, split_params
     from harness.core.context import RunContext, TrainingDiverged, check_finite
     from harness.core.data import (
