@@ -191,6 +191,7 @@ class Scenario:
 
 
 def task_iter(t: Task, indices, bs, gen, device):
+    """Shuffled training batches of one task (restricted to ``indices[t.id]`` when given), transformed."""
     idx = indices[t.id] if indices is not None and t.id in indices else t.train_idx
     for x, y in t.source.batches(idx, bs, shuffle=True, generator=gen, device=device, train=True):
         if t.transform is not None:
