@@ -57,7 +57,7 @@ def _records(res, experiment="tiny"):
 def _trials(storage_url, res):
     import optuna
 
-    from harness.orchestration.tune import make_storage
+    from harness.orchestration.storage import make_storage
 
     st = make_storage(storage_url, res)
     (name,) = [n for n in optuna.get_all_study_names(st) if n.startswith("suite-tiny-")]
