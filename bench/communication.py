@@ -20,8 +20,9 @@ import json
 import time
 from dataclasses import fields
 
-from harness.api import METHODS, Protocol
-from harness.runner import RunSpec, resolve_method, run
+from harness.core.method import METHODS
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, resolve_method, run
 
 P = 4
 

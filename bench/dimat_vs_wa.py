@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.api import Protocol
-from harness.runner import RunSpec, run
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 
 
 def main(argv: list[str] | None = None) -> None:

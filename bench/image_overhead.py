@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness.api import Protocol
-from harness.backbones import build_backbone
-from harness.runner import RunSpec, run
+from harness.core.backbones import build_backbone
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 from scenarios.base import build_scenario
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, random_crop_flip
 from scenarios.synth import generate

@@ -1,6 +1,6 @@
 """Where the time goes: per native method, training throughput relative to FT and evaluation time.
 
-Every registered native method (not the Avalanche twins) runs through ``harness.runner.run``, the
+Every registered native method (not the Avalanche twins) runs through ``harness.engine.runner.run``, the
 path of ``dmkd run``, on the same scenario in the same process, right after FT, so the ratios are
 measured under the same load. Columns: training samples/s, samples/s relative to FT (1/x is the step
 cost in FT steps), training samples relative to FT (passes: Joint trains cumulatively, m2mKD and
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from harness import runner
-from harness.api import Protocol
-from harness.runner import RunSpec, resolve_method, run
+from harness.core.protocol import Protocol
+from harness.engine import runner
+from harness.engine.runner import RunSpec, resolve_method, run
 
 # The quick suite's scenarios (configs/quick.yaml) and methods, labels as there.
 SCENARIOS: list[tuple[str, dict[str, Any]]] = [("split-fmnist", {}), ("permuted-fmnist", {"n_tasks": 5})]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from harness.api import Protocol
-from harness.runner import RunSpec, run
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import mlp
-from harness.runner import RunSpec, run
+from harness.core.backbones import mlp
+from harness.engine.runner import RunSpec, run
 from scenarios.base import build_scenario
 
 

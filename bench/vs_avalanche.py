@@ -6,7 +6,7 @@ Protocol (issue #3): Split Fashion-MNIST (5 x 2, full data), MLP 784-400-400, SG
 Goals: |acc native − acc Avalanche| <= 0.02 and native >= 3x faster (train seconds, our meter).
 
 ``--whole-run`` instead compares whole runs as a user sees them (:func:`whole_run`): wall time of data
-set-up, training and every evaluation of our run (``harness.runner.run``, the path of ``dmkd run``)
+set-up, training and every evaluation of our run (``harness.engine.runner.run``, the path of ``dmkd run``)
 against Avalanche driven the way its users drive it: its own ``SplitFMNIST`` benchmark (5 experiences,
 fixed class order, its default ToTensor+Normalize transforms on PIL images), its strategy
 (Naive/EWC/LwF/Replay/SynapticIntelligence) with an ``EvaluationPlugin`` of accuracy metrics, and
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from harness.api import Protocol
-from harness.runner import RunSpec, run
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 
 # native name, native hparams, Avalanche name, Avalanche hparams (same loss after convention changes)
 TWINS: list[tuple[str, dict, str, dict]] = [
@@ -78,7 +78,7 @@ def avalanche_permuted_reference(seed: int, n_tasks: int, max_train: int = 0, ma
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-    from harness.backbones import build_backbone
+    from harness.core.backbones import build_backbone
     from scenarios.fmnist import load_fmnist
 
     tx, ty, vx, vy = load_fmnist(None)
@@ -168,7 +168,7 @@ def avalanche_whole_run(native: str, tset: dict, proto: Protocol, root: Path) ->
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
-    from harness.backbones import mlp
+    from harness.core.backbones import mlp
 
     t0 = time.perf_counter()
     bench = SplitFMNIST(n_experiences=5, seed=0, fixed_class_order=list(range(10)), dataset_root=root)
@@ -191,7 +191,7 @@ def avalanche_whole_run(native: str, tset: dict, proto: Protocol, root: Path) ->
 
 def native_whole_run(native: str, nset: dict, proto: Protocol) -> tuple[float, float]:
     """(wall seconds, final class-IL average accuracy) of our run, data loading included."""
-    from harness import runner
+    from harness.engine import runner
     from scenarios.fmnist import load_fmnist
 
     runner._SCENARIO_CACHE.clear()

@@ -36,8 +36,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from harness.api import HParams, Method, Task, choice, register, require, tensor_bytes
-from harness.errors import UserError
+from harness.core.config import choice, require
+from harness.core.data import Task
+from harness.core.errors import UserError
+from harness.core.method import HParams, Method, register, tensor_bytes
 
 AVALANCHE_AVAILABLE = importlib.util.find_spec("avalanche") is not None
 

@@ -48,13 +48,17 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from harness.api import RunContext, Task, choice, register, require
-from harness.backbones import Backbone
-from harness.defaults import documented
-from harness.errors import UserError
-from harness.nodes import State
-from harness.partition import partition_indices
-from methods.fedavg import NodesMethod, NodesParams
+from harness.core.accuracy import seen_classes_accuracy
+from harness.core.backbones import Backbone
+from harness.core.config import choice, require
+from harness.core.context import RunContext
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.errors import UserError
+from harness.core.method import register
+from harness.core.nodes import State
+from harness.core.nodes_method import NodesMethod, NodesParams
+from harness.core.partition import partition_indices
 
 _SPATIAL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -357,19 +361,10 @@ class Dimat(NodesMethod):
 
     def after_evaluation(self, task: Task) -> None:
         """Log the agents' mean accuracy (class-IL over the classes seen, validation split)."""
-        seen = sorted({c for t in self.ctx.scenario.tasks[: task.id + 1] for c in t.classes})
-        mask = torch.full((self.ctx.num_classes,), float("-inf"), device=self.ctx.device)
-        mask[seen] = 0.0
-        correct = torch.zeros((), device=self.ctx.device)
-        n = 0
-        with torch.no_grad():
-            for a in self.agents.values():
-                a.eval()
-                for t in self.ctx.scenario.tasks[: task.id + 1]:
-                    for x, y in self.ctx.eval_batches(t, "val"):
-                        correct += ((a(x) + mask).argmax(1) == y).sum()
-                        n += len(y)
-        self.ctx.log_metric("agents_mean_val_acc", float(correct) / max(n, 1), task.id)
+        for a in self.agents.values():
+            a.eval()
+        self.ctx.log_metric("agents_mean_val_acc", seen_classes_accuracy(self.ctx, self.agents.values(), task),
+                            task.id)
 
     def extra_state(self) -> dict[str, Any]:
         return super().extra_state() | {"agents": {i: a.state_dict() for i, a in self.agents.items()}}

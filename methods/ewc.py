@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.api import HParams, Method, Task, choice, register, require, tensor_bytes
-from harness.defaults import documented
+from harness.core.config import choice, require
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.method import HParams, Method, register, tensor_bytes
 from methods.common import batch_mean_fisher, diagonal_fisher
 
 FISHER_NORMS = ("batch_mean", "per_sample")

@@ -3,191 +3,27 @@
 Each task's training data is split over P clients (``partition``: iid | dirichlet | round_robin).
 Per task, R rounds; per round a seeded sample of max(1, round(C·P)) clients trains E local epochs
 (R·E = the protocol's epochs, so every sample is seen as often as under FT; E may be a fraction of an
-epoch, see :class:`NodesParams`) from the server weights (fresh optimiser from the protocol each round) and the server averages the
-floating state (parameters and BatchNorm statistics) weighted by client sample counts.
+epoch, see :class:`harness.core.nodes_method.NodesParams`) from the server weights (fresh optimiser
+from the protocol each round) and the server averages the floating state (parameters and BatchNorm statistics) weighted by client sample counts.
 ``predict`` evaluates the server model. Bytes = 2 x |θ| x 4 per participating client per round.
 
-:class:`NodesMethod` holds what every method on the nodes API shares (DIMAT imports it): options,
-the nodes object, per-task partitions, one random stream per node and the local training loop.
+:class:`harness.core.nodes_method.NodesMethod` holds what every method on the nodes API shares
+(options, the nodes object, per-task partitions, one random stream per node, the local training loop).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from harness.api import HParams, Method, RunContext, Task, check_finite, choice, register, require
-from harness.defaults import documented
-from harness.errors import UserError
-from harness.nodes import BACKENDS, FAULT_POLICIES, Nodes, make_nodes, node_generator, using_generator
-from harness.partition import SCHEMES, partition_indices, partition_stats, task_class_order
-
-
-@dataclass
-class NodesParams(HParams):
-    """Options of a method that trains on P nodes; each field documents its default and source
-    (``dmkd list --method fedavg``). The budget: E may be a fraction of an epoch: each node's training
-    stream for the task (R·E passes over its shard, reshuffled every pass) is cut into R consecutive
-    pieces of equal batch count, one per round; an explicit E with R·E != epochs is refused unless
-    free_budget=true (the run's measured passes_per_task then shows its real budget)."""
-
-    n_nodes: int = documented(4, "P, the number of nodes (clients / agents)",
-                              "ours: a small P that runs on a laptop (DIMAT's code defaults to 5 agents)")
-    topology: str = documented("full", "full | ring | star | adj:0-1,1-2 (explicit edges)",
-                               "DIMAT (Saadati et al. 2024): fully connected and ring topologies")
-    partition: str = documented("iid", "iid | dirichlet | round_robin (class k to node k mod P)",
-                                "McMahan et al. 2017 (IID and pathological non-IID); Hsu et al. 2019 (Dirichlet)")
-    dirichlet_alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
-                              "Hsu et al. 2019 / common FL benchmarks: α = 0.5")
-    rounds: int = documented(3, "R, communication rounds per task",
-                             "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)")
-    local_epochs: float = documented(
-        0.0, "E, local epochs per round; 0 = epochs / R (a fraction of an epoch when R > epochs)",
-        "METHODS.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)")
-    free_budget: bool = documented(False, "allow R·E != the protocol's epochs (an off-budget run)",
-                                   "ours: off by default so that every row spends the same budget")
-    backend: str = documented("inprocess", "inprocess (one process, deterministic) | distributed (torchrun)",
-                              "ours (harness option)")
-    round_timeout_s: float = documented(300.0, "seconds a round waits for a node", "ours (harness option)")
-    on_fault: str = documented("drop", "drop (finish the round with the nodes that answered) | stop",
-                               "ours (harness option)")
-    simulate_fault: str = documented("", "in-process only: node@round makes that node stop answering",
-                                     "ours (test option)")
-
-    def validate(self) -> None:
-        require(self.n_nodes >= 1, f"n_nodes must be >= 1, got {self.n_nodes}", "use n_nodes=4 for example")
-        require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}", "use rounds=3 for example")
-        require(self.local_epochs >= 0, f"local_epochs must be >= 0, got {self.local_epochs}",
-                "use local_epochs=0 (epochs / rounds) or a positive number of epochs per round")
-        require(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}",
-                "use dirichlet_alpha=0.5 for example")
-        require(self.round_timeout_s > 0, "round_timeout_s must be > 0", "use round_timeout_s=300 for example")
-        choice(self.partition, SCHEMES, "partition")
-        choice(self.backend, BACKENDS, "backend")
-        choice(self.on_fault, FAULT_POLICIES, "on_fault")
-        self.faults()
-
-    def faults(self) -> dict[int, int]:
-        if not self.simulate_fault:
-            return {}
-        out = {}
-        for item in self.simulate_fault.split(","):
-            node, _, rnd = item.partition("@")
-            ok = node.strip().isdigit() and rnd.strip().isdigit() and int(node) < self.n_nodes
-            require(ok, f"simulate_fault={self.simulate_fault!r} is not node@round[,node@round] with node < n_nodes",
-                    "write e.g. simulate_fault=2@3")
-            out[int(node)] = int(rnd)
-        require(self.backend == "inprocess", "simulate_fault works with the inprocess backend only",
-                 "drop simulate_fault or use backend=inprocess")
-        return out
-
-
-def round_schedule(rounds: int, local_epochs: float, epochs: int, free_budget: bool) -> float:
-    """E, the local epochs per round: ``local_epochs`` or, when it is 0, epochs / rounds.
-
-    Raises a UserError when R·E differs from the protocol's epochs and ``free_budget`` is off."""
-    e = float(local_epochs) if local_epochs else epochs / rounds
-    if not free_budget and not math.isclose(rounds * e, epochs, rel_tol=1e-9):
-        raise UserError(
-            f"rounds x local_epochs = {rounds} x {local_epochs:g} = {rounds * e:g} passes per task, but the "
-            f"protocol's budget is epochs={epochs}",
-            f"leave local_epochs=0 (= epochs / rounds), set rounds x local_epochs = {epochs}, "
-            "or free_budget=true for an off-budget run")
-    return e
-
-
-def round_batch_counts(total_batches: int, rounds: int) -> list[int]:
-    """Split ``total_batches`` into ``rounds`` consecutive pieces whose sizes differ by at most one."""
-    return [(r + 1) * total_batches // rounds - r * total_batches // rounds for r in range(rounds)]
-
-
-class NodesMethod(Method):
-    """Shared machinery of methods on the nodes API (not registered itself)."""
-
-    hp: NodesParams
-
-    def __init__(self, hp: NodesParams, ctx: RunContext) -> None:
-        super().__init__(hp, ctx)
-        self.nodes: Nodes = ctx.nodes if ctx.nodes is not None else make_nodes(
-            hp.backend, hp.n_nodes, hp.topology, round_timeout_s=hp.round_timeout_s, on_fault=hp.on_fault,
-            faults=hp.faults())
-        require(self.nodes.n_nodes == hp.n_nodes, f"the run's nodes have {self.nodes.n_nodes} nodes, n_nodes is "
-                f"{hp.n_nodes}", "make n_nodes match the number of processes")
-        self.gens = {i: node_generator(ctx.seed, i) for i in self.nodes.local_ids}
-        self.shards: dict[int, torch.Tensor] = {}
-        self.class_order = task_class_order([t.classes for t in ctx.scenario.tasks])
-        ctx.artifacts["node_events"] = self.nodes.events
-        ctx.artifacts.setdefault("partition", {})
-        rounds, local_epochs = hp.rounds, hp.local_epochs
-        self.local_epochs = round_schedule(rounds, local_epochs, ctx.protocol.epochs, getattr(hp, "free_budget", False))
-        self._streams: dict[int, tuple[Iterator, list[int]]] = {}
-        self._round_of: dict[int, int] = {}
-
-    def before_task(self, task: Task) -> None:
-        """Partition the task over the nodes (same seed on every rank) and log its statistics."""
-        labels = task.source.targets[task.train_idx]
-        part = partition_indices(task.train_idx, labels, self.hp.n_nodes, self.hp.partition, seed=self.ctx.seed,
-                                 task_id=task.id, alpha=self.hp.dirichlet_alpha, class_order=self.class_order)
-        self.shards = dict(enumerate(part.shards))
-        self.ctx.artifacts["partition"][str(task.id)] = partition_stats(part, task.source.targets,
-                                                                        self.ctx.num_classes)
-        self._streams, self._round_of = {}, {}
-
-    def round_batches(self, task: Task, node: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The node's batches of its next round: the next of R equal pieces of its task stream.
-
-        The stream is R·E passes over the node's shard through ``ctx.train_batches`` (counted), drawn
-        with the node's own generator; call it inside ``using_generator(ctx, gens[node])``."""
-        if node not in self._streams:
-            per_pass = math.ceil(len(self.shards[node]) / self.ctx.protocol.batch_size)
-            total = round(self.hp.rounds * self.local_epochs * per_pass)
-            passes = max(1, math.ceil(total / max(per_pass, 1)))
-            stream = self.ctx.train_batches(task, indices={task.id: self.shards[node]}, epochs=passes)
-            self._streams[node] = (stream, round_batch_counts(total, self.hp.rounds))
-            self._round_of[node] = 0
-        stream, counts = self._streams[node]
-        r = self._round_of[node]
-        self._round_of[node] = r + 1
-        return itertools.islice(stream, counts[r] if r < len(counts) else 0)
-
-    def local_train(self, model: nn.Module, task: Task, node: int) -> None:
-        """One round of local training: E local epochs (this round's piece of the node's task stream,
-        see :meth:`round_batches`) of cross-entropy, fresh optimiser from the protocol."""
-        shard = self.shards[node]
-        if len(shard) == 0:
-            return
-        model.train()
-        opt = self.ctx.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        with using_generator(self.ctx, self.gens[node]):
-            for x, y in self.round_batches(task, node):
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                self.ctx.backward(loss)
-                self.ctx.step(opt)
-                loss_sum = loss_sum + loss.detach()
-        check_finite(loss_sum, self.NAME, task.id)
-
-    def record_communication(self) -> None:
-        nbytes, rounds = self.nodes.meter.take()
-        self.ctx.add_communication(nbytes, rounds)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"gens": {i: g.get_state() for i, g in self.gens.items()}, "round": self.nodes.round}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        for i, s in state.get("gens", {}).items():
-            if i in self.gens:
-                self.gens[i].set_state(s)
-        self.nodes.round = state.get("round", 0)
+from harness.core.config import require
+from harness.core.context import RunContext
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.method import register
+from harness.core.nodes_method import NodesMethod, NodesParams
 
 
 @dataclass

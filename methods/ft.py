@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.api import HParams, Method, register
+from harness.core.method import HParams, Method, register
 
 
 @dataclass

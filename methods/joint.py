@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.api import HParams, Method, Task, check_finite, register
-from harness.defaults import documented
+from harness.core.context import check_finite
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.method import HParams, Method, register
 
 
 @dataclass

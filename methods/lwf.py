@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.api import HParams, Method, Task, register, require, tensor_bytes
-from harness.defaults import documented
+from harness.core.config import require
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.method import HParams, Method, register, tensor_bytes
 from methods.common import frozen_copy, kd_loss
 
 

@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.api import HParams, Method, RunContext, Task, check_finite, register, require, tensor_bytes
-from harness.defaults import documented
+from harness.core.config import require
+from harness.core.context import RunContext, check_finite
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.method import HParams, Method, register, tensor_bytes
 from methods.common import frozen_copy, kd_loss
 
 

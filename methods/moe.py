@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.api import register, require
+from harness.core.config import require
+from harness.core.method import register
 from methods.dmkd.hparams import DMKDParams
 from methods.dmkd.method import DMKD
 

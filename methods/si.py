@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.api import HParams, Method, Task, register, require, tensor_bytes
-from harness.defaults import documented
+from harness.core.config import require
+from harness.core.data import Task
+from harness.core.defaults import documented
+from harness.core.method import HParams, Method, register, tensor_bytes
 
 # The official code's (c, ξ) per setting: fig_split_mnist/"Figure split MNIST.ipynb" (xi=1e-3, cvals=[0, 1.0])
 # and fig_permuted_mnist/"Permuted MNIST.ipynb" (xi=0.1; it sweeps c in {0, 0.01, 0.1, 1}; 0.1 is the value

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 from reports.build import report_from_results
 
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 from reports import html as H
 from reports import plots
 from reports.load import load_records

@@ -1,6 +1,6 @@
 """Run records from the JSON files under ``results/<experiment>/runs`` or from an MLflow store.
 
-A record is the dict returned by ``harness.runner.run`` (and written as JSON by the tracking code).
+A record is the dict returned by ``harness.engine.runner.run`` (and written as JSON by the tracking code).
 Each loaded record gets an ``experiment`` field naming where it came from.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 RECORD_ARTIFACT = "record.json"
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.api import DataSource, Scenario, Task, hparams_from
-from harness.errors import UserError
+from harness.core.config import hparams_from
+from harness.core.data import DataSource, Scenario, Task
+from harness.core.errors import UserError
 
 
 @dataclass

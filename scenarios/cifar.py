@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from harness.api import Scenario
-from harness.errors import UserError
+from harness.core.data import Scenario
+from harness.core.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, register_scenario
 from scenarios.streaming import ImageTensorSource
 from scenarios.synth import synthetic_marker

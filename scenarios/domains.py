@@ -19,8 +19,9 @@ from typing import ClassVar
 
 import torch
 
-from harness.api import Scenario, Task, require
-from harness.errors import UserError
+from harness.core.config import require
+from harness.core.data import Scenario, Task
+from harness.core.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, cap, register_scenario, split_train_val
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
 from scenarios.synth import synthetic_marker

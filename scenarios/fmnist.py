@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.api import Scenario, Task, TensorSource
-from harness.errors import UserError
+from harness.core.data import Scenario, Task, TensorSource
+from harness.core.errors import UserError
 from scenarios.base import (
     ScenarioOptions,
     candidate_roots,

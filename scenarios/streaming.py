@@ -26,8 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from harness.api import DataSource, TensorSource
-from harness.errors import UserError
+from harness.core.data import DataSource, TensorSource
+from harness.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

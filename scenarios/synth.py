@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 MARKER = "SYNTHETIC"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from harness.api import Scenario, require
-from harness.errors import UserError
+from harness.core.config import require
+from harness.core.data import Scenario
+from harness.core.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, find_dir, register_scenario
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
 from scenarios.synth import synthetic_marker

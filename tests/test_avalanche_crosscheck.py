@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 from tests.conftest import TINY, needs_fmnist
 
 HAVE_AVALANCHE = importlib.util.find_spec("avalanche") is not None
@@ -29,7 +29,7 @@ TOL_PAIR = {"ewc": 0.08}
 
 def test_missing_avalanche_gives_user_error(monkeypatch):
     import methods.avalanche_adapter as adapter
-    from harness.runner import build_context
+    from harness.engine.runner import build_context
 
     monkeypatch.setattr(adapter, "AVALANCHE_AVAILABLE", False)
     with pytest.raises(UserError) as err:
@@ -43,7 +43,7 @@ def test_missing_avalanche_gives_user_error(monkeypatch):
 @pytest.mark.parametrize("pair", ["ft", "lwf", "ewc", "er"])
 def test_native_matches_avalanche_twin(pair):
     from bench.vs_avalanche import TWINS
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     native, nset, twin, tset = next(t for t in TWINS if t[0] == pair)
     warnings.filterwarnings("ignore")
@@ -59,7 +59,7 @@ def test_native_matches_avalanche_twin(pair):
 @needs_fmnist
 def test_avalanche_si_regulariser_is_inert():
     """Documents Avalanche 0.6's SI defect: importance clamped to 0.001 -> same result as Naive."""
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     warnings.filterwarnings("ignore")
     naive = run(RunSpec("avl-naive", "split-fmnist", 0, scenario_set=dict(TINY)))["acc"]["class_il"]

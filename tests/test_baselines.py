@@ -10,9 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from harness.api import Protocol, RunContext, Scenario, Task, TensorSource, hparams_from, split_params
-from harness.backbones import mlp
-from harness.errors import UserError
+from harness.core.backbones import mlp
+from harness.core.config import hparams_from, split_params
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task, TensorSource
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
 from methods.common import diagonal_fisher, kd_loss
 from methods.er import ER, ReservoirBuffer
 from methods.ewc import EWC
@@ -347,7 +350,7 @@ def test_si_forgets_less_than_ft_on_permuted_fmnist():
 
     One epoch on 6000 samples learns too little for anything to be forgotten, hence 3 epochs;
     c=100 because with SGD and few steps the path integral ω is small (see SIParams)."""
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     so = {"max_train_per_task": 6000, "max_test_per_task": 1000, "n_tasks": 3}
     proto = Protocol(epochs=3)

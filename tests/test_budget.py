@@ -4,9 +4,10 @@ budget it declares (protocol.epochs; Joint's cumulative schedule is the stated e
 import pytest
 
 import methods  # noqa: F401
-from harness.api import METHODS, Protocol
-from harness.errors import UserError
-from harness.runner import RunSpec, run
+from harness.core.errors import UserError
+from harness.core.method import METHODS
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 from tests.conftest import needs_fmnist
 
 SMALL = {"n_tasks": 2, "max_train_per_task": 300, "max_test_per_task": 100}

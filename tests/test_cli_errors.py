@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from harness.cli.dmkd import main
 from tests.conftest import needs_fmnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_bad_arguments(capsys, recorded, argv, expect):
 
 def test_k_greater_than_n_is_rejected(capsys, recorded):
     import methods  # noqa: F401
-    from harness.api import METHODS
+    from harness.core.method import METHODS
 
     if "dmkd" not in METHODS:
         pytest.skip("dmkd not available")

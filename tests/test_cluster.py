@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 from tests.conftest import needs_fmnist
 from tests.test_tune import postgres  # noqa: F401 - the throw-away PostgreSQL server fixture
 
@@ -57,7 +57,7 @@ def _records(res, experiment="tiny"):
 def _trials(storage_url, res):
     import optuna
 
-    from harness.tune import make_storage
+    from harness.orchestration.storage import make_storage
 
     st = make_storage(storage_url, res)
     (name,) = [n for n in optuna.get_all_study_names(st) if n.startswith("suite-tiny-")]
@@ -109,8 +109,8 @@ def test_four_workers_through_postgresql_run_every_cell_exactly_once(tmp_path, p
 
 @needs_fmnist
 def test_killed_worker_cell_is_taken_over_from_its_checkpoint(tmp_path, postgres):  # noqa: F811
-    from harness.runner import run
-    from harness.suite import load_suite
+    from harness.engine.runner import run
+    from harness.orchestration.suite import load_suite
 
     suite, res = _suite(tmp_path), tmp_path / "res"
     victim = _worker(suite, res, postgres, env=_env(DMKD_TEST_KILL_AFTER_TASK="2"))
@@ -169,7 +169,7 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path):
     done = [t.user_attrs["dmkd_cell"] for t in _trials(journal, res) if t.state == TrialState.COMPLETE]
     assert sorted(done) == sorted(recs)
     logs = list((res / "submitit" / "tiny").glob("*_log.out"))
-    assert len(logs) == 2  # two jobs ran, each through harness.launch.submitit_worker
+    assert len(logs) == 2  # two jobs ran, each through harness.orchestration.launch.submitit_worker
 
 
 @needs_fmnist
@@ -177,9 +177,9 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path):
 def test_a_waiting_worker_reports_and_takes_over_a_silent_cell(tmp_path, capsys, beats):
     import optuna
 
-    from harness import cluster
-    from harness.suite import load_suite
-    from harness.tracking import Store
+    from harness.orchestration import cluster
+    from harness.orchestration.suite import load_suite
+    from harness.orchestration.tracking import Store
 
     cfg = load_suite(_suite(tmp_path, SUITE.replace("[0, 1, 2]", "[0]")))
     store = Store(tmp_path / "res", cfg.experiment, "none")
@@ -240,7 +240,7 @@ def test_journal_heartbeat_ignores_the_writers_clock(tmp_path):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from harness.storage import JournalHeartbeatStorage
+    from harness.orchestration.storage import JournalHeartbeatStorage
 
     st = JournalHeartbeatStorage(JournalFileBackend(str(tmp_path / "j.log")), 1, 1)
     study = optuna.create_study(storage=st)
@@ -261,7 +261,7 @@ def test_journal_heartbeat_ignores_the_writers_clock(tmp_path):
                                           ("10", "inf", "--grace must be"), ("10", "0", "--grace must be"),
                                           ("10", "10", "must be longer than")])
 def test_bad_heartbeat_values_are_one_line_errors(tmp_path, capsys, hb, grace, msg):
-    from harness.cli import main
+    from harness.cli.dmkd import main
 
     rc = main(["suite", str(_suite(tmp_path)), "--results", str(tmp_path / "res"), "--heartbeat", hb, "--grace", grace])
     err = capsys.readouterr().err
@@ -270,8 +270,8 @@ def test_bad_heartbeat_values_are_one_line_errors(tmp_path, capsys, hb, grace, m
 
 
 def test_study_name_depends_on_every_resolved_field(tmp_path):
-    from harness.cluster import study_name
-    from harness.suite import load_suite
+    from harness.orchestration.cluster import study_name
+    from harness.orchestration.suite import load_suite
 
     a = load_suite(_suite(tmp_path, name="a.yaml"))
     b = load_suite(_suite(tmp_path, SUITE.replace("batch_size: 64", "batch_size: 64, lr: 0.05"), name="b.yaml"))
@@ -284,7 +284,7 @@ def test_study_name_depends_on_every_resolved_field(tmp_path):
 
 
 def test_worker_plans_fit_the_cores():
-    from harness.launch import plan_workers
+    from harness.orchestration.launch import plan_workers
 
     plan = plan_workers("2", None, 66, cores=2)
     assert [e["OMP_NUM_THREADS"] for e in plan] == ["1", "1"] and "CUDA_VISIBLE_DEVICES" not in plan[0]

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import methods  # noqa: F401
-from harness.defaults import BASELINES, render, rows, undocumented
-from harness.runner import resolve_method
+from harness.cli.defaults import BASELINES, render
+from harness.core.defaults import rows, undocumented
+from harness.engine.runner import resolve_method
 from methods.common import batch_mean_fisher, diagonal_fisher
 from methods.ewc import EWC
 from methods.si import SETTING_DEFAULTS, SI
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_docs_defaults_file_equals_the_generator_output():
-    assert (ROOT / "docs" / "defaults.md").read_text() == render(), "run: python -m harness.defaults > docs/defaults.md"
+    assert (ROOT / "docs" / "defaults.md").read_text() == render(), "run: python -m harness.cli.defaults > docs/defaults.md"
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import Protocol, RunContext, Scenario, Task, TensorSource, hparams_from
-from harness.backbones import build_backbone
-from harness.costs import count_flops
-from harness.errors import UserError
+from harness.core.backbones import build_backbone
+from harness.core.config import hparams_from
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task, TensorSource
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
+from harness.engine.costs import count_flops
 from methods.dmkd import DMKD, DMKDModel, DMKDParams
 from methods.dmkd.preservation import fisher_importance, salient_masks
 from methods.dmkd.specialization import class_gate_mass, entropy, expert_entropies, measure

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.api import Protocol, RunContext, Scenario, Task, TensorSource, hparams_from
-from harness.backbones import build_backbone
-from harness.errors import UserError
-from harness.runner import RunSpec, run
+from harness.core.backbones import build_backbone
+from harness.core.config import hparams_from
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task, TensorSource
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 from methods.dmkd import DMKD, DMKDParams
 from methods.dmkd.decentralized import DecentralizedDMKD, merge_weighted_sparse
 from tests.conftest import TINY, needs_fmnist

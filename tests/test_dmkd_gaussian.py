@@ -8,9 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from harness.api import Protocol, RunContext, Scenario, Task, hparams_from
-from harness.backbones import build_backbone
-from harness.errors import UserError
+from harness.core.backbones import build_backbone
+from harness.core.config import hparams_from
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
 from methods.dmkd import DMKD, DMKDModel, DMKDParams
 from methods.dmkd.model import diag_gaussian_log_density
 from tests.test_dmkd import synthetic_scenario, train_tasks

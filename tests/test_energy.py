@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from harness.energy import EnergyMeter, energy_kind
-from harness.runner import RunSpec, run
+from harness.engine.energy import EnergyMeter, energy_kind
+from harness.engine.runner import RunSpec, run
 from reports.tables import display_frame, leaderboards
 from tests.conftest import TINY, needs_fmnist
 

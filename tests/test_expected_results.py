@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.api import Protocol
+from harness.core.protocol import Protocol
 from tests.conftest import needs_fmnist
 
 TARGETS = Path(__file__).resolve().parent.parent / "results" / "expected" / "quick_targets.json"
@@ -34,7 +34,7 @@ CHECKED = [("ft", "split-fmnist"), ("lwf", "split-fmnist"), ("er", "split-fmnist
 
 
 def run_cell(method: str, scenario: str) -> dict[str, dict[str, float]]:
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     r = run(RunSpec(method, scenario, 0, scenario_set=SCENARIOS[scenario], protocol=Protocol(epochs=1)))
     return {s: {k: round(m[k], 4) for k in ("final_avg_acc", "forgetting", "bwt")} for s, m in r["metrics"].items()}

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from harness.backbones import build_backbone
-from harness.nodes import NodeFailure
-from harness.runner import RunSpec, run
+from harness.core.backbones import build_backbone
+from harness.core.nodes import NodeFailure
+from harness.engine.runner import RunSpec, run
 from methods.dimat import match_units, permutation_spec, permute_state
 from tests.conftest import TINY, needs_fmnist
 
@@ -67,7 +67,7 @@ def test_matching_recovers_a_known_permutation_exactly(name, shape):
     torch.manual_seed(0)
     model = build_backbone(name, shape, 10)
     if name == "cnn":  # narrow the CNN so the test stays fast
-        from harness.backbones import cnn
+        from harness.core.backbones import cnn
 
         model = cnn(shape, 10, width=8, hidden=32)
     model.eval()
@@ -86,7 +86,7 @@ def test_matching_recovers_a_known_permutation_exactly(name, shape):
 
 
 def test_unsupported_backbone_is_a_user_error():
-    from harness.errors import UserError
+    from harness.core.errors import UserError
 
     model = build_backbone("resnet18-reduced", (3, 8, 8), 10)
     with pytest.raises(UserError, match="mlp and cnn"):
@@ -97,7 +97,7 @@ def test_dimat_merge_of_permuted_twins_gives_the_original_wa_does_not():
     """Two agents computing the same function in different unit orders: DIMAT's merge is exact."""
     from types import SimpleNamespace
 
-    from harness.nodes import make_nodes
+    from harness.core.nodes import make_nodes
     from methods.dimat import Dimat
 
     torch.manual_seed(0)
@@ -117,7 +117,8 @@ def test_dimat_merge_of_permuted_twins_gives_the_original_wa_does_not():
 
 
 def _dimat(method, **mset):
-    from harness.runner import build_context, get_scenario, hparams_from, resolve_method
+    from harness.core.config import hparams_from
+    from harness.engine.runner import build_context, get_scenario, resolve_method
 
     spec = RunSpec(method, "split-fmnist", 0, method_set=mset, scenario_set=SMALL)
     scenario = get_scenario(spec)
@@ -175,7 +176,7 @@ def test_dimat_logs_moved_fraction_per_round():
 
 @needs_fmnist
 def test_empty_shards_are_refused_by_dimat_before_training_and_wa_runs():
-    from harness.errors import UserError
+    from harness.core.errors import UserError
 
     # 2 tasks of 5 classes, 6 nodes: class k goes to node k mod 6, so node 5 gets nothing of task 0
     with pytest.raises(UserError, match=r"node\(s\) \[5\] without training data of task 0"):

@@ -64,7 +64,7 @@ def _install(package: str, module: str, code: str, tmp: Path) -> Any:
 
 def _cli(argv: list[str], tmp: Path) -> dict[str, Any]:
     """One ``dmkd`` command through the CLI's main, results and tracking kept in ``tmp``."""
-    from harness.cli import main
+    from harness.cli.dmkd import main
 
     out, err = io.StringIO(), io.StringIO()
     argv = [*argv, "--results", str(tmp / "results"), "--tracking-uri", "none"]
@@ -89,7 +89,9 @@ def _tiny_context(model_factory):
     """Two tasks of 4 samples (2-d inputs, classes {0, 1} then {0, 1}) around a given model."""
     import torch
 
-    from harness.api import Protocol, RunContext, Scenario, Task, TensorSource
+    from harness.core.protocol import Protocol
+    from harness.core.context import RunContext
+    from harness.core.data import Scenario, Task, TensorSource
 
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]] * 2)
     y = torch.tensor([0, 1, 1, 0] * 2)
@@ -108,8 +110,9 @@ def methods_driver(tmp: Path) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from harness.api import METHODS, hparams_from, split_params
-    from harness.runner import RunObserver, RunSpec, run
+    from harness.core.method import METHODS
+    from harness.core.config import hparams_from, split_params
+    from harness.engine.runner import RunObserver, RunSpec, run
 
     blocks = marked_blocks(METHODS_README)
     res: dict[str, Any] = {}
@@ -161,7 +164,7 @@ def methods_driver(tmp: Path) -> dict[str, Any]:
     res["penalty_during"] = seen
 
     # Bad values are one-line user errors.
-    from harness.errors import UserError
+    from harness.core.errors import UserError
 
     try:
         hparams_from(L2.HParams, {"strength": -1})
@@ -226,7 +229,7 @@ def methods_driver(tmp: Path) -> dict[str, Any]:
 
 
 def _cli_list(tmp: Path) -> str:
-    from harness.cli import main
+    from harness.cli.dmkd import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -239,8 +242,8 @@ def scenarios_driver(tmp: Path) -> dict[str, Any]:
     """Everything scenarios/README.md shows, done to the letter; returns what was observed."""
     import torch
 
-    from harness.api import Task
-    from harness.runner import RunSpec, get_scenario, run
+    from harness.core.data import Task
+    from harness.engine.runner import RunSpec, get_scenario, run
     from scenarios.base import SCENARIOS, build_scenario
 
     blocks = marked_blocks(SCENARIOS_README)
@@ -294,7 +297,7 @@ def scenarios_driver(tmp: Path) -> dict[str, Any]:
 
 
 def _cli_list_scenarios() -> str:
-    from harness.cli import main
+    from harness.cli.dmkd import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from harness.api import METHODS, hparams_from
-from harness.backbones import build_backbone
-from harness.errors import UserError
+from harness.core.backbones import build_backbone
+from harness.core.config import hparams_from
+from harness.core.errors import UserError
+from harness.core.method import METHODS
 from methods.dmkd import DMKDParams
 from methods.m2mkd import M2MKD, M2MKDParams, hybrid_forward, split_modules
 from methods.moe import MoEParams, SimpleMoE
@@ -113,7 +114,7 @@ def test_moe_is_dmkd_with_kd_preservation_and_specialization_off():
 
 @needs_fmnist
 def test_dmkd_autoencoder_routing_beats_ft_in_class_il_on_tiny_split_fmnist():
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     caps = dict(TINY)
     ft = run(RunSpec("ft", "split-fmnist", 0, scenario_set=caps, eval_split="val"))

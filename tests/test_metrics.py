@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from harness import metrics
+from harness.engine import metrics
 
 # R[k][j]: accuracy on task j after training task k; 3 tasks.
 R = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.errors import UserError
-from harness.nodes import NodeFailure, Topology, make_nodes, merge_sparse
+from harness.core.errors import UserError
+from harness.core.nodes import NodeFailure, Topology, make_nodes, merge_sparse
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ WORKER = textwrap.dedent("""
     import json, sys, time, torch, torch.distributed as dist
     from datetime import timedelta
     sys.path.insert(0, {repo!r})
-    from harness.nodes import make_nodes, NodeFailure
+    from harness.core.nodes import make_nodes, NodeFailure
     rank, world, port, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=20))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from harness.errors import UserError
-from harness.partition import partition_indices, partition_stats, task_class_order
+from harness.core.errors import UserError
+from harness.core.partition import partition_indices, partition_stats, task_class_order
 
 
 def _labels(n_classes: int, per_class: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ def test_round_robin_gives_whole_classes_in_order():
 
 def test_partition_stats_counts_by_hand():
     targets = torch.tensor([0, 0, 1, 1, 1, 2])
-    from harness.partition import Partition
+    from harness.core.partition import Partition
 
     stats = partition_stats(Partition("x", [torch.tensor([0, 2, 3]), torch.tensor([1, 4, 5]), torch.tensor([],
                                        dtype=torch.long)]), targets, 3)

@@ -14,9 +14,12 @@ import torch
 from torch import nn
 
 import methods  # noqa: F401  (registers every method)
-from harness.api import METHODS, Protocol, RunContext, Scenario
-from harness.errors import UserError
-from harness.runner import RunSpec, run
+from harness.core.context import RunContext
+from harness.core.data import Scenario
+from harness.core.errors import UserError
+from harness.core.method import METHODS
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunSpec, run
 from tests.conftest import TINY, needs_fmnist
 
 pytestmark = needs_fmnist
@@ -65,7 +68,7 @@ def test_training_and_evaluation_run_under_autocast():
             seen.append(out.dtype)
             return out
 
-    from harness import runner
+    from harness.engine import runner
 
     orig = runner.build_context
 
@@ -114,7 +117,7 @@ def test_fp16_scales_the_loss_unscales_for_hooks_and_skips_inf_steps():
 def test_channels_last_model_and_batches():
     spec = RunSpec("ft", "split-fmnist", 0, scenario_set=dict(TINY),
                    protocol=Protocol(backbone="cnn", channels_last=True))
-    from harness.runner import build_context, get_scenario
+    from harness.engine.runner import build_context, get_scenario
 
     sc = get_scenario(spec)
     ctx = build_context(spec, sc, torch.device("cpu"))

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cli import main
-from harness.errors import UserError, one_line, redact
-from harness.runner import RunSpec
-from harness.tracking import Store
+from harness.cli.dmkd import main
+from harness.core.errors import UserError, one_line, redact
+from harness.engine.runner import RunSpec
+from harness.orchestration.tracking import Store
 from tests.conftest import needs_fmnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def test_identity_covers_the_whole_resolved_configuration():
     base = RunSpec("ft", "split-fmnist", 0)
     same = RunSpec("ft", "split-fmnist", 0, scenario_set={"val_fraction": 0.1})  # the default, spelt out
     assert base.key() == same.key() and base.config_hash() == same.config_hash()
-    from harness.api import Protocol
+    from harness.core.protocol import Protocol
 
     variants = [
         RunSpec("ft", "split-fmnist", 1),
@@ -257,7 +257,7 @@ def test_bad_suite_inputs(capsys, recorded, tmp_path, text, expect):
 
 
 def test_ablation_seeds(tmp_path):
-    from harness.tune import load_ablation
+    from harness.orchestration.tune import load_ablation
 
     f = tmp_path / "abl.yaml"
     f.write_text("method: dmkd\ngrid: {kd: [none, logits]}\nseeds: 2\n")
@@ -461,7 +461,7 @@ def test_kill_during_mlflow_store_creation_then_rerun(tmp_path):
 
 
 def _complete(db: Path) -> bool:
-    from harness.tracking import _sqlite_store_complete
+    from harness.orchestration.tracking import _sqlite_store_complete
 
     return _sqlite_store_complete(db)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import metrics
-from harness.errors import UserError
+from harness.core.errors import UserError
+from harness.engine import metrics
 from reports.build import make_report, report_from_results
 from reports.load import latest_per_key, load_json_records, load_mlflow_records, load_records
 from reports.plots import pareto_front
@@ -294,7 +294,7 @@ def test_mlflow_records_are_read_from_record_artifacts(tmp_path):
 
 @needs_fmnist
 def test_report_of_real_runner_records(tmp_path):
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     recs = [run(RunSpec("ft", "split-fmnist", s, scenario_set=dict(TINY))) for s in (0, 1)]
     finals = [r["metrics"]["class_il"]["final_avg_acc"] for r in recs]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.costs import PeakMemory, read_vm_hwm, reset_peak_rss
-from harness.runner import RunSpec, run
+from harness.engine.costs import PeakMemory, read_vm_hwm, reset_peak_rss
+from harness.engine.runner import RunSpec, run
 
 from .conftest import TINY, needs_fmnist
 
@@ -59,7 +59,7 @@ def test_run_peak_does_not_depend_on_a_prior_big_allocation():
 
 
 def test_sampled_fallback_is_labelled(monkeypatch):
-    from harness import costs
+    from harness.engine import costs
 
     monkeypatch.setattr(costs, "reset_peak_rss", lambda: False)
     with PeakMemory(torch.device("cpu"), interval=0.005) as mem:

@@ -4,10 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness import metrics
-from harness.api import Protocol, RunContext, Scenario, Task, TensorSource
-from harness.errors import UserError
-from harness.runner import RunSpec, evaluate, run
+from harness.core.accuracy import seen_classes_accuracy
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task, TensorSource
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
+from harness.engine import metrics
+from harness.engine.evaluation import evaluate
+from harness.engine.runner import RunSpec, run
 from tests.conftest import TINY, needs_fmnist
 
 
@@ -50,6 +54,21 @@ def test_class_il_and_task_il_masks_hand_computed():
     assert after4["class_il"] == [0.0, 0.0, 0.0, 0.0, 0.5]
     # Task-IL restricts to the task's own two classes: class 9 matters only for task 4.
     assert after4["task_il"] == [1.0, 1.0, 1.0, 1.0, 0.5]
+
+
+def test_seen_classes_accuracy_pools_models_and_tasks_hand_computed():
+    sc = _toy_scenario()
+    for t in sc.tasks:
+        t.val_idx = t.test_idx  # the helper reads the validation split
+    ctx = RunContext(sc, Protocol(), torch.device("cpu"), 0, lambda: None)
+    favours_9 = _FixedLogits().predict  # class 9 scores 10, the true class 5
+    always_0 = lambda x: torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+    right = lambda x: torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+    # After task 1 (classes 0..3 seen, 16 samples): class 9 is masked, favours_9 is always right (16);
+    # always_0 is right on the 4 class-0 samples: (16 + 4) / 32.
+    assert seen_classes_accuracy(ctx, [favours_9, always_0], sc.tasks[1]) == 20 / 32
+    # After task 4 (every class, 40 samples): favours_9 is right only on class 9 (4), right on all 40.
+    assert seen_classes_accuracy(ctx, [favours_9, right], sc.tasks[4]) == 44 / 80
 
 
 @needs_fmnist
@@ -105,7 +124,7 @@ def test_unknown_names_are_user_errors():
 
 
 def test_counted_work_between_steps_adds_exact_flops_once():
-    from harness.costs import StepFlopMeter
+    from harness.engine.costs import StepFlopMeter
 
     sc = _toy_scenario()
     ctx = RunContext(sc, Protocol(), torch.device("cpu"), 0, lambda: None)

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 from scenarios.base import build_scenario, split_train_val
 from scenarios.fmnist import MEAN, STD, Permute, Rotate, read_idx
 from tests.conftest import needs_fmnist

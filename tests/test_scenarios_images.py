@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.api import Protocol
-from harness.errors import UserError
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
 from scenarios.base import build_scenario
 from scenarios.cifar import CIFAR10_MEAN, CIFAR10_STD
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, random_crop_flip
@@ -487,7 +487,7 @@ def test_officehome_layout_names_and_missing_domain(tmp_path):
 # End to end
 # ---------------------------------------------------------------------------------------------
 def test_runner_end_to_end_on_fake_cifar10(tmp_path):
-    from harness.runner import RunSpec, run
+    from harness.engine.runner import RunSpec, run
 
     write_cifar10(tmp_path, per_batch=40, n_test=40)
     spec = RunSpec(

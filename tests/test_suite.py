@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.cluster import run_suite
-from harness.errors import UserError
-from harness.suite import load_suite
-from harness.tracking import Store
+from harness.core.errors import UserError
+from harness.orchestration.cluster import run_suite
+from harness.orchestration.suite import load_suite
+from harness.orchestration.tracking import Store
 from tests.conftest import needs_fmnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def test_diverging_run_is_marked_failed_and_the_suite_goes_on(tmp_path):
     cfg.protocol = dict(cfg.protocol)
     specs = cfg.specs()
     # lr so large the loss overflows to inf/NaN for the labelled config only
-    from harness import suite as suite_mod
+    from harness.orchestration import suite as suite_mod
 
     orig = suite_mod.SuiteConfig.specs
 

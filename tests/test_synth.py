@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.cli import main
-from harness.errors import UserError
-from harness.runner import RunSpec, run
+from harness.cli.dmkd import main
+from harness.core.errors import UserError
+from harness.engine.runner import RunSpec, run
 from scenarios import cifar
 from scenarios.base import build_scenario
 from scenarios.synth import (
@@ -201,7 +201,7 @@ def test_cli_download_flag_only_where_it_applies(capsys):
 
 
 def test_dataset_device_bytes_counts_the_sources_on_the_device(root):
-    from harness.runner import dataset_device_bytes
+    from harness.engine.runner import dataset_device_bytes
 
     sc = build_scenario("split-cifar10", {}, 0, str(root))
     assert dataset_device_bytes(sc, torch.device("cpu")) == 0  # on the CPU it is part of the process

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import RunSpec, run
+from harness.engine.runner import RunSpec, run
 from tests.conftest import needs_fmnist
 
 REPO = Path(__file__).resolve().parent.parent

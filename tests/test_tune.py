@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.api import Task
-from harness.runner import RunSpec, run
-from harness.tune import ablate, load_ablation, tune
+from harness.core.data import Task
+from harness.engine.runner import RunSpec, run
+from harness.orchestration.tune import ablate, load_ablation, tune
 from tests.conftest import needs_fmnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     assert "val" in calls and "test" not in calls
     # The objective is the validation final accuracy of the same configuration run on its own.
     lr = out["params"]["protocol.lr"]
-    from harness.api import Protocol
+    from harness.core.protocol import Protocol
 
     rec = run(RunSpec("ft", "split-fmnist", 0, scenario_set=SMALL, protocol=Protocol(lr=lr), eval_split="val"))
     assert rec["metrics"]["class_il"]["final_avg_acc"] == pytest.approx(out["value"])
@@ -46,7 +46,7 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
 
 @needs_fmnist
 def test_sealed_test_split_raises():
-    from harness.runner import get_scenario
+    from harness.engine.runner import get_scenario
 
     spec = RunSpec("ft", "split-fmnist", 0, scenario_set=SMALL, eval_split="val")
     run(spec)
@@ -82,7 +82,7 @@ def _counted(storage_obj, study):
 @needs_fmnist
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_concurrent_workers_run_exactly_the_trials_asked_for(tmp_path, kind):
-    from harness.tune import make_storage
+    from harness.orchestration.tune import make_storage
 
     url = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else f"journal:{tmp_path}/optuna.log"
     _workers(3, url, 7, tmp_path)
@@ -138,7 +138,7 @@ def postgres(tmp_path):
 
 @needs_fmnist
 def test_three_workers_through_postgresql(tmp_path, postgres):
-    from harness.tune import make_storage
+    from harness.orchestration.tune import make_storage
 
     _workers(3, postgres, 6, tmp_path, study="pg")
     numbers, _ = _counted(make_storage(postgres, tmp_path), "pg")
@@ -209,7 +209,9 @@ def test_every_search_space_gives_valid_settings():
     import optuna
 
     import methods  # noqa: F401
-    from harness.api import METHODS, Protocol, hparams_from, split_params
+    from harness.core.config import hparams_from, split_params
+    from harness.core.method import METHODS
+    from harness.core.protocol import Protocol
 
     for name, cls in METHODS.items():
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -224,7 +226,7 @@ def test_every_search_space_gives_valid_settings():
 def test_diverging_trials_score_zero_and_count_in_the_budget(tmp_path):
     import optuna
 
-    from harness.tune import make_storage
+    from harness.orchestration.tune import make_storage
 
     # A fixed lr of 1e9 (fixed values win over the search space) makes every trial diverge: each
     # completes with value 0, so the sampler sees it, and the study holds exactly the budget.
@@ -238,7 +240,7 @@ def test_diverging_trials_score_zero_and_count_in_the_budget(tmp_path):
 
 @needs_fmnist
 def test_objective_setting_can_be_chosen(tmp_path):
-    from harness.errors import UserError
+    from harness.core.errors import UserError
 
     out = tune("ft", "split-fmnist", trials=1, results_dir=tmp_path, scenario_set=SMALL, tracking_uri="none",
                show_progress=False, objective="task_il", fixed={"protocol.lr": 0.01})
@@ -254,7 +256,7 @@ def test_objective_setting_can_be_chosen(tmp_path):
 def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp_path, monkeypatch):
     import yaml
 
-    from harness.cli import main
+    from harness.cli.dmkd import main
 
     suite = tmp_path / "tiny.yaml"
     suite.write_text("name: tiny\nseeds: [0]\nprotocol: {epochs: 1, batch_size: 64}\nscenarios:\n"

@@ -2,7 +2,7 @@
 
 P nodes, each a full DMKD learner (encoder, experts, router, autoencoders, its own teacher, importance
 maps and optimisers) trained with the normal DMKD loss on its shard of every task (``partition`` iid |
-dirichlet | round_robin, via :class:`methods.fedavg.NodesMethod`). Per task, ``rounds`` times: every node
+dirichlet | round_robin, via :class:`harness.core.nodes_method.NodesMethod`). Per task, ``rounds`` times: every node
 trains ``local_epochs`` epochs (E; R·E = the protocol's epochs by default) through ``ctx.train_batches`` (samples and FLOPs counted), then the
 nodes synchronise:
 
@@ -45,13 +45,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.api import RunContext, Task, check_finite, tensor_bytes
-from harness.nodes import using_generator
+from harness.core.accuracy import seen_classes_accuracy
+from harness.core.context import RunContext, check_finite
+from harness.core.data import Task
+from harness.core.method import tensor_bytes
+from harness.core.nodes import using_generator
+from harness.core.nodes_method import NodesMethod
 from methods.common import frozen_copy
 from methods.dmkd.hparams import DMKDParams
 from methods.dmkd.method import DMKD
 from methods.dmkd.model import DMKDModel
-from methods.fedavg import NodesMethod
 
 
 class QuietContext:
@@ -297,21 +300,14 @@ class DecentralizedDMKD(NodesMethod, DMKD):
             self.learners[i].teacher = teacher
         self.record_communication()
 
-    @torch.no_grad()
     def _log_nodes_accuracy(self, task: Task) -> None:
         """Mean class-IL validation accuracy of the hosted nodes over the tasks so far."""
-        seen = sorted({c for t in self.ctx.scenario.tasks[: task.id + 1] for c in t.classes})
-        mask = torch.full((self.ctx.num_classes,), float("-inf"), device=self.ctx.device)
-        mask[seen] = 0.0
-        correct, n = torch.zeros((), device=self.ctx.device), 0
-        for learner in self.learners.values():
-            learner.model.eval()
-            for t in self.ctx.scenario.tasks[: task.id + 1]:
-                for x, y in self.ctx.eval_batches(t, "val"):
-                    correct += ((learner.model(x) + mask).argmax(1) == y).sum()
-                    n += len(y)
-            learner.model.train()
-        self.ctx.log_metric("nodes_mean_val_acc", float(correct) / max(n, 1), task.id)
+        models = [learner.model for learner in self.learners.values()]
+        for m in models:
+            m.eval()
+        self.ctx.log_metric("nodes_mean_val_acc", seen_classes_accuracy(self.ctx, models, task), task.id)
+        for m in models:
+            m.train()
 
     # ---- accounting and checkpoints ----------------------------------------------------------------
     def state_bytes(self) -> int:

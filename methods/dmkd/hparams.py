@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from harness.api import HParams, choice, require
-from methods.fedavg import NodesParams
+from harness.core.config import choice, require
+from harness.core.method import HParams
+from harness.core.nodes_method import NodesParams
 
 KD_KINDS = ("none", "logits", "module")
 PRESERVATION_KINDS = ("none", "magnitude", "fisher")

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.api import Method, RunContext, Task, register, tensor_bytes
-from harness.errors import UserError
+from harness.core.context import RunContext
+from harness.core.data import Task
+from harness.core.errors import UserError
+from harness.core.method import Method, register, tensor_bytes
 from methods.common import frozen_copy, kd_loss
 from methods.dmkd.hparams import DMKDParams
 from methods.dmkd.model import (

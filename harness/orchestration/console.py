@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 
 def write_report(args, experiment: str | None, out: str | None = None) -> None:
@@ -16,8 +16,8 @@ def write_report(args, experiment: str | None, out: str | None = None) -> None:
     except ImportError:
         print("(report package not available; skipping the report)", file=sys.stderr)
         return
-    from harness.errors import redact
-    from harness.tracking import NO_MLFLOW, tracking_reachable
+    from harness.core.errors import redact
+    from harness.orchestration.tracking import NO_MLFLOW, tracking_reachable
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and (Path(args.results) / "mlflow.db").exists():

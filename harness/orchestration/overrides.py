@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 
 def _parse_value(text: str) -> Any:
-    from harness.yamlio import load_yaml_text
+    from harness.core.yamlio import load_yaml_text
 
     try:
         return load_yaml_text(text, "--set value")
@@ -35,8 +35,8 @@ def route_sets(sets: list[tuple[str, Any]], method: str, scenario: str) -> tuple
     first of method, scenario, protocol that has a field of that name.
     """
     import scenarios  # noqa: F401
-    from harness.api import Protocol
-    from harness.runner import resolve_method
+    from harness.core.protocol import Protocol
+    from harness.engine.runner import resolve_method
     from scenarios.base import SCENARIOS, scenario_option_names
 
     m_fields = {f.name for f in dataclasses.fields(resolve_method(method).HParams)}

@@ -3,7 +3,7 @@
 Every run is executed by :func:`execute`, which writes the JSON record, the MLflow runs and a
 checkpoint after each task. Running a suite again skips finished runs and resumes unfinished
 ones from their last completed task. Any number of workers divide a suite's runs through an Optuna
-storage (harness/cluster.py); a dead worker's run is taken over and resumed from its checkpoint.
+storage (harness/orchestration/cluster.py); a dead worker's run is taken over and resumed from its checkpoint.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.api import Protocol, TrainingDiverged, split_params
-from harness.errors import UserError
-from harness.runner import RunObserver, RunSpec, _safe, run
-from harness.tracking import Store, flatten
+from harness.core.config import split_params
+from harness.core.context import TrainingDiverged
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunObserver, RunSpec, _safe, run
+from harness.orchestration.tracking import Store, flatten
 
 DONE = ("finished", "failed")  # a cell with a record in one of these states is done
-HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/cluster.py)
+HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/orchestration/cluster.py)
 GRACE_S = 60  # seconds of silence after which a worker counts as dead
 
 SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description",
@@ -73,7 +75,7 @@ class SuiteConfig:
 
 
 def protocol_from(d: dict[str, Any]) -> Protocol:
-    from harness.api import hparams_from
+    from harness.core.config import hparams_from
 
     p = hparams_from(Protocol, d)
     p.validate()
@@ -83,7 +85,7 @@ def protocol_from(d: dict[str, Any]) -> Protocol:
 def parse_seeds(value: Any, where: str) -> list[int]:
     """``seeds:`` of a suite or ablation file: a non-empty list of distinct integers in range, or a
     positive count N meaning 0..N-1."""
-    from harness.runner import MAX_SEED, validate_seed
+    from harness.engine.runner import MAX_SEED, validate_seed
 
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
@@ -106,8 +108,8 @@ def parse_seeds(value: Any, where: str) -> list[int]:
 def load_suite(path: str | Path) -> SuiteConfig:
     """Parse and validate a suite YAML file; every problem is one UserError line, and the whole
     suite (every method, scenario option, protocol field and seed) is checked before anything runs."""
-    from harness.tracking import check_experiment_name
-    from harness.yamlio import load_yaml_file
+    from harness.core.yamlio import load_yaml_file
+    from harness.orchestration.tracking import check_experiment_name
 
     path = Path(path)
     raw = load_yaml_file(path, "suite file")
@@ -191,9 +193,9 @@ def _entry(e: Any, what: str, path: Path, allowed: tuple[str, ...]) -> tuple[str
 def validate_specs(specs: list[RunSpec]) -> None:
     """Resolve names and options of every run before any training starts."""
     import scenarios  # noqa: F401
-    from harness.api import hparams_from
-    from harness.backbones import BACKBONES
-    from harness.runner import resolve_device, resolve_method, validate_seed
+    from harness.core.backbones import BACKBONES
+    from harness.core.config import hparams_from
+    from harness.engine.runner import resolve_device, resolve_method, validate_seed
     from scenarios.base import SCENARIOS
 
     for s in specs:
@@ -212,7 +214,7 @@ def validate_specs(specs: list[RunSpec]) -> None:
 def preflight(specs: list[RunSpec]) -> None:
     """Build every distinct scenario of a suite once (data found and readable, options consistent,
     splits non-empty), so that a bad second scenario fails before the first one trains."""
-    from harness.runner import check_splits, get_scenario
+    from harness.engine.runner import check_splits, get_scenario
 
     seen: set[str] = set()
     for s in specs:
@@ -378,7 +380,7 @@ def check_heartbeat(heartbeat: Any, grace: Any) -> tuple[int, int]:
 def run_sequential(cfg: SuiteConfig, store: Store, *, show_progress: bool = True) -> list[dict[str, Any]]:
     """One worker and no coordinator, for installs without Optuna (the GPU machine): every cell not
     done yet, in suite order, each resumed from its checkpoint; the records are the same as a
-    coordinated suite's. Several workers need the coordinator (harness/cluster.py)."""
+    coordinated suite's. Several workers need the coordinator (harness/orchestration/cluster.py)."""
     from tqdm.auto import tqdm
 
     specs = cfg.specs()

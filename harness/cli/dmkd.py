@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from harness.console import print_records, write_report
-from harness.errors import UserError
-from harness.overrides import parse_sets, route_sets
+from harness.core.errors import UserError
+from harness.orchestration.console import print_records, write_report
+from harness.orchestration.overrides import parse_sets, route_sets
 
 DEFAULT_RESULTS = "results"
 
@@ -32,6 +32,35 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder with the data sets (else $DMKD_DATA, then defaults)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def add_suite_options(s: argparse.ArgumentParser) -> None:
+    """The `dmkd suite` options for coordination and launching."""
+    from harness.orchestration.launch import LAUNCHERS
+    from harness.orchestration.suite import GRACE_S, HEARTBEAT_S
+
+    s.add_argument("--storage", default=None,
+                   help="Optuna storage that coordinates the workers: sqlite under --results (default), "
+                        "journal:<file> on a shared file system, postgresql://... across machines")
+    s.add_argument("--heartbeat", default=str(HEARTBEAT_S),
+                   help=f"seconds between a worker's heartbeats (default {HEARTBEAT_S})")
+    s.add_argument("--grace", default=str(GRACE_S),
+                   help=f"seconds of silence after which a worker's run is taken over (default {GRACE_S})")
+    s.add_argument("--workers", default="1",
+                   help="worker processes to start (default 1: this process); 'auto': as many as fit the cores")
+    s.add_argument("--workers-per-gpu", type=int, default=None, metavar="K",
+                   help="start K workers on each visible GPU (each sees only its GPU)")
+    s.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                   help="local processes, Slurm jobs through submitit, or submitit's local executor")
+    s.add_argument("--partition", default=None, help="Slurm partition")
+    s.add_argument("--time", type=int, default=240, help="Slurm time limit per worker, minutes (default 240)")
+    s.add_argument("--gpus-per-worker", type=int, default=0, help="Slurm: GPUs per worker job (default 0)")
+    s.add_argument("--cpus-per-worker", type=int, default=2, help="Slurm: CPUs per worker job (default 2)")
+    s.add_argument("--array-parallelism", type=int, default=None,
+                   help="Slurm: at most this many of the --workers array tasks run at once")
+    s.add_argument("--no-wait", action="store_true", help="Slurm: exit after submitting the workers")
+    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a launched worker: no table
+    s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tuned-dir", default=None,
                    help="folder of `dmkd tune-suite` files (default: <suite folder>/tuned/<suite name>)")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    from harness.launch import add_suite_options
-
     add_suite_options(s)
     _common(s)
 
@@ -130,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "list":
         if getattr(args, "method", None):
-            from harness.defaults import method_table
+            from harness.cli.defaults import method_table
 
             print(method_table(args.method), end="")
             return 0
@@ -142,17 +169,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "report":
         return cmd_report(args)
     if args.cmd == "tune":
-        from harness.tune import cmd_tune
+        from harness.orchestration.tune import cmd_tune
 
         return cmd_tune(args)
     if args.cmd == "tune-suite":
-        from harness.tune import cmd_tune_suite
+        from harness.orchestration.tune import cmd_tune_suite
 
         return cmd_tune_suite(args)
     if args.cmd == "synth":
         return cmd_synth(args)
     if args.cmd == "ablate":
-        from harness.tune import cmd_ablate
+        from harness.orchestration.tune import cmd_ablate
 
         return cmd_ablate(args)
     raise UserError(f"unknown command {args.cmd}")
@@ -170,8 +197,8 @@ def cmd_synth(args) -> int:
 def cmd_list() -> int:
     import methods  # noqa: F401
     import scenarios  # noqa: F401
-    from harness.api import METHODS
-    from harness.backbones import BACKBONES
+    from harness.core.backbones import BACKBONES
+    from harness.core.method import METHODS
     from scenarios.base import SCENARIOS
 
     print("methods:")
@@ -187,15 +214,16 @@ def cmd_list() -> int:
 
 
 def _store(args, experiment: str):
-    from harness.tracking import Store
+    from harness.orchestration.tracking import Store
 
     return Store(Path(args.results), experiment, args.tracking_uri)
 
 
 def cmd_run(args) -> int:
-    from harness.api import Protocol, hparams_from
-    from harness.runner import RunSpec
-    from harness.suite import execute, validate_specs
+    from harness.core.config import hparams_from
+    from harness.core.protocol import Protocol
+    from harness.engine.runner import RunSpec
+    from harness.orchestration.suite import execute, validate_specs
 
     m_set, s_set, p_set = route_sets(parse_sets(args.set), args.method, args.scenario)
     if args.download:
@@ -218,7 +246,7 @@ def cmd_run(args) -> int:
     if args.nodes_backend == "distributed" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_distributed(spec, args, rank)
     store = _store(args, args.experiment)
-    from harness.runner import get_scenario
+    from harness.engine.runner import get_scenario
 
     get_scenario(spec)  # data problems surface here, before anything is recorded
     from tqdm.auto import tqdm
@@ -246,8 +274,8 @@ def _run_distributed(spec, args, rank: int) -> int:
     """Under torchrun: every rank trains its node; rank 0 alone records the run (JSON + MLflow)."""
     import torch.distributed as dist
 
-    from harness.runner import run
-    from harness.suite import execute
+    from harness.engine.runner import run
+    from harness.orchestration.suite import execute
 
     try:
         if rank == 0:
@@ -265,7 +293,7 @@ def _run_distributed(spec, args, rank: int) -> int:
 
 
 def cmd_suite(args) -> int:
-    from harness.launch import cmd_suite as launch
+    from harness.orchestration.launch import cmd_suite as launch
 
     return launch(args)
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 State = dict[str, Tensor]
 Weight = float | dict[str, float]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 
 def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
@@ -61,7 +61,7 @@ def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, An
         path = tuned_file(directory, sc_name)
         if not path.is_file():
             continue
-        from harness.yamlio import load_yaml_file
+        from harness.core.yamlio import load_yaml_file
 
         doc = load_yaml_file(path, "tuned-settings file")
         if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):

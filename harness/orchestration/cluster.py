@@ -4,10 +4,10 @@ A cell is one run of the suite (method configuration x scenario x seed), named b
 The first worker to open the suite creates the study ``suite-<name>-<hash of the resolved cells>``
 and enqueues one trial per unfinished cell (the key in the trial's user attribute ``dmkd_cell``);
 every worker, on this machine or another, pops the next waiting trial from the storage and runs its
-cell with :func:`harness.suite.execute`. The storage is the only coordinator:
+cell with :func:`harness.orchestration.suite.execute`. The storage is the only coordinator:
 
 - sqlite under the results folder by default (one machine), ``journal:<file>`` on a shared file
-  system, ``postgresql://…`` across machines (see :func:`harness.tune.make_storage`);
+  system, ``postgresql://…`` across machines (see :func:`harness.orchestration.storage.make_storage`);
 - a running worker records a heartbeat every ``heartbeat`` seconds; a cell whose worker is silent
   for ``grace`` seconds is failed by the next worker that looks (``fail_stale_trials``) and
   re-enqueued (``RetryHeartbeatStaleTrialCallback``). The new worker resumes it from the dead
@@ -32,13 +32,13 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import UserError
-from harness.suite import DONE, GRACE_S, HEARTBEAT_S, check_heartbeat
+from harness.core.errors import UserError
+from harness.orchestration.suite import DONE, GRACE_S, HEARTBEAT_S, check_heartbeat
 
 if TYPE_CHECKING:
-    from harness.runner import RunSpec
-    from harness.suite import SuiteConfig
-    from harness.tracking import Store
+    from harness.engine.runner import RunSpec
+    from harness.orchestration.suite import SuiteConfig
+    from harness.orchestration.tracking import Store
 
 CELL = "dmkd_cell"
 
@@ -72,7 +72,7 @@ def study_name(cfg: SuiteConfig, specs: list[RunSpec]) -> str:
 
 
 def open_storage(url: str | None, store: Store, heartbeat: int, grace: int):
-    from harness.storage import make_storage
+    from harness.orchestration.storage import make_storage
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental
@@ -214,7 +214,7 @@ def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None,
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    from harness.suite import execute
+    from harness.orchestration.suite import execute
 
     heartbeat, grace = check_heartbeat(heartbeat, grace)
     specs = cfg.specs()
@@ -287,7 +287,7 @@ def _execute(execute, study, trial, key, spec, cfg, store, group_ids, suite_id, 
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    from harness.suite import group_run
+    from harness.orchestration.suite import group_run
 
     ml = store.mlflow
     gkey = (spec.method_label(), spec.scenario, spec.group_hash())

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 
 class Backbone(nn.Module):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import UserError, one_line, redact
+from harness.core.errors import UserError, one_line, redact
 
 NO_MLFLOW = ("none", "off", "false", "")
 
@@ -172,7 +172,7 @@ class Store:
         Loaded with ``weights_only=True``: tensors and plain containers only, never code. A file
         that is unreadable, of another configuration or missing any part of the state is moved
         aside (``*.pt.bad``) with a warning, and the run starts from task 0."""
-        from harness.runner import STATE_KEYS
+        from harness.engine.checkpoints import STATE_KEYS
 
         path = self.checkpoint_path(key)
         if not path.exists():

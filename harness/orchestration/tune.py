@@ -20,12 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.api import Protocol, TrainingDiverged, hparams_from, split_params
-from harness.errors import UserError
-from harness.runner import RunObserver, RunSpec, check_splits, resolve_method, run
-from harness.storage import create_study, make_storage
-from harness.tracking import Store, atomic_write_json
-from harness.tuned import best_params_path, load_best_params, load_tuned_suite, tuned_dir, tuned_file
+from harness.core.config import hparams_from, split_params
+from harness.core.context import TrainingDiverged
+from harness.core.errors import UserError
+from harness.core.protocol import Protocol
+from harness.engine.runner import RunObserver, RunSpec, check_splits, resolve_method, run
+from harness.orchestration.storage import create_study, make_storage
+from harness.orchestration.tracking import Store, atomic_write_json
+from harness.orchestration.tuned import (
+    best_params_path,
+    load_best_params,
+    load_tuned_suite,
+    tuned_dir,
+    tuned_file,
+)
 
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
 
@@ -80,7 +88,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     protocol = protocol or Protocol()
     fixed = dict(fixed or {})
     hparams_from(cls.HParams, split_params(fixed)[0])  # validate early
-    from harness.runner import get_scenario
+    from harness.engine.runner import get_scenario
 
     probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root)
     # The objective's setting: class-IL for class-incremental scenarios, domain-IL otherwise.
@@ -96,7 +104,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     if study_name is None:
         # The default name carries a hash of everything the trials share, so that a study of another
         # protocol, scenario option, fixed setting, seed list or objective is never continued.
-        from harness.runner import _digest
+        from harness.engine.runner import _digest
 
         study_name = f"{method}__{scenario}__" + _digest({
             "method": method, "scenario": scenario, "scenario_set": dict(scenario_set or {}),
@@ -210,7 +218,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
 
 
 def cmd_tune(args) -> int:
-    from harness.overrides import parse_sets, route_sets
+    from harness.orchestration.overrides import parse_sets, route_sets
 
     m_set, s_set, p_set = route_sets(parse_sets(args.set), args.method, args.scenario)
     if args.epochs is not None:
@@ -224,7 +232,7 @@ def cmd_tune(args) -> int:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers", "e.g. --seeds 0,1,2") \
             from None
-    from harness.suite import parse_seeds
+    from harness.orchestration.suite import parse_seeds
 
     seeds = parse_seeds(seeds, "--seeds")
     out = tune(args.method, args.scenario, trials=args.trials, results_dir=Path(args.results),
@@ -245,9 +253,9 @@ ABLATION_KEYS = {"name", "experiment", "method", "scenario", "scenario_options",
 
 
 def load_ablation(path: str | Path) -> dict[str, Any]:
-    from harness.suite import parse_seeds
-    from harness.tracking import check_experiment_name
-    from harness.yamlio import load_yaml_file
+    from harness.core.yamlio import load_yaml_file
+    from harness.orchestration.suite import parse_seeds
+    from harness.orchestration.tracking import check_experiment_name
 
     path = Path(path)
     raw = load_yaml_file(path, "ablation file")
@@ -283,7 +291,7 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
     """Run every grid cell (all seeds, test split) through GridSampler; cooperative across workers."""
     import optuna
 
-    from harness.suite import execute
+    from harness.orchestration.suite import execute
 
     grid = cfg["grid"]
     storage = make_storage(storage_url, results_dir)
@@ -325,7 +333,7 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
 def cmd_ablate(args) -> int:
     cfg = load_ablation(args.config)
     recs = ablate(cfg, Path(args.results), args.storage, args.tracking_uri, args.data_root, args.device)
-    from harness.console import print_records
+    from harness.orchestration.console import print_records
 
     print_records(recs)
     return 0
@@ -372,8 +380,8 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
     """
     from datetime import UTC, datetime
 
-    from harness.runner import git_revision
-    from harness.suite import protocol_from
+    from harness.engine.runner import git_revision
+    from harness.orchestration.suite import protocol_from
 
     seeds = list(seeds if seeds else cfg.seeds[:1])
     protocol = protocol_from(cfg.protocol)
@@ -433,7 +441,7 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_tune_suite(args) -> int:
-    from harness.suite import load_suite
+    from harness.orchestration.suite import load_suite
 
     cfg = load_suite(args.config)
     if args.data_root:

@@ -1,6 +1,6 @@
 """Launching suite workers: in this process, as N local processes, or as Slurm jobs (submitit).
 
-Every worker runs the same loop (harness/cluster.py) against the same Optuna storage and results
+Every worker runs the same loop (harness/orchestration/cluster.py) against the same Optuna storage and results
 folder, so the launchers differ only in where the processes start:
 
 - ``--workers N`` (``auto``: as many as fit the cores): N local processes, each with
@@ -25,36 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
-from harness.suite import GRACE_S, HEARTBEAT_S
+from harness.core.errors import UserError
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
-
-
-def add_suite_options(s: argparse.ArgumentParser) -> None:
-    """The `dmkd suite` options for coordination and launching."""
-    s.add_argument("--storage", default=None,
-                   help="Optuna storage that coordinates the workers: sqlite under --results (default), "
-                        "journal:<file> on a shared file system, postgresql://... across machines")
-    s.add_argument("--heartbeat", default=str(HEARTBEAT_S),
-                   help=f"seconds between a worker's heartbeats (default {HEARTBEAT_S})")
-    s.add_argument("--grace", default=str(GRACE_S),
-                   help=f"seconds of silence after which a worker's run is taken over (default {GRACE_S})")
-    s.add_argument("--workers", default="1",
-                   help="worker processes to start (default 1: this process); 'auto': as many as fit the cores")
-    s.add_argument("--workers-per-gpu", type=int, default=None, metavar="K",
-                   help="start K workers on each visible GPU (each sees only its GPU)")
-    s.add_argument("--launcher", default="local", choices=LAUNCHERS,
-                   help="local processes, Slurm jobs through submitit, or submitit's local executor")
-    s.add_argument("--partition", default=None, help="Slurm partition")
-    s.add_argument("--time", type=int, default=240, help="Slurm time limit per worker, minutes (default 240)")
-    s.add_argument("--gpus-per-worker", type=int, default=0, help="Slurm: GPUs per worker job (default 0)")
-    s.add_argument("--cpus-per-worker", type=int, default=2, help="Slurm: CPUs per worker job (default 2)")
-    s.add_argument("--array-parallelism", type=int, default=None,
-                   help="Slurm: at most this many of the --workers array tasks run at once")
-    s.add_argument("--no-wait", action="store_true", help="Slurm: exit after submitting the workers")
-    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a launched worker: no table
-    s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def available_cores() -> int:
@@ -147,8 +120,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
     """`dmkd suite`: work in this process, or launch workers and collect the suite when they end."""
     import importlib.util
 
-    from harness.suite import check_heartbeat, load_suite, run_sequential
-    from harness.tracking import Store
+    from harness.orchestration.suite import check_heartbeat, load_suite, run_sequential
+    from harness.orchestration.tracking import Store
 
     t0 = time.monotonic()
     heartbeat, grace = check_heartbeat(args.heartbeat, args.grace)
@@ -160,11 +133,11 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if args.tuned and args.defaults:
         raise UserError("--tuned and --defaults contradict each other", "pass one of them")
     if args.tuned:
-        from harness.tuned import load_best_params
+        from harness.orchestration.tuned import load_best_params
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
     elif not args.defaults:
-        from harness.tuned import load_tuned_suite, tuned_dir
+        from harness.orchestration.tuned import load_tuned_suite, tuned_dir
 
         where = tuned_dir(cfg, args.tuned_dir)
         cfg.tuned = load_tuned_suite(cfg, where)
@@ -175,7 +148,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
             raise UserError(f"no tuned settings for this suite under {where}", "run `dmkd tune-suite` first")
     specs = cfg.specs()
     if not args.worker:
-        from harness.suite import preflight
+        from harness.orchestration.suite import preflight
 
         preflight(specs)  # every scenario builds before the first run trains
     local = args.workers == "1" and args.workers_per_gpu is None
@@ -187,7 +160,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
         run_sequential(cfg, Store(Path(args.results), cfg.experiment, args.tracking_uri),
                        show_progress=not args.worker)
         return _finish(args, cfg, specs, t0, f"1 worker without a coordinator, {_threads_now()} thread(s)")
-    from harness.cluster import prepare, run_suite
+    from harness.orchestration.cluster import prepare, run_suite
 
     if args.launcher != "local":
         prepare(cfg, Store(Path(args.results), cfg.experiment, "none"), args.storage, heartbeat, grace)
@@ -228,8 +201,8 @@ def _wait(procs: list[subprocess.Popen], cfg, specs, args, show: bool) -> None:
     """Wait for local workers, with one progress bar over the suite's records."""
     from tqdm.auto import tqdm
 
-    from harness.suite import records_done
-    from harness.tracking import Store
+    from harness.orchestration.suite import records_done
+    from harness.orchestration.tracking import Store
 
     store = None
     bar = tqdm(total=len(specs), desc=f"suite {cfg.name}", unit="run", disable=not show, file=sys.stderr)
@@ -247,9 +220,9 @@ def _wait(procs: list[subprocess.Popen], cfg, specs, args, show: bool) -> None:
 
 def _finish(args, cfg, specs, t0: float, how: str, codes: list[int] | None = None) -> int:
     """The suite's table, report and wall time, once its workers have ended."""
-    from harness.console import print_records, write_report
-    from harness.suite import records_done
-    from harness.tracking import Store
+    from harness.orchestration.console import print_records, write_report
+    from harness.orchestration.suite import records_done
+    from harness.orchestration.tracking import Store
 
     store = Store(Path(args.results), cfg.experiment, "none")
     records, left = records_done(store, specs)

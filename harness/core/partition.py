@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 SCHEMES = ("iid", "dirichlet", "round_robin")
 

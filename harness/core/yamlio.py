@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from harness.errors import UserError
+from harness.core.errors import UserError
 
 MAX_YAML_BYTES = 1 << 20  # a suite, ablation or tuned-settings file is a few KB
 

@@ -19,24 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from harness import metrics
-from harness.api import (
-    CLASS_IL,
-    DOMAIN_IL,
-    METHODS,
-    TASK_IL,
-    Method,
-    Protocol,
-    RunContext,
-    Scenario,
-    Task,
-    TrainingDiverged,
-    hparams_from,
-)
-from harness.backbones import build_backbone
-from harness.costs import (
+from harness.core.backbones import build_backbone
+from harness.core.config import hparams_from
+from harness.core.context import RunContext, TrainingDiverged
+from harness.core.data import Scenario, Task
+from harness.core.errors import UserError
+from harness.core.method import METHODS, Method
+from harness.core.protocol import Protocol
+from harness.engine import metrics
+from harness.engine.checkpoints import capture_state, restore_rng
+from harness.engine.costs import (
     PeakMemory,
     StepFlopMeter,
     Stopwatch,
@@ -45,10 +38,10 @@ from harness.costs import (
     footprint,
     parameter_counts,
 )
-from harness.energy import EnergyMeter
-from harness.errors import UserError
+from harness.engine.energy import EnergyMeter
+from harness.engine.evaluation import evaluate
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -227,59 +220,6 @@ def check_splits(scenario: Scenario, eval_split: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-def _class_masks(scenario: Scenario, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
-    """Additive masks: seen[k] keeps classes of tasks 0..k; own[j] keeps task j's classes."""
-    C = scenario.num_classes
-    seen, own = [], []
-    acc = torch.full((C,), float("-inf"))
-    for t in scenario.tasks:
-        m = torch.full((C,), float("-inf"))
-        m[t.classes] = 0.0
-        acc = torch.maximum(acc, m)
-        seen.append(acc.clone().to(device))
-        own.append(m.to(device))
-    return seen, own
-
-
-@torch.no_grad()
-def evaluate(
-    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
-) -> dict[str, list[float]]:
-    """Accuracy on every task's split after training task ``after_task``.
-
-    Class-IL: argmax over the classes of tasks 0..max(after_task, j) (every class seen so far;
-    for a task not yet trained, the classes up to it, so FWT's entries are defined).
-    Task-IL: argmax over task j's own classes. Domain-IL: plain argmax over all classes.
-    """
-    with ctx.autocast():  # the protocol's precision, as in training
-        return _evaluate(method, scenario, after_task, split, ctx)
-
-
-def _evaluate(
-    method: Method, scenario: Scenario, after_task: int, split: str, ctx: RunContext
-) -> dict[str, list[float]]:
-    method.eval_mode()
-    seen, own = _class_masks(scenario, ctx.device)
-    out: dict[str, list[float]] = {s: [] for s in scenario.settings}
-    for j, task in enumerate(scenario.tasks):
-        correct = {s: torch.zeros((), dtype=torch.long, device=ctx.device) for s in scenario.settings}
-        n = 0
-        for x, y in ctx.eval_batches(task, split):
-            logits = method.predict(x)
-            n += len(y)
-            if scenario.setting == "class":
-                correct[CLASS_IL] += (( logits + seen[max(after_task, j)]).argmax(1) == y).sum()
-                correct[TASK_IL] += ((logits + own[j]).argmax(1) == y).sum()
-            else:
-                correct[DOMAIN_IL] += (logits.argmax(1) == y).sum()
-        for s in scenario.settings:
-            out[s].append(float(correct[s]) / max(n, 1))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 class RunObserver:
@@ -376,7 +316,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     start_task = 0
     if resume_state is not None:
         method.load_state_dict(resume_state["method"])
-        _restore_rng(resume_state["rng"], ctx)
+        restore_rng(resume_state["rng"], ctx)
         record.update({k: resume_state["record"][k] for k in ("acc", "random_init_acc", "per_task",
                                                                "method_metrics", "artifacts")})
         meter.total = resume_state["flops_total"]
@@ -544,49 +484,6 @@ def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops:
         p["train_samples"], p["train_s"] = int(n), t
         p["samples_per_s"] = n / t if t > 0 else 0.0
     return dist.get_world_size(), int(sums[1])
-
-
-def capture_state(method: Method, ctx: RunContext, record: dict[str, Any], meter_total: float,
-                  boundary_flops: int, next_task: int) -> dict[str, Any]:
-    """Everything needed to resume a run at the start of ``next_task``."""
-    return {
-        "method": method.state_dict(),
-        "rng": _rng_state(ctx),
-        "record": {k: record[k] for k in ("acc", "random_init_acc", "per_task", "method_metrics", "artifacts")},
-        "flops_total": meter_total,
-        "boundary_flops": boundary_flops,
-        "comm": (ctx.comm_bytes, ctx.comm_rounds),
-        "samples_seen": ctx.samples_seen,
-        "extra_flops": ctx.extra_flops,
-        "next_task": next_task,
-    }
-
-
-def _rng_state(ctx: RunContext) -> dict[str, Any]:
-    """Every RNG state as tensors and plain numbers, so that checkpoints load with weights_only=True."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "ctx": ctx.generator.get_state(),
-          "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
-          "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _restore_rng(st: dict[str, Any], ctx: RunContext) -> None:
-    torch.set_rng_state(st["torch"])
-    ctx.generator.set_state(st["ctx"])
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-# The keys a resumable state must have (see capture_state); anything else is not resumed from.
-STATE_KEYS = frozenset({"method", "rng", "record", "flops_total", "boundary_flops", "comm", "samples_seen",
-                        "next_task"})
 
 
 __all__ = ["RunObserver", "RunSpec", "Task", "TrainingDiverged", "evaluate", "run"]

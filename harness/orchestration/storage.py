@@ -13,7 +13,7 @@ from typing import Any
 from optuna.storages import JournalStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
-from harness.errors import UserError, one_line, redact
+from harness.core.errors import UserError, one_line, redact
 
 
 def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | None = None,

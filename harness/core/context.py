@@ -1,0 +1,176 @@
+"""The run context a method receives: device, seed, protocol, model factory, batches and meters.
+
+Methods draw training batches only through :meth:`RunContext.train_batches`, which is how the runner
+counts samples and measures the FLOPs of the method's real training step; work outside a step goes
+through :meth:`RunContext.counted`. A diverged training loss raises :class:`TrainingDiverged`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.core.data import Scenario, Task, task_iter, union_iter
+from harness.core.protocol import PRECISIONS, Protocol
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when a training loss becomes NaN or infinite; the run is marked failed."""
+
+
+class RunContext:
+    """What the runner lends a method: device, seed, protocol, model factory, batches, meters.
+
+    Methods draw training batches only through :meth:`train_batches`, which is how the runner
+    counts samples and measures the FLOPs of the method's real training step.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        protocol: Protocol,
+        device: torch.device,
+        seed: int,
+        model_factory: Callable[[], nn.Module],
+        nodes: Any = None,
+    ) -> None:
+        self.scenario = scenario
+        self.protocol = protocol
+        self.device = device
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self._model_factory = model_factory
+        self.comm_bytes = 0
+        self.comm_rounds = 0
+        self.nodes = nodes
+        self.metrics: list[tuple[str, float, int]] = []  # extra per-task metrics from methods
+        self.artifacts: dict[str, Any] = {}  # name -> JSON-able object, written by the runner
+        self.step_hook: Callable[[int], None] | None = None  # set by the runner (FLOP meter)
+        self.samples_seen = 0
+        self.extra_flops = 0  # FLOPs of work outside training steps and task boundaries (see counted)
+        self.current_task: Task | None = None
+        self.allow_test = True  # False during tuning: test splits must not be read
+        self.amp_dtype = PRECISIONS.get(protocol.precision)
+        self.scaler: torch.amp.GradScaler | None = (
+            torch.amp.GradScaler(device.type) if protocol.precision == "fp16" else None
+        )
+
+    # ---- numerics ----------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """The protocol's autocast region; the runner wraps every method hook and evaluation in it.
+
+        The weight-cast cache is off: it lives until the outermost region exits, so inside one region
+        spanning many optimiser steps it would keep feeding the forward passes stale weights."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                              cache_enabled=False)
+
+    def backward(self, loss: Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """``loss.backward()``; under fp16 the loss is scaled and the given optimizers' gradients are
+        unscaled right after, so that hooks between backward and step see true gradients."""
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            self.scaler.unscale_(opt)
+
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` for each; under fp16 through the gradient scaler (a step with inf/NaN
+        gradients is skipped and the scale lowered)."""
+        if self.scaler is None:
+            for opt in optimizers:
+                opt.step()
+            return
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+
+    def _memory_format(self, x: Tensor) -> Tensor:
+        if self.protocol.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ---- model and optimiser -----------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.scenario.num_classes
+
+    def make_model(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised backbone+head for this scenario, on the device: the run's initial
+        weights, or (``seed`` given) the initialisation drawn from that seed (DIMAT's agents);
+        channels_last and compiled when the protocol says so."""
+        model = (self._model_factory() if seed is None else self._model_factory(seed)).to(self.device)
+        if self.protocol.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+        if self.protocol.compile:
+            model.compile()
+        return model
+
+    def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        p = self.protocol
+        lr = p.lr if lr is None else lr
+        if p.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=p.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+
+    # ---- data --------------------------------------------------------------------------
+    def train_batches(
+        self, tasks: Task | Sequence[Task], *, epochs: int | None = None, indices: dict[int, Tensor] | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled training batches over one task or the union of several (Joint).
+
+        ``indices`` optionally restricts each task (by id) to a subset of its training indices
+        (used by data partitions over nodes). Every yielded batch is counted.
+        """
+        task_list = [tasks] if isinstance(tasks, Task) else list(tasks)
+        epochs = self.protocol.epochs if epochs is None else epochs
+        bs = self.protocol.batch_size
+        for _ in range(epochs):
+            if len(task_list) == 1:
+                t = task_list[0]
+                it = task_iter(t, indices, bs, self.generator, self.device)
+            else:
+                it = union_iter(task_list, indices, bs, self.generator, self.device)
+            for x, y in it:
+                if self.step_hook is not None:
+                    self.step_hook(len(y))
+                self.samples_seen += len(y)
+                yield self._memory_format(x), y
+
+    def eval_batches(self, task: Task, split: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
+        """Unshuffled batches of a task's validation (default) or test split."""
+        if split == "test" and not self.allow_test:
+            raise PermissionError("the test split is sealed during tuning")
+        batches = task.batches(split, self.protocol.eval_batch_size, device=self.device)
+        if not self.protocol.channels_last:
+            return batches
+        return ((self._memory_format(x), y) for x, y in batches)
+
+    # ---- meters ------------------------------------------------------------------------
+    def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run training work that happens between steps (DIMAT's matching passes, BatchNorm
+        resets) and add its FLOPs to the run's training FLOPs."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        pause = getattr(self.step_hook, "pause", None)
+        if pause is not None:
+            pause()  # an open step counter would count this work twice
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*args, **kwargs)
+        self.extra_flops += int(counter.get_total_flops())
+        return out
+
+    def add_communication(self, nbytes: int, rounds: int = 0) -> None:
+        self.comm_bytes += int(nbytes)
+        self.comm_rounds += int(rounds)
+
+    def log_metric(self, name: str, value: float, step: int) -> None:
+        self.metrics.append((name, float(value), int(step)))
+
+
+def check_finite(value: Tensor, method: str, task_id: int) -> None:
+    if not bool(torch.isfinite(value)):
+        raise TrainingDiverged(f"{method}: training loss became NaN/inf during task {task_id}")

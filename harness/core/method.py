@@ -1,0 +1,183 @@
+"""The one Method interface and the method registry.
+
+Everything a method needs from the harness comes through :class:`harness.core.context.RunContext`;
+everything the harness needs from a method is the handful of hooks on :class:`Method`. The runner owns
+the task loop, evaluation and every measurement so that all methods are measured the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from harness.core.context import RunContext, check_finite
+from harness.core.data import ALL_SETTINGS, Task
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------
+@dataclass
+class HParams:
+    """Base class of every method's hyperparameter dataclass (documented defaults)."""
+
+
+class Method:
+    """Base class of every continual-learning method.
+
+    Subclasses set ``NAME``, ``SETTINGS`` (the settings they support) and ``HParams`` (a
+    dataclass with documented defaults) and override a few hooks. The default
+    :meth:`train_task` runs ``protocol.epochs`` epochs of :meth:`training_step` with one
+    optimiser; methods with their own schedule (Joint, FedAvg, m2mKD) override it but still
+    draw batches from ``ctx.train_batches`` so that samples and FLOPs are counted.
+    """
+
+    NAME: ClassVar[str] = ""
+    SETTINGS: ClassVar[frozenset[str]] = ALL_SETTINGS
+    HParams: ClassVar[type] = HParams
+    DESCRIPTION: ClassVar[str] = ""
+    # The training budget (METHODS.md §6): "epochs" = protocol.epochs passes over each task's training
+    # data, whatever the schedule; "cumulative" = Joint's stated exception (the union of tasks 0..t).
+    BUDGET: ClassVar[str] = "epochs"
+
+    def __init__(self, hp: Any, ctx: RunContext) -> None:
+        self.hp = hp
+        self.ctx = ctx
+        self.model: nn.Module = ctx.make_model()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        if self.optimizer is None or self.ctx.protocol.reset_optimizer:
+            self.optimizer = self.ctx.make_optimizer(self.trainable_parameters())
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        """Loss of one minibatch; the default is plain cross-entropy over the whole head."""
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def train_task(self, task: Task) -> None:
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        for x, y in self.ctx.train_batches(task):
+            loss = self.training_step(x, y, task)
+            loss_sum = loss_sum + loss.detach()
+        check_finite(loss_sum, self.NAME, task.id)
+
+    def training_step(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
+        """One optimiser step on a minibatch; returns the (detached-able) loss."""
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.training_loss(x, y, task)
+        self.ctx.backward(loss, self.optimizer)
+        self.after_backward(x, y, task)
+        self.ctx.step(self.optimizer)
+        self.after_step(x, y, task)
+        return loss
+
+    def after_backward(self, x: Tensor, y: Tensor, task: Task) -> None:
+        """Called between backward and the optimiser step (gradients are available)."""
+
+    def after_step(self, x: Tensor, y: Tensor, task: Task) -> None:
+        """Called after the optimiser step (SI's path integral, ER's buffer insert)."""
+
+    def after_task(self, task: Task) -> None:
+        """Task boundary work: snapshots, importance estimates, consolidation."""
+
+    def after_evaluation(self, task: Task) -> None:
+        """Diagnostics after the runner's evaluation of ``task`` (extra metrics); not counted as
+        training time or FLOPs. It must read validation data only (ctx.eval_batches(task, "val"))."""
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits over all classes of the scenario (the runner applies the masks)."""
+        return self.model(x)
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+
+    # ---- accounting ----------------------------------------------------------------------
+    def budget_passes(self, task: Task) -> float:
+        """Passes over ``task``'s training data this method declares (the runner measures the real ones):
+        protocol.epochs; under the cumulative rule, epochs x |D_0 ∪ .. ∪ D_t| / |D_t|."""
+        epochs = float(self.ctx.protocol.epochs)
+        if self.BUDGET == "cumulative":
+            seen = self.ctx.scenario.tasks[: task.id + 1]
+            return epochs * sum(len(t.train_idx) for t in seen) / max(len(task.train_idx), 1)
+        return epochs
+
+    def inference_modules(self) -> list[nn.Module]:
+        """Modules whose parameters count as the method's deployed model."""
+        return [self.model]
+
+    def state_bytes(self) -> int:
+        """Bytes of the method's own persistent state (buffers, Fisher maps, teacher copies)."""
+        return 0
+
+    # ---- checkpointing (resume) -----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "extra": self.extra_state()}
+        if self.optimizer is not None and not self.ctx.protocol.reset_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.load_extra_state(state.get("extra", {}))
+        if "optimizer" in state:
+            self.optimizer = self.ctx.make_optimizer(self.trainable_parameters())
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond the model (teachers, importances, buffers) for checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---- tuning --------------------------------------------------------------------------
+    @classmethod
+    def search_space(cls, trial: Any) -> dict[str, Any]:
+        """Hyperparameters suggested by an Optuna trial (ranges from the literature).
+
+        Keys are the method's hyperparameter names; ``protocol.<field>`` keys override the
+        protocol (the learning rate, tuned for every method so that budgets are equal).
+        Subclasses add their own keys to ``super().search_space(trial)``.
+        """
+        return {"protocol.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True)}
+
+
+def tensor_bytes(*tensors_or_dicts: Any) -> int:
+    """Total bytes of tensors, possibly nested in dicts/lists/modules."""
+    total = 0
+    for obj in tensors_or_dicts:
+        if obj is None:
+            continue
+        if isinstance(obj, Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, nn.Module):
+            total += sum(t.numel() * t.element_size() for t in obj.state_dict().values())
+        elif isinstance(obj, dict):
+            total += tensor_bytes(*obj.values())
+        elif isinstance(obj, (list, tuple)):
+            total += tensor_bytes(*obj)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its NAME."""
+    if not cls.NAME:
+        raise ValueError(f"{cls.__name__} has no NAME")
+    METHODS[cls.NAME] = cls
+    return cls
