@@ -361,7 +361,7 @@ def _wait_for_running(study, poll_s: float = 2.0) -> None:
 def _study_name(suite: str, scenario: str, row: str, trials: int, sampler_seed: int, shared: dict[str, Any]) -> str:
     """Readable study name plus a digest of everything its trials share (scenario options, protocol,
     fixed settings, seeds, pruner), so that a study made under another configuration is never continued."""
-    from harness.runner import _digest
+    from harness.engine.runner import _digest
 
     raw = f"tune-suite.{suite}.{scenario}.{row}.t{trials}.ss{sampler_seed}"
     return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in raw) + "." + _digest(shared)
