@@ -279,8 +279,8 @@ def lookup(rec: Any, path: Iterable[str], setting: str | None = None) -> Any:
 class Column:
     """One reported number: where it is in the record, its headers and its kind.
 
-    ``name`` is the terminal table's header and the report frame's column; ``title`` the report's
-    header. ``get`` replaces the path lookup for a derived value (it gets the record and setting).
+    ``name`` is the report frame's column (and the terminal header unless ``short`` is given);
+    ``title`` the report's header. ``get`` replaces the path lookup for a derived value (it gets the record and setting).
     ``metric`` columns are per evaluation setting and shown as mean ± interval in the report."""
 
     name: str
@@ -291,6 +291,12 @@ class Column:
     console: bool = True
     report: bool = True
     get: Getter | None = None
+    short: str = ""
+
+    @property
+    def header(self) -> str:
+        """The terminal table's header."""
+        return self.short or self.name
 
     def value(self, rec: Any, setting: str | None = None) -> float | None:
         v = self.get(rec, setting) if self.get is not None else lookup(rec, self.path, setting)
@@ -355,18 +361,20 @@ def _wall_s(rec: Any, setting: str | None) -> float:
 
 
 for _c in (
-    Column("final_acc", "Final acc. A_T", ("metrics", SETTING, "final_avg_acc"), FRACTION, metric=True),
+    Column("final_avg_acc", "Final acc. A_T", ("metrics", SETTING, "final_avg_acc"), FRACTION, metric=True,
+           short="final_acc"),
     Column("avg_inc_acc", "Avg. incr. acc.", ("metrics", SETTING, "avg_inc_acc"), FRACTION, metric=True),
     Column("forgetting", "Forgetting", ("metrics", SETTING, "forgetting"), FRACTION, metric=True),
     Column("bwt", "BWT", ("metrics", SETTING, "bwt"), SIGNED_FRACTION, metric=True),
     Column("fwt", "FWT", ("metrics", SETTING, "fwt"), SIGNED_FRACTION, metric=True),
-    Column("passes_per_task", "Passes/task", ("costs", "passes_per_task"), RATIO, get=_mean_passes),
+    Column("passes_per_task", "Passes/task", ("costs", "passes_per_task"), RATIO, get=_mean_passes,
+           short="passes/task"),
     Column("params", "Params", ("costs", "params_total"), COUNT),
-    Column("train_flops", "Train FLOPs", ("costs", "train_flops_total"), FLOPS),
+    Column("train_flops", "Train FLOPs", ("costs", "train_flops_total"), FLOPS, short="train_FLOPs"),
     Column("energy_kwh", "Energy", ("costs", "energy_kwh"), ENERGY_KWH, console=False),
-    Column("peak_memory_bytes", "Peak memory of the run", ("costs", "peak_memory_bytes"), BYTES),
+    Column("peak_memory_bytes", "Peak memory of the run", ("costs", "peak_memory_bytes"), BYTES, short="peak"),
     Column("peak_increase_bytes", "Peak above start", ("costs", "peak_memory_increase_bytes"), BYTES, console=False),
-    Column("footprint_bytes", "Footprint", ("costs", "footprint_bytes"), BYTES),
+    Column("footprint_bytes", "Footprint", ("costs", "footprint_bytes"), BYTES, short="footprint"),
     Column("comm_bytes", "Comm.", ("costs", "comm_bytes"), TRAFFIC_BYTES, console=False),
     Column("train_s", "Train time", ("costs", "train_time_s"), SECONDS, report=False),
     Column("wall_s", "Wall time", ("costs", "train_time_s"), SECONDS, console=False, get=_wall_s),
