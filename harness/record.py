@@ -23,13 +23,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from harness.errors import UserError
 
-Number = int | float  # strict: an int stays an int, a float a float, so the JSON text is unchanged
+
+def _number(v: Any) -> int | float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PydanticCustomError("number", "Input should be a number")
+    return v
+
+
+# An int stays an int and a float a float (so the JSON text is unchanged); strings and booleans fail.
+Number = Annotated[int | float, PlainValidator(_number)]
 
 
 class _Model(BaseModel):
@@ -193,10 +210,12 @@ class RunRecord(_Model):
             return cls.model_validate(d)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(the record)"
+            # The path of field names and indices; pydantic's union/validator tags ("list[...]") left out.
+            field = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)) or "(the record)"
             more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
             src = f" {where}" if where else ""
-            raise UserError(f"malformed run record{src}: field {field}: {err['msg']}{more}",
+            got = repr(err.get("input"))[:40] if err["type"] != "missing" else "nothing"
+            raise UserError(f"malformed run record{src}: field {field}: {err['msg']} (got {got}){more}",
                             "delete that record and re-run the run (the suite resumes missing runs)") from None
 
     def to_dict(self) -> dict[str, Any]:
