@@ -26,7 +26,7 @@ from scipy import stats
 
 from harness.record import COLUMNS, columns, fmt_fixed, fmt_si, passes_of
 
-# The metrics and costs shown, their record paths, headers and formats: harness/record.py's COLUMNS.
+# The metrics and costs shown (record paths, headers, kinds and formats) are harness/record.py's COLUMNS.
 ABLATION_COSTS = ("params", "train_flops", "comm_bytes")  # the cost columns of an ablation table
 SETTING_NAMES = {"class_il": "class-IL", "task_il": "task-IL", "domain_il": "domain-IL"}
 BUFFER_KEYS = ("buffer_size", "memory_size", "mem_size")
