@@ -1,6 +1,7 @@
 """Run records from the JSON files under ``results/<experiment>/runs`` or from an MLflow store.
 
-A record is the dict returned by ``harness.engine.runner.run`` (and written as JSON by the tracking code).
+A record is the dict returned by ``harness.engine.runner.run`` (and written as JSON by the tracking code),
+the dict form of ``harness.engine.record.RunRecord``; each one read is checked against that model.
 Each loaded record gets an ``experiment`` field naming where it came from.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import UserError
+from harness.engine.record import RunRecord
 
 RECORD_ARTIFACT = "record.json"
 
@@ -26,6 +28,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(rec, dict) or "key" not in rec or "scenario" not in rec:
         raise UserError(f"{path} is not a run record (no 'key'/'scenario' field)",
                         "keep only run records in results/<experiment>/runs")
+    RunRecord.from_dict(rec, str(path))  # its fields have the record's types, or a UserError names the field
     return rec
 
 

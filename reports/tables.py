@@ -24,13 +24,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-METRICS: list[tuple[str, str]] = [
-    ("final_avg_acc", "Final acc. A_T"),
-    ("avg_inc_acc", "Avg. incr. acc."),
-    ("forgetting", "Forgetting"),
-    ("bwt", "BWT"),
-    ("fwt", "FWT"),
-]
+from harness.engine.record import COLUMNS, columns, fmt_fixed, fmt_si, passes_of
+
+# The metrics and costs shown (record paths, headers, kinds and formats) are harness/engine/record.py's COLUMNS.
+ABLATION_COSTS = ("params", "train_flops", "comm_bytes")  # the cost columns of an ablation table
 SETTING_NAMES = {"class_il": "class-IL", "task_il": "task-IL", "domain_il": "domain-IL"}
 BUFFER_KEYS = ("buffer_size", "memory_size", "mem_size")
 Record = dict[str, Any]
@@ -48,11 +45,6 @@ def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
     if n < 2 or math.isnan(std):
         return float("nan")
     return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n))
-
-
-def _fmt_num(x: float, digits: int, sign: bool = False) -> str:
-    x = 0.0 if abs(x) < 0.5 * 10.0**-digits else x  # no "-0.000"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
 @dataclass(frozen=True)
@@ -73,8 +65,8 @@ class MeanStd:
         if self.n == 0 or math.isnan(self.mean):
             return "–"
         if self.n == 1:
-            return _fmt_num(self.mean, digits, sign)
-        return f"{_fmt_num(self.mean, digits, sign)} ± {self.half_width:.{digits}f}"
+            return fmt_fixed(self.mean, digits, sign)
+        return f"{fmt_fixed(self.mean, digits, sign)} ± {self.half_width:.{digits}f}"
 
 
 @dataclass(frozen=True)
@@ -256,16 +248,6 @@ def group_rows(recs: Sequence[Record]) -> dict[tuple[str, bool], list[Record]]:
     return rows
 
 
-def passes_of(rec: Record) -> list[float] | None:
-    """Measured passes over each task's training data (``costs.passes_per_task``); None if unknown."""
-    v = rec.get("costs", {}).get("passes_per_task")
-    if v is None:
-        return None
-    items = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
-    vals = [float(x) for x in items if x is not None]
-    return vals or None
-
-
 def passes_differ(rec: Record, rel_tol: float = 0.02) -> bool:
     """Whether any task's measured passes differ from the protocol's epochs/task (2% tolerance)."""
     vals, epochs = passes_of(rec), protocol_of(rec).get("epochs")
@@ -284,33 +266,22 @@ def final_by_seed(recs: Sequence[Record], setting: str, metric: str = "final_avg
     return out
 
 
-def _cost(r: Record, name: str) -> float | None:
-    v = r.get("costs", {}).get(name)
-    return None if v is None else float(v)
-
-
 def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
-    """Numbers of one row: metric mean/std/n over seeds, mean costs."""
+    """Numbers of one row: mean/std/n over seeds of each metric column, the mean of each cost column
+    (harness/engine/record.py's registry; keyed by the column's name)."""
     out: dict[str, Any] = {"seeds": len({r.get("seed") for r in recs})}
-    for m, _ in METRICS:
-        ms = mean_std(r.get("metrics", {}).get(setting, {}).get(m) for r in recs)
-        out[f"{m}_mean"], out[f"{m}_std"], out[f"{m}_n"] = ms.mean, ms.std, ms.n
-        out[f"{m}_half"] = ms.half_width
-    wall = [(_cost(r, "train_time_s") or 0.0) + (_cost(r, "eval_time_s") or 0.0) for r in recs]
-    out["params"] = mean_std(_cost(r, "params_total") for r in recs).mean
-    out["train_flops"] = mean_std(_cost(r, "train_flops_total") for r in recs).mean
-    out["peak_memory_bytes"] = mean_std(_cost(r, "peak_memory_bytes") for r in recs).mean
+    for c in columns("metrics"):
+        ms = mean_std(c.value(r, setting) for r in recs)
+        out[f"{c.name}_mean"], out[f"{c.name}_std"], out[f"{c.name}_n"] = ms.mean, ms.std, ms.n
+        out[f"{c.name}_half"] = ms.half_width
+    for c in columns("report"):
+        out[c.name] = mean_std(c.value(r, setting) for r in recs).mean
     out["memory_kind"] = "/".join(sorted({str(r.get("costs", {}).get("peak_memory_kind", "?")) for r in recs}))
-    out["footprint_bytes"] = mean_std(_cost(r, "footprint_bytes") for r in recs).mean
-    out["peak_increase_bytes"] = mean_std(_cost(r, "peak_memory_increase_bytes") for r in recs).mean
-    passes = [p for r in recs if (p := passes_of(r)) is not None]
+    passes = [p for r in recs if (p := passes_of(r)) is not None]  # unknown for one seed: unknown for the row
     out["passes_per_task"] = float(np.mean([np.mean(p) for p in passes])) if len(passes) == len(recs) else math.nan
     out["passes_differ"] = any(passes_differ(r) for r in recs)
-    out["comm_bytes"] = mean_std(_cost(r, "comm_bytes") for r in recs).mean
-    out["energy_kwh"] = mean_std(_cost(r, "energy_kwh") for r in recs).mean
     kinds = {str(r.get("costs", {}).get("energy_kind", "")).split(" ")[0] for r in recs}
     out["energy_kind"] = "/".join(sorted(k for k in kinds if k)) or "unavailable"
-    out["wall_s"] = mean_std(wall).mean
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
     return out
 
@@ -379,49 +350,32 @@ def _rank_and_compare(frame: pd.DataFrame, by_seed: list[dict[Any, float]], refe
 # ------------------------------------------------------------------------------------------------
 # Human-readable units
 # ------------------------------------------------------------------------------------------------
-def fmt_si(x: float | None, unit: str = "", base: float = 1000.0) -> str:
-    """3 significant digits with k/M/G/T prefixes (binary prefixes when base is 1024)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    prefixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi"] if base == 1024 else ["", "k", "M", "G", "T", "P"]
-    i = 0
-    v = float(x)
-    while abs(v) >= base and i < len(prefixes) - 1:
-        v /= base
-        i += 1
-    s = f"{v:.0f}" if i == 0 and v == int(v) else f"{v:.3g}"
-    return f"{s} {prefixes[i]}{unit}".strip()
-
-
 def display_frame(board: Leaderboard) -> pd.DataFrame:
     """The leaderboard as strings with units, the columns shown in markdown and HTML."""
     f = board.frame
     out = pd.DataFrame({"Rank": f["rank"].astype(str), "Method": f["method"], "Seeds": f["seeds"]})
-    for m, title in METRICS:
-        out[title] = [MeanStd(a, b, int(n)).fmt() for a, b, n in zip(f[f"{m}_mean"], f[f"{m}_std"], f[f"{m}_n"])]
+    for c in columns("metrics"):
+        m = c.name
+        out[c.title] = [MeanStd(a, b, int(n)).fmt(c.kind.digits)
+                        for a, b, n in zip(f[f"{m}_mean"], f[f"{m}_std"], f[f"{m}_n"])]
     out["p vs best"] = [_fmt_p(p) for p in f["p_vs_best"]]
     if "delta_ref_mean" in f:
         out[f"Δ final acc. vs {f.attrs.get('reference', 'reference')}"] = [
             PairedDiff(a, b, int(n), p).fmt() if m != f.attrs.get("reference") else "(reference)"
             for a, b, n, p, m in zip(f["delta_ref_mean"], f["delta_ref_std"], f["delta_ref_n"], f["delta_ref_p"],
                                      f["method"])]
-    out["Passes/task"] = [("?" if math.isnan(v) else f"{v:.3g}") + (" †" if d else "")
-                          for v, d in zip(f["passes_per_task"], f["passes_differ"])]
-    out["Params"] = [fmt_si(v) for v in f["params"]]
-    out["Train FLOPs"] = [fmt_si(v, "FLOP") for v in f["train_flops"]]
-    if "energy_kwh" in f:  # beside FLOPs: codecarbon's energy, measured (NVML) or estimated (CPU)
-        out["Energy"] = [fmt_si(None if v is None or pd.isna(v) else v * 1000.0, "Wh") + (f" ({k})" if k else "")
-                         for v, k in zip(f["energy_kwh"], f["energy_kind"])]
-    kinds = set(f["memory_kind"])
-    if len(kinds) == 1:
-        out[f"Peak memory of the run ({kinds.pop()})"] = [fmt_si(v, "B", 1024) for v in f["peak_memory_bytes"]]
-    else:
-        out["Peak memory of the run"] = [f"{fmt_si(v, 'B', 1024)} ({k})"
-                                         for v, k in zip(f["peak_memory_bytes"], f["memory_kind"])]
-    out["Peak above start"] = [fmt_si(v, "B", 1024) for v in f["peak_increase_bytes"]]
-    out["Footprint"] = [fmt_si(v, "B", 1024) for v in f["footprint_bytes"]]
-    out["Comm."] = [fmt_si(v, "B") for v in f["comm_bytes"]]
-    out["Wall time"] = [f"{v:.3g} s" for v in f["wall_s"]]
+    for c in columns("report"):  # each cost column written by its kind; a few carry a note
+        v = f[c.name]
+        if c.name == "passes_per_task":
+            out[c.title] = [("?" if math.isnan(x) else c.fmt(x)) + (" †" if d else "") for x, d in zip(v, f["passes_differ"])]
+        elif c.name == "energy_kwh":  # beside FLOPs: codecarbon's energy, measured (NVML) or estimated (CPU)
+            out[c.title] = [c.fmt(x) + (f" ({k})" if k else "") for x, k in zip(v, f["energy_kind"])]
+        elif c.name == "peak_memory_bytes" and len(set(f["memory_kind"])) == 1:
+            out[f"{c.title} ({f['memory_kind'].iloc[0]})"] = [c.fmt(x) for x in v]
+        elif c.name == "peak_memory_bytes":
+            out[c.title] = [f"{c.fmt(x)} ({k})" for x, k in zip(v, f["memory_kind"])]
+        else:
+            out[c.title] = [c.fmt(x) for x in v]
     out["Tuned"] = [f"yes ({n} trials)" if t else "no" for t, n in zip(f["tuned"], f["tuned_trials"])]
     return out
 
@@ -478,11 +432,11 @@ def ablation_tables(records: Iterable[Record]) -> list[AblationTable]:
             row: dict[str, Any] = dict(zip(switches, json.loads(key)))
             stats = row_stats(rr, setting)
             row["Seeds"] = stats["seeds"]
-            for m, title in METRICS:
-                row[title] = MeanStd(stats[f"{m}_mean"], stats[f"{m}_std"], stats[f"{m}_n"]).fmt()
-            row["Params"] = fmt_si(stats["params"])
-            row["Train FLOPs"] = fmt_si(stats["train_flops"], "FLOP")
-            row["Comm."] = fmt_si(stats["comm_bytes"], "B")
+            for c in columns("metrics"):
+                row[c.title] = MeanStd(stats[f"{c.name}_mean"], stats[f"{c.name}_std"], stats[f"{c.name}_n"]).fmt(
+                    c.kind.digits)
+            for name in ABLATION_COSTS:
+                row[COLUMNS[name].title] = COLUMNS[name].fmt(stats[name])
             row["_sort"] = stats["final_avg_acc_mean"]
             out.append(row)
         frame = pd.DataFrame(out).sort_values("_sort", ascending=False).drop(columns="_sort").reset_index(drop=True)

@@ -89,9 +89,9 @@ def _tiny_context(model_factory):
     """Two tasks of 4 samples (2-d inputs, classes {0, 1} then {0, 1}) around a given model."""
     import torch
 
-    from harness.core.protocol import Protocol
     from harness.core.context import RunContext
     from harness.core.data import Scenario, Task, TensorSource
+    from harness.core.protocol import Protocol
 
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]] * 2)
     y = torch.tensor([0, 1, 1, 0] * 2)
@@ -110,8 +110,8 @@ def methods_driver(tmp: Path) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from harness.core.method import METHODS
     from harness.core.config import hparams_from, split_params
+    from harness.core.method import METHODS
     from harness.engine.runner import RunObserver, RunSpec, run
 
     blocks = marked_blocks(METHODS_README)

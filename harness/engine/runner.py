@@ -40,6 +40,7 @@ from harness.engine.costs import (
 )
 from harness.engine.energy import EnergyMeter
 from harness.engine.evaluation import evaluate
+from harness.engine.record import Costs, PerTask, RunConfig, RunRecord, SettingMetrics, TaskInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,7 +249,8 @@ def build_context(spec: RunSpec, scenario: Scenario, device: torch.device) -> Ru
 
 def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[str, Any] | None = None,
         progress: Any = None) -> dict[str, Any]:
-    """Execute one run and return its record (the same dict that is written as JSON)."""
+    """Execute one run and return its record: the :class:`RunRecord`'s dict, which is what is
+    written as JSON and what observers see (their additions become part of the record)."""
     observer = observer or RunObserver()
     validate_seed(spec.seed)
     spec.protocol.validate()
@@ -272,43 +274,43 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     method = cls(hp, ctx)
     T = len(scenario.tasks)
 
-    record: dict[str, Any] = {
-        "key": spec.key(),
-        "config_hash": spec.config_hash(),
-        "config_group": spec.group_hash(),
-        "method": spec.method,
-        "label": spec.method_label(),
-        "scenario": spec.scenario,
-        "setting": scenario.setting,
-        "settings": settings,
-        "seed": spec.seed,
-        "status": "running",
-        "tuned": spec.tuned,
-        "tuned_trials": spec.tuned_trials,
-        "eval_split": spec.eval_split,
-        "synthetic_data": scenario.synthetic is not None,
-        "config": {
-            "method": spec.method,
-            "hparams": dataclasses.asdict(hp),
-            "scenario": spec.scenario,
-            "scenario_options": scenario.options,
-            "protocol": dataclasses.asdict(spec.protocol) | {
+    record = RunRecord(
+        key=spec.key(),
+        config_hash=spec.config_hash(),
+        config_group=spec.group_hash(),
+        method=spec.method,
+        label=spec.method_label(),
+        scenario=spec.scenario,
+        setting=scenario.setting,
+        settings=list(settings),
+        seed=spec.seed,
+        status="running",
+        tuned=spec.tuned,
+        tuned_trials=spec.tuned_trials,
+        eval_split=spec.eval_split,
+        synthetic_data=scenario.synthetic is not None,
+        config=RunConfig(
+            method=spec.method,
+            hparams=dataclasses.asdict(hp),
+            scenario=spec.scenario,
+            scenario_options=scenario.options,
+            protocol=dataclasses.asdict(spec.protocol) | {
                 "backbone": spec.protocol.backbone or scenario.default_backbone},
-            "seed": spec.seed,
-            "data_root": spec.data_root,
-            "synthetic_data": scenario.synthetic,  # the `dmkd synth` marker, None for real data
-            "env": environment_info(device),
-        },
-        "n_tasks": T,
-        "tasks": [{"id": t.id, "name": t.name, "classes": t.classes, "n_train": len(t.train_idx),
-                   "n_val": len(t.val_idx), "n_test": len(t.test_idx)} for t in scenario.tasks],
-        "acc": {s: [] for s in settings},
-        "random_init_acc": {},
-        "per_task": [],
-        "method_metrics": [],
-        "artifacts": {},
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+            seed=spec.seed,
+            data_root=spec.data_root,
+            synthetic_data=scenario.synthetic,  # the `dmkd synth` marker, None for real data
+            env=environment_info(device),
+        ),
+        n_tasks=T,
+        tasks=[TaskInfo(id=t.id, name=t.name, classes=[int(c) for c in t.classes], n_train=len(t.train_idx),
+                        n_val=len(t.val_idx), n_test=len(t.test_idx)) for t in scenario.tasks],
+        acc={s: [] for s in settings},
+        random_init_acc={},
+        per_task=[],
+        method_metrics=[],
+        artifacts={},
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     meter = StepFlopMeter()
     ctx.step_hook = meter
     watch = Stopwatch(device)
@@ -317,16 +319,16 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     if resume_state is not None:
         method.load_state_dict(resume_state["method"])
         restore_rng(resume_state["rng"], ctx)
-        record.update({k: resume_state["record"][k] for k in ("acc", "random_init_acc", "per_task",
-                                                               "method_metrics", "artifacts")})
+        record = RunRecord.from_dict(record.to_dict() | {k: resume_state["record"][k] for k in (
+            "acc", "random_init_acc", "per_task", "method_metrics", "artifacts")}, "in the checkpoint")
         meter.total = resume_state["flops_total"]
         boundary_flops = resume_state["boundary_flops"]
         ctx.comm_bytes, ctx.comm_rounds = resume_state["comm"]
         ctx.samples_seen = resume_state["samples_seen"]
         ctx.extra_flops = resume_state.get("extra_flops", 0)
         start_task = resume_state["next_task"]
-        record["resumed_from_task"] = start_task
-    observer.on_start(record)
+        record.resumed_from_task = start_task
+    record = _notify(observer.on_start, record)
 
     sources = _data_sources(scenario)
     for src in sources:  # data resident before the peak counter starts: it is stated apart, not run order
@@ -336,8 +338,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     with PeakMemory(device) as mem, EnergyMeter(device=device) as energy, ctx.autocast():
         if start_task == 0:
             watch.start()
-            record["random_init_acc"] = evaluate(method, scenario, 0, spec.eval_split, ctx)
-            record["random_init_eval_s"] = watch.stop()
+            record.random_init_acc = evaluate(method, scenario, 0, spec.eval_split, ctx)
+            record.random_init_eval_s = watch.stop()
         for k in range(start_task, T):
             task = scenario.tasks[k]
             ctx.current_task = task
@@ -355,46 +357,46 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             method.after_evaluation(task)
             eval_s = watch.stop()
             for s in settings:
-                record["acc"][s].append(accs[s])
+                record.acc[s].append(accs[s])
             total_p, trainable_p = parameter_counts(method.inference_modules())
             samples = ctx.samples_seen - samples_before
-            record["per_task"].append({
-                "task": k,
-                "train_s": train_s,
-                "eval_s": eval_s,
-                "train_samples": samples,
-                "samples_per_s": samples / train_s if train_s > 0 else 0.0,
-                "params_total": total_p,
-                "params_trainable": trainable_p,
-                "state_bytes": method.state_bytes(),
-                "comm_bytes": ctx.comm_bytes - comm_before,
-                "train_flops_per_sample": meter.per_sample,
-                "passes": samples / max(len(task.train_idx), 1),
-                "budget_passes": method.budget_passes(task),
-                "avg_acc": {s: float(np.mean(accs[s][: k + 1])) for s in settings},
-            })
-            record["method_metrics"] = [list(m) for m in ctx.metrics]
-            record["artifacts"] = ctx.artifacts
-            observer.on_task_end(
-                record, k, lambda k=k, bf=boundary_flops: capture_state(method, ctx, record, meter.total, bf, k + 1))
+            record.per_task.append(PerTask(
+                task=k,
+                train_s=train_s,
+                eval_s=eval_s,
+                train_samples=samples,
+                samples_per_s=samples / train_s if train_s > 0 else 0.0,
+                params_total=total_p,
+                params_trainable=trainable_p,
+                state_bytes=method.state_bytes(),
+                comm_bytes=ctx.comm_bytes - comm_before,
+                train_flops_per_sample=meter.per_sample,
+                passes=samples / max(len(task.train_idx), 1),
+                budget_passes=method.budget_passes(task),
+                avg_acc={s: float(np.mean(accs[s][: k + 1])) for s in settings},
+            ))
+            record.method_metrics = [list(m) for m in ctx.metrics]
+            record.artifacts = ctx.artifacts
+            record = _notify(lambda d, k=k, bf=boundary_flops: observer.on_task_end(
+                d, k, lambda: capture_state(method, ctx, d, meter.total, bf, k + 1)), record)
             if progress is not None:
-                progress(k + 1, T, record)
+                progress(k + 1, T, record.to_dict())
 
     extra_flops = ctx.extra_flops
     world, boundary_flops = _combine_ranks(record, meter, boundary_flops + extra_flops)  # torchrun: totals
     extra_flops = 0  # now inside boundary_flops
     if world > 1:
-        record["ranks"] = world
+        record.ranks = world
     # Costs of the final model.
     x_probe = next(ctx.eval_batches(scenario.tasks[0], spec.eval_split))[0][:64]
     method.eval_mode()
     with ctx.autocast():
         inf_flops, _ = count_flops(method.predict, x_probe)
     total_p, trainable_p = parameter_counts(method.inference_modules())
-    train_samples = sum(p["train_samples"] for p in record["per_task"])
-    train_s = sum(p["train_s"] for p in record["per_task"])
+    train_samples = sum(p.train_samples for p in record.per_task)
+    train_s = sum(p.train_s for p in record.per_task)
     task_samples = _record_passes(record)
-    record["costs"] = {
+    costs = {
         "params_total": total_p,
         "params_trainable": trainable_p,
         "inference_flops_per_sample": inf_flops / len(x_probe),
@@ -405,11 +407,11 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "train_flops_per_sample": (meter.total + boundary_flops + extra_flops) / max(task_samples, 1),
         "train_flops_per_drawn_sample": (meter.total + boundary_flops + extra_flops) / max(train_samples, 1),
         "train_samples": train_samples,
-        "passes_per_task": float(np.mean([p["passes"] for p in record["per_task"]])) if record["per_task"] else 0.0,
+        "passes_per_task": float(np.mean([p.passes for p in record.per_task])) if record.per_task else 0.0,
         "budget_passes": spec.protocol.epochs,
         "budget_rule": cls.BUDGET,
         "train_time_s": train_s,
-        "eval_time_s": sum(p["eval_s"] for p in record["per_task"]),
+        "eval_time_s": sum(p.eval_s for p in record.per_task),
         "samples_per_s": train_samples / train_s if train_s > 0 else 0.0,
         "peak_memory_bytes": mem.peak_bytes,
         "peak_memory_kind": mem.kind,
@@ -426,14 +428,23 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         **energy.result,
     }
     if device.type == "cuda":  # the peak without the data set held on the GPU
-        record["costs"]["peak_memory_excl_dataset_bytes"] = max(
-            mem.peak_bytes - record["costs"]["dataset_device_bytes"], 0)
-    b = record["random_init_acc"]
-    record["metrics"] = {s: metrics.summary(record["acc"][s], b[s]) for s in settings}
-    record["status"] = "finished"
-    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    observer.on_end(record)
-    return record
+        costs["peak_memory_excl_dataset_bytes"] = max(mem.peak_bytes - costs["dataset_device_bytes"], 0)
+    record.costs = Costs(**costs)
+    b = record.random_init_acc
+    record.metrics = {s: SettingMetrics(**metrics.summary(record.acc[s], b[s])) for s in settings}
+    record.status = "finished"
+    record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out = record.to_dict()
+    observer.on_end(out)
+    return out
+
+
+def _notify(hook, record: RunRecord) -> RunRecord:
+    """Call an observer hook with the record's dict form; what the hook adds (suite, worker, MLflow
+    run id) becomes part of the record."""
+    d = record.to_dict()
+    hook(d)
+    return RunRecord.from_dict(d, "after an observer hook")
 
 
 def dataset_device_bytes(scenario: Scenario, device: torch.device) -> int:
@@ -454,16 +465,16 @@ def _data_sources(scenario: Scenario) -> list[Any]:
     return out
 
 
-def _record_passes(record: dict[str, Any]) -> int:
+def _record_passes(record: RunRecord) -> int:
     """Measured passes per task = samples drawn during the task / the task's training-set size (after
     the rank totals, so node methods count the samples of every node). Returns Σ_t |D_t|."""
-    sizes = {t["id"]: t["n_train"] for t in record["tasks"]}
-    for p in record["per_task"]:
-        p["passes"] = p["train_samples"] / max(sizes[p["task"]], 1)
-    return sum(sizes[p["task"]] for p in record["per_task"])
+    sizes = {t.id: t.n_train or 0 for t in record.tasks}
+    for p in record.per_task:
+        p.passes = (p.train_samples or 0) / max(sizes[p.task], 1)
+    return sum(sizes[p.task] for p in record.per_task)
 
 
-def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops: int) -> tuple[int, int]:
+def _combine_ranks(record: RunRecord, meter: StepFlopMeter, boundary_flops: int) -> tuple[int, int]:
     """Under torch.distributed (one process per node) make the costs system totals, like the
     in-process backend's: training samples and FLOPs are summed over ranks, times are the slowest
     rank's. Communication is already counted system-wide by the nodes API.
@@ -472,17 +483,17 @@ def _combine_ranks(record: dict[str, Any], meter: StepFlopMeter, boundary_flops:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 1, boundary_flops
-    per_task = record["per_task"]
+    per_task = record.per_task
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    sums = torch.tensor([meter.total, boundary_flops] + [p["train_samples"] for p in per_task],
+    sums = torch.tensor([meter.total, boundary_flops] + [p.train_samples for p in per_task],
                         dtype=torch.float64, device=dev)
-    slowest = torch.tensor([p["train_s"] for p in per_task], dtype=torch.float64, device=dev)
+    slowest = torch.tensor([p.train_s for p in per_task], dtype=torch.float64, device=dev)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     meter.total = float(sums[0])
     for p, n, t in zip(per_task, sums[2:].tolist(), slowest.tolist()):
-        p["train_samples"], p["train_s"] = int(n), t
-        p["samples_per_s"] = n / t if t > 0 else 0.0
+        p.train_samples, p.train_s = int(n), t
+        p.samples_per_s = n / t if t > 0 else 0.0
     return dist.get_world_size(), int(sums[1])
 
 

@@ -49,11 +49,13 @@ def write_report(args, experiment: str | None, out: str | None = None) -> None:
 
 
 def print_records(records: list[dict[str, Any]]) -> None:
-    """The final table of a run or suite per (scenario, setting, method): mean over seeds, the 95%
-    Student-t half-width of the final accuracy (blank for one seed), measured passes per task, the
-    run's own peak memory and the analytic footprint. Without pandas (minimal installs) one plain
-    line per run."""
+    """The final table of a run or suite per (scenario, setting, method): mean over seeds of every
+    console column of the registry (harness/engine/record.py), each written by its kind (0.816, 478 k,
+    127 GFLOP, 1.79 GiB, 6.31 s), and the 95% Student-t half-width of the final accuracy (blank for
+    one seed). Without pandas (minimal installs) one plain line per run."""
     import math
+
+    from harness.engine.record import RunRecord, columns
 
     try:
         import pandas as pd
@@ -61,52 +63,54 @@ def print_records(records: list[dict[str, Any]]) -> None:
         pd = None
 
     if pd is not None:
-        from reports.tables import passes_of, row_label, t_half_width
+        from reports.tables import row_label, t_half_width
     else:  # reports needs pandas and scipy; the plain lines need only the record
-
-        def passes_of(r):
-            p = r.get("costs", {}).get("passes_per_task")
-            return None if p is None else [p]
 
         def row_label(r):
             return r.get("label")
 
+    cols = columns("console")
     rows = []
     for r in records:
-        if r.get("status") != "finished":
-            rows.append({"scenario": r.get("scenario"), "setting": "-", "method": r.get("label"),
-                         "seed": r.get("seed"), "final_acc": float("nan"), "status": r.get("status")})
+        rec = RunRecord.from_dict(r, f"of run {r.get('key')}") if isinstance(r, dict) else r
+        if rec.status != "finished":
+            rows.append({"scenario": rec.scenario, "setting": "-", "method": rec.label, "seed": rec.seed,
+                         cols[0].name: float("nan"), "status": rec.status})
             continue
-        c = r["costs"]
-        passes = passes_of(r)
-        for s, m in r["metrics"].items():
-            rows.append({"scenario": r["scenario"], "setting": s, "method": row_label(r), "seed": r["seed"],
-                         "final_acc": m["final_avg_acc"], "avg_inc_acc": m["avg_inc_acc"],
-                         "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m.get("fwt", float("nan")),
-                         "passes/task": float("nan") if passes is None else sum(passes) / len(passes),
-                         "params": c["params_total"], "train_GFLOPs": c["train_flops_total"] / 1e9,
-                         "peak_MiB": c.get("peak_memory_bytes", float("nan")) / 2**20,
-                         "footprint_MiB": c.get("footprint_bytes", float("nan")) / 2**20,
-                         "train_s": c["train_time_s"], "status": "finished"})
+        for s in rec.metrics or {}:
+            row: dict[str, Any] = {"scenario": rec.scenario, "setting": s, "method": row_label(r), "seed": rec.seed}
+            for c in cols:
+                v = c.value(rec, s)
+                row[c.name] = float("nan") if v is None else v
+            rows.append(row | {"status": "finished"})
     if not rows:
         print("no runs")
         return
+    kind_of = {c.name: c for c in cols}
     if pd is None:  # minimal installs (the GPU machine): one plain line per row
         for row in rows:
-            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            print("  ".join(f"{kind_of[k].header}={kind_of[k].fmt(v)}" if k in kind_of else f"{k}={v}"
+                            for k, v in row.items()))
         return
     df = pd.DataFrame(rows)
-    num = [c for c in ("final_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "passes/task", "params", "train_GFLOPs",
-                       "peak_MiB", "footprint_MiB", "train_s") if c in df]
+    num = [c.name for c in cols if c.name in df]
     g = df.groupby(["scenario", "setting", "method"], sort=False)
-    table = g[num].mean()
-    table.insert(0, "seeds", g.size())
-    std = g["final_acc"].std(ddof=1)
-    table.insert(2, "±95%", [t_half_width(sd, int(n)) if n > 1 and not math.isnan(sd) else float("nan")
-                             for sd, n in zip(std, table["seeds"])])
-    with pd.option_context("display.max_rows", 500, "display.width", 220, "display.float_format", "{:.4f}".format):
+    means = g[num].mean()
+    table = pd.DataFrame(index=means.index)
+    table["seeds"] = g.size()
+    first = kind_of.get("final_avg_acc", cols[0])
+    std = g[first.name].std(ddof=1)
+    half = [t_half_width(sd, int(n)) if n > 1 and not math.isnan(sd) else float("nan")
+            for sd, n in zip(std, table["seeds"])]
+    for name in num:
+        table[name] = [kind_of[name].fmt(v) for v in means[name]]
+        if name == first.name:
+            table["±95%"] = ["" if math.isnan(h) else kind_of[name].fmt(h) for h in half]
+    table = table.replace("–", "").rename(columns={c.name: c.header for c in cols})
+    with pd.option_context("display.max_rows", 500, "display.width", 250):
         print(table.to_string(na_rep=""))
-    kinds = sorted({str(r.get("costs", {}).get("peak_memory_kind")) for r in records if r.get("status") == "finished"})
+    kinds = sorted({str((r.get("costs") or {}).get("peak_memory_kind")) for r in records
+                    if r.get("status") == "finished"})
     if kinds:
-        print(f"±95%: half-width of the 95% Student-t interval of final_acc over seeds (blank: one seed); "
+        print(f"±95%: half-width of the 95% Student-t interval of {first.header} over seeds (blank: one seed); "
               f"peak: the run's own ({', '.join(kinds)}); footprint: parameters + buffers + method state")

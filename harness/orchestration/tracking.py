@@ -128,7 +128,10 @@ class Store:
 
     def save_record(self, record: dict[str, Any]) -> None:
         """Write a run's record. A finished record is never replaced by an unfinished one or by the
-        record of another configuration."""
+        record of another configuration; a record that is not a RunRecord is never written."""
+        from harness.engine.record import RunRecord
+
+        RunRecord.from_dict(record, f"for {self.record_path(str(record.get('key')))}")
         old = self.load_record(record["key"])
         if old is not None and old.get("status") == "finished" and (
                 record.get("status") != "finished" or old.get("config_hash") != record.get("config_hash")):
