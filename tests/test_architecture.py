@@ -72,7 +72,7 @@ def test_contract_holds_on_the_unmodified_tree(tmp_path):
     ("methods.ft", "from harness.engine.runner import run", "Methods and scenarios",
      "methods.ft -> harness.engine.runner"),
     # reports importing the runner
-    ("reports.tables", "import harness.engine.runner", "Reports import no engine",
+    ("reports.tables", "import harness.engine.runner", "Reports read the run record only",
      "reports.tables -> harness.engine.runner"),
 ])
 def test_contract_fails_on_an_upward_import(tmp_path, module, line, contract, edge):
