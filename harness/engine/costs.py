@@ -103,6 +103,10 @@ def reset_peak_rss() -> bool:
     count. Returns False where the reset is unavailable.
     """
     gc.collect()
+    # Everything alive now (modules, caches, the data set) moves to the collector's permanent
+    # generation, so the next run's collection scans only what was made since: 0.5 s a run
+    # otherwise, once MLflow, pandas and torch are loaded.
+    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

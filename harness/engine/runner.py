@@ -191,7 +191,7 @@ def get_scenario(spec: RunSpec) -> Scenario:
 
     key = json.dumps([spec.scenario, spec.scenario_set, spec.seed, spec.data_root], sort_keys=True, default=str)
     if key not in _SCENARIO_CACHE:
-        if len(_SCENARIO_CACHE) > 4:
+        if len(_SCENARIO_CACHE) >= 16:  # scenarios share their data source: each holds index tensors
             _SCENARIO_CACHE.clear()
         _SCENARIO_CACHE[key] = build_scenario(spec.scenario, spec.scenario_set, spec.seed, spec.data_root)
     return _SCENARIO_CACHE[key]
