@@ -183,3 +183,33 @@ def test_empty_shards_are_refused_by_dimat_before_training_and_wa_runs():
         _run("dimat", partition="round_robin", n_nodes=6)
     rec = _run("wa", partition="round_robin", n_nodes=6)
     assert rec["status"] == "finished"
+
+
+def test_counted_measures_once_per_signature_and_adds_the_same_flops():
+    from harness.core.context import RunContext
+
+    ctx = RunContext.__new__(RunContext)  # only the meter is used
+    ctx.step_hook, ctx.extra_flops = None, 0
+
+    def mm(a, b):
+        return a @ b
+
+    a, b = torch.ones(3, 4), torch.ones(4, 5)
+    ctx.counted(mm, a, b)
+    assert ctx.extra_flops == 2 * 3 * 4 * 5  # a (3x4)(4x5) matmul: 2·m·k·n
+    ctx.counted(mm, a, b)  # same signature: reused, not re-measured
+    assert ctx.extra_flops == 2 * (2 * 3 * 4 * 5) and len(ctx._counted_flops) == 1
+    ctx.counted(mm, torch.ones(6, 4), b)  # another shape is measured
+    assert ctx.extra_flops == 2 * 60 * 2 + 2 * 6 * 4 * 5 and len(ctx._counted_flops) == 2
+
+
+@needs_fmnist
+def test_dimat_flops_are_the_same_when_every_merge_is_measured(monkeypatch):
+    from harness.core.context import RunContext
+
+    once = _run("dimat", rounds=2)
+    monkeypatch.setattr(RunContext, "COUNT_ONCE_PER_SIGNATURE", False)
+    every = _run("dimat", rounds=2)
+    assert once["costs"]["train_flops_total"] == every["costs"]["train_flops_total"] > 0
+    assert once["costs"]["train_flops_boundary"] == every["costs"]["train_flops_boundary"] > 0
+    assert once["acc"] == every["acc"]
