@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from harness.core.context import check_finite
 from harness.core.data import Task
 from harness.core.defaults import documented
 from harness.core.method import HParams, Method, register
@@ -41,7 +38,5 @@ class Joint(Method):
     def train_task(self, task: Task) -> None:
         self.model.train()
         seen = self.ctx.scenario.tasks[: task.id + 1]
-        loss_sum = torch.zeros((), device=self.ctx.device)
         for x, y in self.ctx.train_batches(seen):
-            loss_sum = loss_sum + self.training_step(x, y, task).detach()
-        check_finite(loss_sum, self.NAME, task.id)
+            self.training_step(x, y, task)

@@ -137,3 +137,32 @@ def test_counted_work_between_steps_adds_exact_flops_once():
     meter.finish_task()
     assert ctx.extra_flops == 2 * 5 * 8 * 3
     assert meter.total == 0  # the open step counter was closed first: no double count
+
+
+@needs_fmnist
+def test_a_custom_schedule_that_never_checks_its_losses_is_caught_by_the_runner():
+    """The runner checks every loss that went through ctx.backward after each train_task: a method
+    with its own loop and no check of its own still fails as diverged, at the task it diverged."""
+    from harness.core import Method, register
+    from harness.core.context import TrainingDiverged
+    from harness.core.method import METHODS
+
+    @register
+    class _NanAtTask1(Method):
+        NAME = "_test_nan_at_task1"
+
+        def train_task(self, task):
+            self.model.train()
+            for x, y in self.ctx.train_batches(task):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(self.model(x), y)
+                if task.id == 1:
+                    loss = loss * float("nan")
+                self.ctx.backward(loss, self.optimizer)
+                self.ctx.step(self.optimizer)
+
+    try:
+        with pytest.raises(TrainingDiverged, match="task 1"):
+            run(RunSpec("_test_nan_at_task1", "split-fmnist", 0, scenario_set=TINY))
+    finally:
+        METHODS.pop("_test_nan_at_task1", None)

@@ -51,6 +51,7 @@ class RunContext:
         self.step_hook: Callable[[int], None] | None = None  # set by the runner (FLOP meter)
         self.samples_seen = 0
         self.extra_flops = 0  # FLOPs of work outside training steps and task boundaries (see counted)
+        self.loss_sum: Tensor | None = None  # every loss through backward() this task (see check_losses)
         self.current_task: Task | None = None
         self.allow_test = True  # False during tuning: test splits must not be read
         self.amp_dtype = PRECISIONS.get(protocol.precision)
@@ -69,13 +70,24 @@ class RunContext:
 
     def backward(self, loss: Tensor, *optimizers: torch.optim.Optimizer) -> None:
         """``loss.backward()``; under fp16 the loss is scaled and the given optimizers' gradients are
-        unscaled right after, so that hooks between backward and step see true gradients."""
+        unscaled right after, so that hooks between backward and step see true gradients.
+        Every loss is also summed (without a device sync) for the runner's finite check after the
+        task (:meth:`check_losses`), so no method has to check its own losses."""
+        d = loss.detach().float()
+        self.loss_sum = d if self.loss_sum is None else self.loss_sum + d
         if self.scaler is None:
             loss.backward()
             return
         self.scaler.scale(loss).backward()
         for opt in optimizers:
             self.scaler.unscale_(opt)
+
+    def check_losses(self, method: str, task_id: int) -> None:
+        """Raise TrainingDiverged when a loss that went through :meth:`backward` during this task was
+        inf or NaN (one device sync per task); the runner calls it after every ``train_task``."""
+        total, self.loss_sum = self.loss_sum, None
+        if total is not None:
+            check_finite(total, method, task_id)
 
     def step(self, *optimizers: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` for each; under fp16 through the gradient scaler (a step with inf/NaN

@@ -348,6 +348,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             watch.start()
             f_before, _ = count_flops(method.before_task, task)
             method.train_task(task)
+            ctx.check_losses(method.NAME, task.id)  # every loss through ctx.backward, whatever the schedule
             meter.finish_task()
             f_after, _ = count_flops(method.after_task, task)
             train_s = watch.stop()
