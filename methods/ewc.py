@@ -78,6 +78,7 @@ class EWCParams(HParams):
 @register
 class EWC(Method):
     NAME = "ewc"
+    STATE = ("coef", "center", "offset", "n_consolidated")  # checkpointed by the base class
     HParams = EWCParams
     DESCRIPTION = "Elastic Weight Consolidation (separate or online), diagonal Fisher penalty"
 
@@ -167,16 +168,6 @@ class EWC(Method):
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.coef, self.center, self.offset)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"coef": self.coef, "center": self.center, "offset": self.offset, "n_consolidated": self.n_consolidated}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        dev = self.ctx.device
-        self.coef = {n: t.to(dev) for n, t in state.get("coef", {}).items()}
-        self.center = {n: t.to(dev) for n, t in state.get("center", {}).items()}
-        self.offset = state.get("offset", torch.zeros(())).to(dev)
-        self.n_consolidated = int(state.get("n_consolidated", 0))
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

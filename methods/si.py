@@ -61,6 +61,7 @@ class SIParams(HParams):
 @register
 class SI(Method):
     NAME = "si"
+    STATE = ("omega", "w", "anchor", "consolidated")  # checkpointed by the base class
     HParams = SIParams
     DESCRIPTION = "Synaptic Intelligence: path-integral importance, quadratic penalty"
 
@@ -75,7 +76,7 @@ class SI(Method):
         self.anchor = {n: p.detach().clone() for n, p in ps.items()}  # θ*, start of the task
         self._grad: dict[str, Tensor] = {}
         self._before: dict[str, Tensor] = {}
-        self._consolidated = False
+        self.consolidated = False
 
     def _params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -98,7 +99,7 @@ class SI(Method):
                 else:
                     self._grad[n] = p.grad.detach().clone()
                     self._before[n] = p.detach().clone()
-                if self._consolidated:
+                if self.consolidated:
                     p.grad.add_(self.omega[n] * (p - self.anchor[n]), alpha=2.0 * self.hp.c)
 
     def after_step(self, x: Tensor, y: Tensor, task: Task) -> None:
@@ -116,20 +117,10 @@ class SI(Method):
                     self.omega[n].clamp_(min=0.0)
                 self.w[n].zero_()
                 self.anchor[n] = p.detach().clone()
-        self._consolidated = True
+        self.consolidated = True
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.omega, self.w, self.anchor)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"omega": self.omega, "w": self.w, "anchor": self.anchor, "consolidated": self._consolidated}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        dev = self.ctx.device
-        for key in ("omega", "w", "anchor"):
-            if key in state:
-                setattr(self, key, {n: t.to(dev) for n, t in state[key].items()})
-        self._consolidated = bool(state.get("consolidated", False))
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def test_si_step_adds_penalty_gradient_but_path_uses_unregularised_gradient():
     params = dict(m.model.named_parameters())
     m.omega = {n: torch.rand_like(p) for n, p in params.items()}
     m.anchor = {n: p.detach() + 0.05 for n, p in params.items()}
-    m._consolidated = True
+    m.consolidated = True
     m.before_task(t1)
     x, y = next(t1.batches("train", 10))
     ref = copy.deepcopy(m.model)

@@ -42,6 +42,10 @@ class Method:
     # The training budget (METHODS.md §6): "epochs" = protocol.epochs passes over each task's training
     # data, whatever the schedule; "cumulative" = Joint's stated exception (the union of tasks 0..t).
     BUDGET: ClassVar[str] = "epochs"
+    # Method state a resumed run needs beyond the model (and the optimiser when it is kept across
+    # tasks): attribute names, checkpointed and restored by the base class. Values are tensors,
+    # containers of tensors and plain values (checkpoints load with weights_only=True).
+    STATE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hp: Any, ctx: RunContext) -> None:
         self.hp = hp
@@ -131,11 +135,16 @@ class Method:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def extra_state(self) -> dict[str, Any]:
-        """Method state beyond the model (teachers, importances, buffers) for checkpoints."""
-        return {}
+        """Method state beyond the model for checkpoints: the attributes named in ``STATE``.
+        Override it (calling super) only for state that is no such value (a module, a buffer with a
+        format of its own); tests/test_resume_all.py checks every method resumes exactly."""
+        return {name: getattr(self, name) for name in self.STATE}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore the ``STATE`` attributes a checkpoint holds, tensors moved to the run's device."""
+        for name in self.STATE:
+            if name in state:
+                setattr(self, name, _to_device(state[name], self.ctx.device))
 
     # ---- tuning --------------------------------------------------------------------------
     @classmethod
@@ -178,3 +187,14 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__} has no NAME")
     METHODS[cls.NAME] = cls
     return cls
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors in (nested dicts, lists and tuples of) a checkpointed value, moved to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
