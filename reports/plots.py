@@ -70,16 +70,42 @@ def _setting(board: Leaderboard) -> str:
     return SETTING_NAMES.get(board.setting, board.setting)
 
 
+def annotated_heatmap(ax: plt.Axes, m: np.ndarray, cmap: str = "viridis", vmin: float = 0.0, vmax: float = 1.0,
+                      annot: bool = True, fmt: str = ".2f", fontsize: float = 7) -> None:
+    """Cells of ``m`` coloured by value, row 0 on top, each value written in (seaborn.heatmap's look).
+
+    Plain ``imshow`` + ``text``: seaborn.heatmap draws the whole figure once per call (to check whether
+    tick labels overlap), which made a figure of many heatmaps quadratic in their number.
+    """
+    rows, cols = m.shape
+    colormap = plt.get_cmap(cmap)
+    norm = plt.Normalize(vmin, vmax)
+    ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, interpolation="nearest", aspect="equal")
+    ax.set_xticks(range(cols), [str(j + 1) for j in range(cols)])
+    ax.set_yticks(range(rows), [str(k + 1) for k in range(rows)], rotation="vertical", va="center")
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if not annot:
+        return
+    rgba = colormap(norm(m))
+    # Dark text on light cells, white on dark ones (relative luminance, the WCAG/sRGB formula).
+    lin = np.where(rgba[..., :3] <= 0.03928, rgba[..., :3] / 12.92, ((rgba[..., :3] + 0.055) / 1.055) ** 2.4)
+    lum = lin @ np.array([0.2126, 0.7152, 0.0722])
+    for k in range(rows):
+        for j in range(cols):
+            if np.isfinite(m[k, j]):
+                ax.text(j, k, format(m[k, j], fmt), ha="center", va="center", fontsize=fontsize,
+                        color=".15" if lum[k, j] > 0.408 else "w")
+
+
 @styled
 def accuracy_heatmaps(board: Leaderboard) -> bytes:
     """R[k][j] (mean over seeds) per method: rows = after training task k, columns = task j."""
     mats = mean_matrices(board)
     fig, axes = _grid(len(mats), size=(3.4, 3.0))
     for ax, (label, m) in zip(axes, mats.items()):
-        T = m.shape[0]
-        sns.heatmap(m, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", annot=T <= 6, fmt=".2f", cbar=False,
-                    square=True, annot_kws={"fontsize": 7},
-                    xticklabels=[str(j + 1) for j in range(T)], yticklabels=[str(k + 1) for k in range(T)])
+        annotated_heatmap(ax, m, annot=m.shape[0] <= 6)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("evaluated on task j")
         ax.set_ylabel("after training task k" if ax.get_subplotspec().is_first_col() else "")
