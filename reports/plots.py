@@ -38,9 +38,15 @@ def styled(fn: Callable[..., bytes | None]) -> Callable[..., bytes | None]:
 
 
 def to_png(fig: plt.Figure) -> bytes:
-    """Encode and close a figure."""
+    """Encode and close a figure, cropped to its artists plus a margin (as ``bbox_inches="tight"``).
+
+    The crop box is computed here from the laid-out figure: ``savefig(bbox_inches="tight")`` would first
+    draw the whole figure once more just to find it.
+    """
+    fig.set_dpi(DPI)
+    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches=bbox)
     plt.close(fig)
     return buf.getvalue()
 
