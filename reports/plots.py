@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.image import AxesImage
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from reports.tables import SETTING_NAMES, Leaderboard, Record, group_rows
@@ -76,24 +77,33 @@ def _setting(board: Leaderboard) -> str:
     return SETTING_NAMES.get(board.setting, board.setting)
 
 
-def annotated_heatmap(ax: plt.Axes, m: np.ndarray, cmap: str = "viridis", vmin: float = 0.0, vmax: float = 1.0,
-                      annot: bool = True, fmt: str = ".2f", fontsize: float = 7) -> None:
+def annotated_heatmap(ax: plt.Axes, m: np.ndarray, cmap: str = "viridis", vmin: float | None = None,
+                      vmax: float | None = None, annot: bool = True, fmt: str = ".2f", fontsize: float = 7,
+                      xticklabels: Sequence[str] | None = None, yticklabels: Sequence[str] | None = None,
+                      square: bool = True) -> AxesImage:
     """Cells of ``m`` coloured by value, row 0 on top, each value written in (seaborn.heatmap's look).
 
     Plain ``imshow`` + ``text``: seaborn.heatmap draws the whole figure once per call (to check whether
-    tick labels overlap), which made a figure of many heatmaps quadratic in their number.
+    tick labels overlap), which made a figure of many heatmaps quadratic in their number. Tick labels
+    default to 1..n; the colour scale to the data's range.
     """
     rows, cols = m.shape
     colormap = plt.get_cmap(cmap)
-    norm = plt.Normalize(vmin, vmax)
-    ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, interpolation="nearest", aspect="equal")
-    ax.set_xticks(range(cols), [str(j + 1) for j in range(cols)])
-    ax.set_yticks(range(rows), [str(k + 1) for k in range(rows)], rotation="vertical", va="center")
+    finite = m[np.isfinite(m)]
+    norm = plt.Normalize(vmin if vmin is not None else (finite.min() if finite.size else 0.0),
+                         vmax if vmax is not None else (finite.max() if finite.size else 1.0))
+    image = ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, interpolation="nearest",
+                      aspect="equal" if square else "auto")
+    ax.set_xticks(range(cols), xticklabels if xticklabels is not None else [str(j + 1) for j in range(cols)])
+    # Short labels stand vertical (seaborn's default); longer ones horizontal so that they do not overlap.
+    ylabels = list(yticklabels) if yticklabels is not None else [str(k + 1) for k in range(rows)]
+    ax.set_yticks(range(rows), ylabels, va="center",
+                  rotation="vertical" if max(map(len, ylabels), default=0) <= 2 else "horizontal")
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
     if not annot:
-        return
+        return image
     rgba = colormap(norm(m))
     # Dark text on light cells, white on dark ones (relative luminance, the WCAG/sRGB formula).
     lin = np.where(rgba[..., :3] <= 0.03928, rgba[..., :3] / 12.92, ((rgba[..., :3] + 0.055) / 1.055) ** 2.4)
@@ -101,8 +111,10 @@ def annotated_heatmap(ax: plt.Axes, m: np.ndarray, cmap: str = "viridis", vmin: 
     for k in range(rows):
         for j in range(cols):
             if np.isfinite(m[k, j]):
+                # Inside its cell, so left out of the crop-box and layout computations.
                 ax.text(j, k, format(m[k, j], fmt), ha="center", va="center", fontsize=fontsize,
-                        color=".15" if lum[k, j] > 0.408 else "w")
+                        color=".15" if lum[k, j] > 0.408 else "w", in_layout=False)
+    return image
 
 
 @styled
@@ -111,7 +123,7 @@ def accuracy_heatmaps(board: Leaderboard) -> bytes:
     mats = mean_matrices(board)
     fig, axes = _grid(len(mats), size=(3.4, 3.0))
     for ax, (label, m) in zip(axes, mats.items()):
-        annotated_heatmap(ax, m, annot=m.shape[0] <= 6)
+        annotated_heatmap(ax, m, vmin=0.0, vmax=1.0, annot=m.shape[0] <= 6)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("evaluated on task j")
         ax.set_ylabel("after training task k" if ax.get_subplotspec().is_first_col() else "")
@@ -269,10 +281,11 @@ def dmkd_specialization(art: dict[str, Any], title: str) -> bytes:
     ax = axes[1]
     if routing:
         m = np.asarray(routing, dtype=float)
-        sns.heatmap(m, ax=ax, cmap="rocket_r", annot=m.size <= 120, fmt=".2f", annot_kws={"fontsize": 7},
-                    yticklabels=names if len(names) == m.shape[0] else True,
-                    xticklabels=[str(i) for i in range(m.shape[1])],
-                    cbar_kws={"label": str(art.get("routing_matrix_kind") or "routing weight")})
+        classes = names if len(names) == m.shape[0] else [str(i) for i in range(m.shape[0])]
+        image = annotated_heatmap(ax, m, cmap="rocket_r", annot=m.size <= 120, square=False,
+                                  yticklabels=classes, xticklabels=[str(i) for i in range(m.shape[1])])
+        cbar = fig.colorbar(image, ax=ax, label=str(art.get("routing_matrix_kind") or "routing weight"))
+        cbar.outline.set_linewidth(0)
         ax.set_xlabel("expert")
         ax.set_ylabel("class")
         ax.set_title("Class x expert routing", fontsize=10)
