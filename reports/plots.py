@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.image import AxesImage
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from reports.tables import SETTING_NAMES, Leaderboard, Record, group_rows
@@ -38,9 +39,15 @@ def styled(fn: Callable[..., bytes | None]) -> Callable[..., bytes | None]:
 
 
 def to_png(fig: plt.Figure) -> bytes:
-    """Encode and close a figure."""
+    """Encode and close a figure, cropped to its artists plus a margin (as ``bbox_inches="tight"``).
+
+    The crop box is computed here from the laid-out figure: ``savefig(bbox_inches="tight")`` would first
+    draw the whole figure once more just to find it.
+    """
+    fig.set_dpi(DPI)
+    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches=bbox)
     plt.close(fig)
     return buf.getvalue()
 
@@ -70,16 +77,53 @@ def _setting(board: Leaderboard) -> str:
     return SETTING_NAMES.get(board.setting, board.setting)
 
 
+def annotated_heatmap(ax: plt.Axes, m: np.ndarray, cmap: str = "viridis", vmin: float | None = None,
+                      vmax: float | None = None, annot: bool = True, fmt: str = ".2f", fontsize: float = 7,
+                      xticklabels: Sequence[str] | None = None, yticklabels: Sequence[str] | None = None,
+                      square: bool = True) -> AxesImage:
+    """Cells of ``m`` coloured by value, row 0 on top, each value written in (seaborn.heatmap's look).
+
+    Plain ``imshow`` + ``text``: seaborn.heatmap draws the whole figure once per call (to check whether
+    tick labels overlap), which made a figure of many heatmaps quadratic in their number. Tick labels
+    default to 1..n; the colour scale to the data's range.
+    """
+    rows, cols = m.shape
+    colormap = plt.get_cmap(cmap)
+    finite = m[np.isfinite(m)]
+    norm = plt.Normalize(vmin if vmin is not None else (finite.min() if finite.size else 0.0),
+                         vmax if vmax is not None else (finite.max() if finite.size else 1.0))
+    image = ax.imshow(np.ma.masked_invalid(m), cmap=colormap, norm=norm, interpolation="nearest",
+                      aspect="equal" if square else "auto")
+    ax.set_xticks(range(cols), xticklabels if xticklabels is not None else [str(j + 1) for j in range(cols)])
+    # Short labels stand vertical (seaborn's default); longer ones horizontal so that they do not overlap.
+    ylabels = list(yticklabels) if yticklabels is not None else [str(k + 1) for k in range(rows)]
+    ax.set_yticks(range(rows), ylabels, va="center",
+                  rotation="vertical" if max(map(len, ylabels), default=0) <= 2 else "horizontal")
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if not annot:
+        return image
+    rgba = colormap(norm(m))
+    # Dark text on light cells, white on dark ones (relative luminance, the WCAG/sRGB formula).
+    lin = np.where(rgba[..., :3] <= 0.03928, rgba[..., :3] / 12.92, ((rgba[..., :3] + 0.055) / 1.055) ** 2.4)
+    lum = lin @ np.array([0.2126, 0.7152, 0.0722])
+    for k in range(rows):
+        for j in range(cols):
+            if np.isfinite(m[k, j]):
+                # Inside its cell, so left out of the crop-box and layout computations.
+                ax.text(j, k, format(m[k, j], fmt), ha="center", va="center", fontsize=fontsize,
+                        color=".15" if lum[k, j] > 0.408 else "w", in_layout=False)
+    return image
+
+
 @styled
 def accuracy_heatmaps(board: Leaderboard) -> bytes:
     """R[k][j] (mean over seeds) per method: rows = after training task k, columns = task j."""
     mats = mean_matrices(board)
     fig, axes = _grid(len(mats), size=(3.4, 3.0))
     for ax, (label, m) in zip(axes, mats.items()):
-        T = m.shape[0]
-        sns.heatmap(m, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", annot=T <= 6, fmt=".2f", cbar=False,
-                    square=True, annot_kws={"fontsize": 7},
-                    xticklabels=[str(j + 1) for j in range(T)], yticklabels=[str(k + 1) for k in range(T)])
+        annotated_heatmap(ax, m, vmin=0.0, vmax=1.0, annot=m.shape[0] <= 6)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("evaluated on task j")
         ax.set_ylabel("after training task k" if ax.get_subplotspec().is_first_col() else "")
@@ -237,10 +281,11 @@ def dmkd_specialization(art: dict[str, Any], title: str) -> bytes:
     ax = axes[1]
     if routing:
         m = np.asarray(routing, dtype=float)
-        sns.heatmap(m, ax=ax, cmap="rocket_r", annot=m.size <= 120, fmt=".2f", annot_kws={"fontsize": 7},
-                    yticklabels=names if len(names) == m.shape[0] else True,
-                    xticklabels=[str(i) for i in range(m.shape[1])],
-                    cbar_kws={"label": str(art.get("routing_matrix_kind") or "routing weight")})
+        classes = names if len(names) == m.shape[0] else [str(i) for i in range(m.shape[0])]
+        image = annotated_heatmap(ax, m, cmap="rocket_r", annot=m.size <= 120, square=False,
+                                  yticklabels=classes, xticklabels=[str(i) for i in range(m.shape[1])])
+        cbar = fig.colorbar(image, ax=ax, label=str(art.get("routing_matrix_kind") or "routing weight"))
+        cbar.outline.set_linewidth(0)
         ax.set_xlabel("expert")
         ax.set_ylabel("class")
         ax.set_title("Class x expert routing", fontsize=10)
