@@ -35,7 +35,8 @@ from harness.engine import runner
 from harness.engine.runner import RunSpec, resolve_method, run
 
 # The quick suite's scenarios (configs/quick.yaml) and methods, labels as there.
-SCENARIOS: list[tuple[str, dict[str, Any]]] = [("split-fmnist", {}), ("permuted-fmnist", {"n_tasks": 5})]
+SCENARIOS: list[tuple[str, dict[str, Any]]] = [
+    ("split-fmnist", {}), ("permuted-fmnist", {"n_tasks": 5, "max_train_per_task": 12000, "max_test_per_task": 2000})]
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("ft", "ft", {}), ("joint", "joint", {}), ("ewc", "ewc", {}), ("lwf", "lwf", {}), ("si", "si", {}),
     ("er-500", "er", {"buffer_size": 500}), ("moe", "moe", {}), ("m2mkd", "m2mkd", {}), ("dmkd", "dmkd", {}),
@@ -73,7 +74,7 @@ def measure(label: str, method: str, mset: dict[str, Any], scenario: str, sset: 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-train", type=int, default=0, help="cap per task (0 = full data, as the quick suite)")
+    ap.add_argument("--max-train", type=int, default=0, help="cap per task (0 = the quick suite's: all of split, 12000 per permuted task)")
     ap.add_argument("--max-test", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="", help="comma-separated labels (default: all); ft always runs")
@@ -95,7 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     for scenario, base in SCENARIOS:
         if scen is not None and scenario not in scen:
             continue
-        sset = dict(base, max_train_per_task=args.max_train, max_test_per_task=args.max_test)
+        sset = dict(base)  # the quick suite's options; --max-train/--max-test replace its caps
+        if args.max_train:
+            sset["max_train_per_task"] = args.max_train
+        if args.max_test:
+            sset["max_test_per_task"] = args.max_test
         print(f"\n{scenario} {base or ''}")
         print(f"{'method':<11}{'samples/s':>10}{'vs FT':>7}{'passes':>8}{'train s':>9}{'eval s':>8}{'run s':>8}")
         ft: dict[str, Any] | None = None
