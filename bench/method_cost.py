@@ -58,6 +58,27 @@ class ThreadCpuStopwatch:
         return time.thread_time() - self.t0
 
 
+TUNED = Path(__file__).resolve().parent.parent / "configs" / "tuned" / "quick"
+
+
+def tuned(label: str, scenario: str, proto: Protocol) -> tuple[dict[str, Any], Protocol]:
+    """The row's tuned settings (configs/tuned/quick/<scenario>.yaml, what the quick suite runs):
+    method keys, and the protocol with its tuned fields; ({}, proto) when there is no entry."""
+    import dataclasses
+
+    import yaml
+
+    path = TUNED / f"{scenario}.yaml"
+    if not path.exists():
+        return {}, proto
+    entry = (yaml.safe_load(path.read_text()).get("entries") or {}).get(label)
+    if not entry:
+        return {}, proto
+    params = dict(entry["params"])
+    prot = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("protocol.")}
+    return {k: v for k, v in params.items() if not k.startswith("protocol.")}, dataclasses.replace(proto, **prot)
+
+
 def measure(label: str, method: str, mset: dict[str, Any], scenario: str, sset: dict[str, Any], seed: int,
             proto: Protocol) -> dict[str, Any]:
     clock = time.thread_time if runner.Stopwatch is ThreadCpuStopwatch else time.perf_counter
@@ -81,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scenarios", default="", help="comma-separated scenario names (default: both)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time (default) or wall")
     ap.add_argument("--json", default="", help="write every run's numbers and accuracies here")
+    ap.add_argument("--defaults", action="store_true",
+                    help="documented defaults instead of the quick suite's tuned settings (configs/tuned/quick)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.clock == "cpu":
@@ -91,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         resolve_method(m)  # fail early on an unknown method
     proto = Protocol(epochs=1, batch_size=128, lr=0.01, momentum=0.9, optimizer="sgd")
     print(f"threads: torch={torch.get_num_threads()} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
-          f"clock={args.clock} max_train={args.max_train or 'all'} max_test={args.max_test or 'all'} seed={args.seed}")
+          f"clock={args.clock} max_train={args.max_train or 'as quick'} max_test={args.max_test or 'as quick'} "
+          f"seed={args.seed} settings={'defaults' if args.defaults else 'tuned (configs/tuned/quick)'}")
     rows: list[dict[str, Any]] = []
     for scenario, base in SCENARIOS:
         if scen is not None and scenario not in scen:
@@ -108,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, method, mset in METHODS:
             if chosen is not None and label not in chosen:
                 continue
-            r = measure(label, method, mset, scenario, sset, args.seed, proto)
+            m_tuned, p_row = ({}, proto) if args.defaults else tuned(label, scenario, proto)
+            r = measure(label, method, {**m_tuned, **mset}, scenario, sset, args.seed, p_row)
             ft = r if label == "ft" else ft
             assert ft is not None
             r["vs_ft"] = r["samples_per_s"] / ft["samples_per_s"]

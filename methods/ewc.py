@@ -19,6 +19,11 @@ value where A = 0) and K = Σ_t F_t (θ*_t − m)². They are folded in once per
 quadratic whatever the number of past tasks, the state is two parameter-sized maps, and the loss
 value and gradient λ A (θ − m) = λ Σ_t F_t (θ − θ*_t) equal the per-task sum up to float rounding
 (exactly after the first task). Online mode is the same quadratic with A ← γA + F_t, m ← θ*_t, K = 0.
+
+Cost against FT (bench/method_cost.py, full Split Fashion-MNIST, one thread): about 3× FT's training
+time, above the 2× of issue 14 because the algorithm needs it: FACIL's default Fisher (fisher_samples=0)
+is one more forward and backward pass over every training sample of the task (2×), run at the task
+boundary where the FLOP counter meters every operation (the rest). ``fisher_samples`` caps that pass.
 """
 
 from __future__ import annotations

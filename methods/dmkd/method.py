@@ -19,7 +19,7 @@ comes in closed form for Linear layers (one forward/backward instead of a per-sa
 is exact up to float rounding; nothing is approximated. Measured on Split Fashion-MNIST (one thread):
 the training loop costs about 1.6x FT's per sample; the boundary work its algorithm needs (autoencoder
 calibration, Fisher and salient sets, the specialization statistics on validation data) brings the
-training time to about 2.3x FT's.
+training time to about 2.3x FT's (2.6x with the quick suite's tuned 4 experts on Permuted).
 """
 
 from __future__ import annotations
