@@ -214,7 +214,9 @@ def test_a_waiting_worker_reports_and_takes_over_a_silent_cell(tmp_path, capsys,
 
 @needs_fmnist
 def test_sigint_hands_the_cell_back_and_the_resumed_suite_closes_every_mlflow_run(tmp_path):
-    suite, res = _suite(tmp_path, SUITE.replace("[0, 1, 2]", "[0]")), tmp_path / "res"
+    # 20 epochs a task, so that a task lasts seconds: the signal lands inside a run, not after the suite.
+    suite = _suite(tmp_path, SUITE.replace("[0, 1, 2]", "[0]").replace("epochs: 1,", "epochs: 20,"))
+    res = tmp_path / "res"
     w = _worker(suite, res, None)
     deadline = time.time() + 300
     while not list((res / "tiny" / "checkpoints").glob("*.pt")) and w.poll() is None and time.time() < deadline:

@@ -312,7 +312,7 @@ def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp
 
 
 def test_tune_suite_study_name_carries_every_shared_setting():
-    from harness.tune import _study_name
+    from harness.orchestration.tune import _study_name
 
     base = {"method": "ft", "scenario_set": {"n_tasks": 5}, "protocol": {"epochs": 1}, "fixed": {}, "seeds": [0],
             "pruner": "median"}
