@@ -46,8 +46,20 @@ def _env(**extra):
 def _worker(suite, res, storage, *more, env=None):
     args = [sys.executable, "-m", "harness.cli", "suite", str(suite), "--results", str(res), "--no-report",
             "--heartbeat", "1", "--grace", "3", *(["--storage", storage] if storage else []), *more]
-    return subprocess.Popen(args, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # Ignored and blocked signals are inherited through exec: a test process whose SIGINT was ignored
+    # (started with `cmd &`) or blocked (by an earlier test) would start workers that never see
+    # Ctrl-C. The worker is started with SIGINT unblocked and handled, then the test's state restored.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    handler = signal.getsignal(signal.SIGINT)
+    if handler == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # becomes the default at exec
+    try:
+        return subprocess.Popen(args, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    finally:
+        if handler == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _records(res, experiment="tiny"):
