@@ -1,16 +1,237 @@
-"""Configuration helpers: hyperparameter dataclasses from CLI/YAML values, validation helpers, and
-the split of ``protocol.<field>`` entries from method options."""
+"""Configuration: every option is a dataclass field declared once, validated by pydantic.
+
+A field is declared with :func:`documented`: its default, what it means, where the value comes from,
+and what it accepts (``ge``/``gt``/``le``/``lt`` bounds, ``choices``), plus, where the method is
+tuned, its Optuna search range (``search``). That one declaration feeds everything:
+
+- ``--set``, YAML (suites, ablations, tuned files) and the Python API: :func:`hparams_from` validates
+  values with a pydantic model derived from the fields (:func:`schema`): the field's type, bounds and
+  choices, finite floats, no unknown keys. A failure is one ``UserError`` line (exit status 2).
+- ``dmkd list --method NAME`` / ``--scenario NAME`` / ``--protocol`` and docs/defaults.md
+  (:mod:`harness.cli.defaults`) print the same metadata; a test keeps the file equal to it.
+- MLflow params and run records carry the field names and values (``dataclasses.asdict``).
+- :meth:`harness.core.method.Method.search_space` suggests every field that has a ``search`` range.
+
+Rules between fields (``top_k <= n_experts``) stay in the dataclass's ``validate()``, which
+:func:`hparams_from` calls after pydantic has checked every field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import types
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from harness.core.errors import UserError
 
+BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
+
+# ---------------------------------------------------------------------------------------------
+# Declaring a field
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """The Optuna search range of a tuned field (``documented(..., search=Search.log(1, 1e6))``)."""
+
+    kind: str  # float | log | int | categorical
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    @classmethod
+    def log(cls, low: float, high: float) -> Search:
+        return cls("log", low, high)
+
+    @classmethod
+    def uniform(cls, low: float, high: float) -> Search:
+        return cls("float", low, high)
+
+    @classmethod
+    def integers(cls, low: int, high: int) -> Search:
+        return cls("int", low, high)
+
+    @classmethod
+    def categorical(cls, *choices: Any) -> Search:
+        return cls("categorical", choices=tuple(choices))
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high))
+        return trial.suggest_float(name, self.low, self.high, log=self.kind == "log")
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return "{" + ", ".join(map(repr, self.choices)) + "}"
+        scale = {"log": "log-uniform", "float": "uniform", "int": "integers"}[self.kind]
+        return f"{scale} [{self.low:g}, {self.high:g}]"
+
+
+def documented(
+    default: Any, meaning: str, source: str, *, ge: float | None = None, gt: float | None = None,
+    le: float | None = None, lt: float | None = None, choices: Sequence[Any] | None = None,
+    search: Search | None = None, role: str | None = None,
+) -> Any:
+    """A dataclass field with its default, meaning, source (paper/code and the setting it was chosen
+    for, or "ours" with the reason), the values it accepts and, where tuned, its search range.
+    ``role`` names what the harness reads the field as (``"buffer_size"``: the report's buffer column)."""
+    metadata: dict[str, Any] = {"meaning": meaning, "source": source}
+    for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+        if value is not None:
+            metadata[key] = value
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if search is not None:
+        metadata["search"] = search
+    if role is not None:
+        metadata["role"] = role
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def accepts(f: dataclasses.Field) -> str:
+    """What a field accepts, in words, from its metadata ('' when only its type constrains it)."""
+    md = f.metadata
+    if md.get("choices"):
+        return " | ".join(map(str, md["choices"]))
+    parts = [f"{op} {md[k]:g}" for k, op in BOUNDS.items() if md.get(k) is not None]
+    return ", ".join(parts)
+
+
+def fields_with(cls: type, key: str) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` whose metadata has ``key`` (in declaration order)."""
+    return [f for f in dataclasses.fields(cls) if key in f.metadata]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (pydantic)
+# ---------------------------------------------------------------------------------------------
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True,
+                     protected_namespaces=(), arbitrary_types_allowed=True)
+_NONE_WORDS = ("none", "None", "null", "")
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic's lax mode would read True as 1
+        raise PydanticCustomError("bool_as_number", "a boolean is not a number")
+    return value
+
+
+def _none_word(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip() in _NONE_WORDS else value
+
+
+def _annotation(typ: Any, f: dataclasses.Field) -> Any:
+    """The pydantic annotation of one field: its type, choices as a Literal, bounds as Field(...)."""
+    args = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else ()
+    optional = type(None) in args
+    base = [a for a in args if a is not type(None)] if args else [typ]
+    md = f.metadata
+    if md.get("choices"):
+        inner: Any = Literal[tuple(md["choices"])]
+    elif len(base) == 1:
+        inner = base[0]
+    else:
+        inner = typing.Union[tuple(base)]  # noqa: UP007 (built from a runtime tuple)
+    if inner in (int, float):
+        inner = Annotated[inner, BeforeValidator(_no_bool)]
+    bounds = {k: md[k] for k in BOUNDS if md.get(k) is not None}
+    if bounds:
+        inner = Annotated[inner, Field(**bounds)]
+    if optional:
+        return Annotated[inner | None, BeforeValidator(_none_word)]
+    return inner
+
+
+@functools.cache
+def schema(cls: type) -> type[pydantic.BaseModel]:
+    """The pydantic model of a configuration dataclass, derived from its fields (cached)."""
+    hints = typing.get_type_hints(cls)
+    defs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = Field(default=f.default, description=f.metadata.get("meaning"))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory, description=f.metadata.get("meaning"))
+        else:
+            default = Field(description=f.metadata.get("meaning"))
+        defs[f.name] = (_annotation(hints[f.name], f), default)
+    return pydantic.create_model(f"{cls.__name__}Schema", __config__=_CONFIG, __doc__=cls.__doc__, **defs)
+
+
+def hparams_from(cls: type, overrides: dict[str, Any]) -> Any:
+    """An instance of configuration dataclass ``cls`` from CLI/YAML values: pydantic converts each
+    value to its field's type and checks its bounds and choices, then ``validate()`` checks the rules
+    between fields. Every problem is one UserError."""
+    model = schema(cls)
+    try:
+        checked = model.model_validate(dict(overrides))
+    except pydantic.ValidationError as e:
+        raise _user_error(cls, e) from None
+    hp = cls(**{k: getattr(checked, k) for k in overrides})
+    validate = getattr(hp, "validate", None)
+    if callable(validate):
+        validate()
+    return hp
+
+
+def check(obj: Any) -> None:
+    """Validate every field of an already built configuration (defaults and replaced values too)."""
+    hparams_from(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+
+
+def _type_name(cls: type, key: str) -> str:
+    typ = typing.get_type_hints(cls).get(key)
+    name = getattr(typ, "__name__", None) if not isinstance(typ, types.UnionType) else None
+    return name or str(typ).replace("typing.", "")
+
+
+def _user_error(cls: type, e: pydantic.ValidationError) -> UserError:
+    """The first pydantic error as the harness's one line: the problem and how to fix it."""
+    err = e.errors(include_url=False)[0]
+    key = str(err["loc"][0]) if err["loc"] else ""
+    value = err.get("input")
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    if kind == "extra_forbidden":
+        return UserError(f"unknown option {key!r} for {cls.__qualname__}", f"valid options: {', '.join(sorted(names))}")
+    f = next(x for x in dataclasses.fields(cls) if x.name == key)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if kind == "finite_number":
+        return UserError(f"option {key}={value!r} is not a finite number", f"give {key} a finite value")
+    for bound, op in BOUNDS.items():
+        if kind == {"ge": "greater_than_equal", "gt": "greater_than", "le": "less_than_equal", "lt": "less_than"}[bound]:
+            limit = ctx.get(bound)
+            return UserError(f"{key} must be {op} {limit:g}, got {value!r}",
+                             f"set {key} {op} {limit:g}, e.g. the default {key}={default!r}")
+    if kind == "literal_error":
+        allowed = f.metadata["choices"]
+        return UserError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}",
+                         f"set {key} to one of {list(allowed)}")
+    tname = _type_name(cls, key)
+    if kind.endswith(("_parsing", "_type", "_from_float", "bool_as_number")) or kind == "union_tag_invalid":
+        return UserError(f"option {key}={value!r} is not a valid {tname}", f"give {key} {_article(tname)} {tname} value")
+    return UserError(f"option {key}={value!r}: {err['msg']}", f"give {key} a valid {tname} value")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
 def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Separate ``protocol.<field>`` entries from method hyperparameters."""
     method = {k: v for k, v in params.items() if not k.startswith("protocol.")}
@@ -18,68 +239,8 @@ def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return method, protocol
 
 
-def hparams_from(cls: type, overrides: dict[str, Any]) -> Any:
-    """Build a hyperparameter dataclass, converting string overrides to the field types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise UserError(
-                f"unknown option {key!r} for {cls.__qualname__}",
-                f"valid options: {', '.join(sorted(fields))}",
-            )
-        kwargs[key] = coerce(value, fields[key].type, key)
-    hp = cls(**kwargs)
-    validate = getattr(hp, "validate", None)
-    if callable(validate):
-        validate()
-    return hp
-
-
-def coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a CLI/YAML value to a dataclass field's declared type, with a clear error."""
-    tname = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    tname = tname.replace(" ", "")
-    try:
-        if tname in ("int",):
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tname in ("float",):
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise UserError(f"option {key}={value!r} is not a finite number", f"give {key} a finite value")
-            return out
-        if tname in ("bool",):
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tname in ("str",):
-            return str(value)
-        if tname.startswith(("str|None", "None|str")) or tname == "Optional[str]":
-            return None if value in (None, "none", "None", "") else str(value)
-        if tname.startswith("float|None"):
-            if value in (None, "none", "None", ""):
-                return None
-            return coerce(value, "float", key)
-        if tname.startswith("int|None"):
-            return None if value in (None, "none", "None", "") else int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"option {key}={value!r} is not a valid {tname}", f"give {key} a {tname} value") from None
-    return value
-
-
 def require(cond: bool, problem: str, fix: str) -> None:
-    """Validation helper for hyperparameter dataclasses."""
+    """A rule between fields, in a configuration dataclass's ``validate()``."""
     if not cond:
         raise UserError(problem, fix)
 
