@@ -45,22 +45,25 @@ class Search:
     low: float | None = None
     high: float | None = None
     choices: tuple[Any, ...] = ()
+    # Position of this suggestion within a trial (ties: declaration order). The sampler's random
+    # stream depends on the order of suggestions, so a method keeps the order its studies ran with.
+    order: int = 0
 
     @classmethod
-    def log(cls, low: float, high: float) -> Search:
-        return cls("log", low, high)
+    def log(cls, low: float, high: float, order: int = 0) -> Search:
+        return cls("log", low, high, order=order)
 
     @classmethod
-    def uniform(cls, low: float, high: float) -> Search:
-        return cls("float", low, high)
+    def uniform(cls, low: float, high: float, order: int = 0) -> Search:
+        return cls("float", low, high, order=order)
 
     @classmethod
-    def integers(cls, low: int, high: int) -> Search:
-        return cls("int", low, high)
+    def integers(cls, low: int, high: int, order: int = 0) -> Search:
+        return cls("int", low, high, order=order)
 
     @classmethod
-    def categorical(cls, *choices: Any) -> Search:
-        return cls("categorical", choices=tuple(choices))
+    def categorical(cls, *choices: Any, order: int = 0) -> Search:
+        return cls("categorical", choices=tuple(choices), order=order)
 
     def suggest(self, trial: Any, name: str) -> Any:
         if self.kind == "categorical":
@@ -109,6 +112,12 @@ def accepts(f: dataclasses.Field) -> str:
 def fields_with(cls: type, key: str) -> list[dataclasses.Field]:
     """The fields of dataclass ``cls`` whose metadata has ``key`` (in declaration order)."""
     return [f for f in dataclasses.fields(cls) if key in f.metadata]
+
+
+def suggest_fields(cls: type, trial: Any) -> dict[str, Any]:
+    """One Optuna suggestion per field of ``cls`` with a ``search`` range, in their ``order``."""
+    tuned = sorted(fields_with(cls, "search"), key=lambda f: f.metadata["search"].order)
+    return {f.name: f.metadata["search"].suggest(trial, f.name) for f in tuned}
 
 
 # ---------------------------------------------------------------------------------------------

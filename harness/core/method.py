@@ -149,13 +149,13 @@ class Method:
     # ---- tuning --------------------------------------------------------------------------
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        """Hyperparameters suggested by an Optuna trial (ranges from the literature).
+        """Hyperparameters suggested by an Optuna trial: the learning rate, tuned for every method
+        so that budgets are equal (``protocol.<field>`` keys override the protocol), then every
+        hyperparameter declared with a search range (``documented(..., search=Search.log(1, 1e6))``,
+        beside its default and source). A method with a conditional space may override this."""
+        from harness.core.config import suggest_fields
 
-        Keys are the method's hyperparameter names; ``protocol.<field>`` keys override the
-        protocol (the learning rate, tuned for every method so that budgets are equal).
-        Subclasses add their own keys to ``super().search_space(trial)``.
-        """
-        return {"protocol.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True)}
+        return {"protocol.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True), **suggest_fields(cls.HParams, trial)}
 
 
 def tensor_bytes(*tensors_or_dicts: Any) -> int:
