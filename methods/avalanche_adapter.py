@@ -36,8 +36,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from harness.core.config import choice, require
 from harness.core.data import Task
+from harness.core.defaults import documented
 from harness.core.errors import UserError
 from harness.core.method import HParams, Method, register, tensor_bytes
 
@@ -175,16 +175,14 @@ class AvlJoint(AvalancheMethod):
 
 @dataclass
 class AvlEWCParams(HParams):
-    """ewc_lambda: Avalanche's λ (penalty λΣI(θ−θ*)², no 1/2; I from batch-mean gradients).
-    mode: separate | online; decay_factor: online decay (Avalanche requires it in online mode)."""
+    """Avalanche's EWC arguments (its penalty is λΣI(θ−θ*)², no 1/2, I from batch-mean gradients)."""
 
-    ewc_lambda: float = 100.0
-    mode: str = "separate"
-    decay_factor: float = 1.0
-
-    def validate(self) -> None:
-        require(self.ewc_lambda >= 0, "ewc_lambda must be >= 0", "use e.g. ewc_lambda=100")
-        choice(self.mode, ("separate", "online"), "mode")
+    ewc_lambda: float = documented(100.0, "Avalanche's λ (= our λ/2 under batch_mean)",
+                                   "ours: Avalanche's EWCPlugin has no default λ; tune it", ge=0)
+    mode: str = documented("separate", "separate | online", "Avalanche EWCPlugin's default mode",
+                           choices=("separate", "online"))
+    decay_factor: float = documented(1.0, "online mode: decay of the running importance",
+                                     "ours: no decay (Avalanche requires a value in online mode)", ge=0, le=1)
 
 
 @register
@@ -208,10 +206,11 @@ class AvlEWC(AvalancheMethod):
 
 @dataclass
 class AvlLwFParams(HParams):
-    """alpha: Avalanche's KD weight (its KL has no T²: alpha = our α·T²); temperature: T."""
+    """Avalanche's LwF arguments (its KL has no T²: its alpha is our α·T²)."""
 
-    alpha: float = 4.0
-    temperature: float = 2.0
+    alpha: float = documented(4.0, "Avalanche's KD weight", "ours: our LwF default α·T² = 1·2², so the twins match",
+                              ge=0)
+    temperature: float = documented(2.0, "KD temperature T", "Li & Hoiem 2016: T = 2", gt=0)
 
 
 @register
@@ -231,10 +230,11 @@ class AvlLwF(AvalancheMethod):
 
 @dataclass
 class AvlSIParams(HParams):
-    """si_lambda: Avalanche's λ (penalty (λ/2)ΣΩ(θ−θ*)², Ω clamped to <= 0.001); eps: damping ξ."""
+    """Avalanche's SI arguments (penalty (λ/2)ΣΩ(θ−θ*)², Ω clamped to <= 0.001)."""
 
-    si_lambda: float = 1.0
-    eps: float = 1e-7
+    si_lambda: float = documented(1.0, "Avalanche's λ", "ours: our SI's c = 1 for split settings", ge=0)
+    eps: float = documented(1e-7, "damping ξ of Ω's denominator", "Avalanche SynapticIntelligence's default eps",
+                            gt=0)
 
 
 @register
@@ -257,12 +257,10 @@ class AvlSI(AvalancheMethod):
 
 @dataclass
 class AvlMemParams(HParams):
-    """mem_size: total examples stored (Avalanche's default 200; ours 500 for ER)."""
+    """Avalanche's memory size argument."""
 
-    mem_size: int = 500
-
-    def validate(self) -> None:
-        require(self.mem_size >= 1, "mem_size must be >= 1", "use e.g. mem_size=500")
+    mem_size: int = documented(500, "total examples stored", "ours: ER's 500 (Avalanche's default is 200)", ge=1,
+                               role="buffer_size")
 
 
 class _MemoryMethod(AvalancheMethod):
@@ -291,15 +289,12 @@ class AvlGDumb(_MemoryMethod):
 
 @dataclass
 class AvlAGEMParams(HParams):
-    """patterns_per_exp: memory per experience; sample_size: memory samples per reference gradient
-    (Chaudhry et al. 2019 use 250 per task and 256)."""
+    """Avalanche's A-GEM arguments."""
 
-    patterns_per_exp: int = 100
-    sample_size: int = 64
-
-    def validate(self) -> None:
-        require(self.patterns_per_exp >= 1 and self.sample_size >= 1, "patterns_per_exp and sample_size must be >= 1",
-                "use e.g. patterns_per_exp=100 sample_size=64")
+    patterns_per_exp: int = documented(100, "memory per experience",
+                                       "ours: a small memory (Chaudhry et al. 2019 use 250 per task)", ge=1)
+    sample_size: int = documented(64, "memory samples per reference gradient",
+                                  "ours: a small sample (Chaudhry et al. 2019 use 256)", ge=1)
 
 
 @register

@@ -50,7 +50,6 @@ from torch import Tensor, nn
 
 from harness.core.accuracy import seen_classes_accuracy
 from harness.core.backbones import Backbone
-from harness.core.config import choice, require
 from harness.core.context import RunContext
 from harness.core.data import Task
 from harness.core.defaults import documented
@@ -256,14 +255,10 @@ class DimatParams(NodesParams):
                                "Saadati et al. 2024 (DIMAT): activation matching before the merge")
     stat_batches: int = documented(
         8, "batches of the agent's own shard for BatchNorm resets and activation statistics",
-        "ours: the official code uses the global train set; we use local data only (METHODS.md §3)")
+        "ours: the official code uses the global train set; we use local data only (METHODS.md §3)", ge=1)
     init: str = documented("distinct", "distinct (agent i initialised from seed + i) | shared (one init)",
-                           "official DIMAT code (github nsaadati/DIMAT, train.py: seed = i + random_seed)")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.stat_batches >= 1, f"stat_batches must be >= 1, got {self.stat_batches}", "use stat_batches=8")
-        choice(self.init, ("distinct", "shared"), "init")
+                           "official DIMAT code (github nsaadati/DIMAT, train.py: seed = i + random_seed)",
+                           choices=("distinct", "shared"))
 
 
 @register

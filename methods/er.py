@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.core.config import require
 from harness.core.data import Task
 from harness.core.defaults import documented
 from harness.core.method import HParams, Method, register, tensor_bytes
@@ -32,13 +31,10 @@ class ERParams(HParams):
     The learning rate is the protocol's (tuned like every method's: the base search space)."""
 
     buffer_size: int = documented(500, "M, examples stored in the reservoir (a reported hyperparameter)",
-                                  "Buzzega et al. 2020 (Mammoth): buffer sizes 200 / 500 / 5120; 500 the middle one")
+                                  "Buzzega et al. 2020 (Mammoth): buffer sizes 200 / 500 / 5120; 500 the middle one",
+                                  ge=1, role="buffer_size")
     replay_batch: int = documented(0, "buffer samples per step (0 = the stream batch size)",
-                                   "Mammoth's ER: minibatch_size defaults to batch_size")
-
-    def validate(self) -> None:
-        require(self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}", "use buffer_size=500")
-        require(self.replay_batch >= 0, "replay_batch must be >= 0", "use 0 for the stream batch size")
+                                   "Mammoth's ER: minibatch_size defaults to batch_size", ge=0)
 
 
 class ReservoirBuffer:

@@ -29,14 +29,12 @@ boundary where the FLOP counter meters every operation (the rest). ``fisher_samp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from harness.core.config import choice, require
 from harness.core.data import Task
-from harness.core.defaults import documented
+from harness.core.defaults import Search, documented
 from harness.core.method import HParams, Method, register, tensor_bytes
 from methods.common import batch_mean_fisher, diagonal_fisher
 
@@ -50,34 +48,28 @@ class EWCParams(HParams):
     ewc_lambda: float = documented(
         5000.0, "penalty strength λ in (λ/2) Σ F (θ−θ*)²; its scale depends on fisher_norm",
         "FACIL (Masana et al. 2022, src/approach/ewc.py: lamb=5000, λ/2 penalty, batch-mean Fisher) for its "
-        "class-IL CIFAR-100 benchmark; van de Ven et al. 2019 search 1..1e9: tune it")
+        "class-IL CIFAR-100 benchmark; van de Ven et al. 2019 search 1..1e9: tune it", ge=0,
+        search=Search.log(1.0, 1e6))  # FACIL's grid 1e2..1e4
     mode: str = documented(
         "separate", "separate (one penalty per past task) | online (one running Fisher, latest anchor)",
-        "Kirkpatrick et al. 2017 (separate); online: Schwarz et al. 2018")
+        "Kirkpatrick et al. 2017 (separate); online: Schwarz et al. 2018", choices=("separate", "online"))
     gamma: float = documented(
-        1.0, "online mode: decay γ of the running Fisher F ← γF + F_t", "van de Ven et al. 2019 (γ=1, no decay)")
+        1.0, "online mode: decay γ of the running Fisher F ← γF + F_t", "van de Ven et al. 2019 (γ=1, no decay)", ge=0, le=1)
     fisher_samples: int = documented(
         0, "training samples of the task used for the Fisher (0 = all)",
-        "FACIL (num_samples=-1: all) and Avalanche EWCPlugin (whole experience)")
+        "FACIL (num_samples=-1: all) and Avalanche EWCPlugin (whole experience)", ge=0)
     fisher_labels: str = documented(
         "empirical", "empirical (true y) | sampled (y ~ p_θ, the true Fisher)",
-        "Avalanche EWCPlugin (true labels); FACIL's default uses the predicted label instead")
+        "Avalanche EWCPlugin (true labels); FACIL's default uses the predicted label instead",
+        choices=("empirical", "sampled"))
     fisher_norm: str = documented(
         "batch_mean", "batch_mean (squared gradient of the batch-mean loss, averaged over batches weighted by "
         "batch size; ~batch-size times smaller) | per_sample (mean of squared per-sample gradients, the "
-        "definition of METHODS.md §3)", "batch_mean: FACIL and Avalanche; per_sample: Kirkpatrick et al. 2017")
+        "definition of METHODS.md §3)", "batch_mean: FACIL and Avalanche; per_sample: Kirkpatrick et al. 2017",
+        choices=FISHER_NORMS)
     fisher_batch: int = documented(
         0, "batch size of the Fisher pass (0 = the protocol's batch_size); sets the scale under batch_mean, "
-        "only memory under per_sample", "FACIL and Avalanche: the training batch size")
-
-    def validate(self) -> None:
-        require(self.ewc_lambda >= 0, f"ewc_lambda must be >= 0, got {self.ewc_lambda}", "use e.g. ewc_lambda=5000")
-        choice(self.mode, ("separate", "online"), "mode")
-        choice(self.fisher_labels, ("empirical", "sampled"), "fisher_labels")
-        choice(self.fisher_norm, FISHER_NORMS, "fisher_norm")
-        require(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}", "use gamma=1.0")
-        require(self.fisher_samples >= 0, "fisher_samples must be >= 0", "use 0 for all samples")
-        require(self.fisher_batch >= 0, "fisher_batch must be >= 0", "use 0 for the protocol's batch size")
+        "only memory under per_sample", "FACIL and Avalanche: the training batch size", ge=0)
 
 
 @register
@@ -173,8 +165,3 @@ class EWC(Method):
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.coef, self.center, self.offset)
-
-    @classmethod
-    def search_space(cls, trial: Any) -> dict[str, Any]:
-        """λ log-uniform over 1..1e6 (van de Ven 2019 searched 1..1e9; FACIL's grid 1e2..1e4)."""
-        return {**super().search_space(trial), "ewc_lambda": trial.suggest_float("ewc_lambda", 1.0, 1e6, log=True)}

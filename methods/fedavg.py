@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.core.config import require
 from harness.core.context import RunContext
 from harness.core.data import Task
 from harness.core.defaults import documented
@@ -32,12 +31,7 @@ class FedAvgParams(NodesParams):
 
     topology: str = documented("star", "the server-client topology", "McMahan et al. 2017: a central server")
     client_fraction: float = documented(1.0, "C, share of clients sampled per round",
-                                        "McMahan et al. 2017: C = 1.0 is one of their settings (Table 1)")
-
-    def validate(self) -> None:
-        super().validate()
-        require(0 < self.client_fraction <= 1, f"client_fraction must be in (0, 1], got {self.client_fraction}",
-                "use client_fraction=1.0 (every client) or e.g. 0.5")
+                                        "McMahan et al. 2017: C = 1.0 is one of their settings (Table 1)", gt=0, le=1)
 
 
 @register

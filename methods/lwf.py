@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.core.config import require
 from harness.core.data import Task
-from harness.core.defaults import documented
+from harness.core.defaults import Search, documented
 from harness.core.method import HParams, Method, register, tensor_bytes
 from methods.common import frozen_copy, kd_loss
 
@@ -26,13 +25,11 @@ class LwFParams(HParams):
     """LwF options; each field documents its default and source (``dmkd list --method lwf``)."""
 
     alpha: float = documented(1.0, "weight α of the distillation term α·T²·KL on the old classes",
-                              "Li & Hoiem 2016: λ_o = 1 (all their experiments)")
+                              "Li & Hoiem 2016: λ_o = 1 (all their experiments)", ge=0,
+                              search=Search.log(0.1, 10.0))  # FACIL's grid 0.5..10
     temperature: float = documented(2.0, "KD temperature T",
-                                    "Li & Hoiem 2016: T = 2 (following Hinton et al. 2015)")
-
-    def validate(self) -> None:
-        require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}", "use alpha=1")
-        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}", "use temperature=2")
+                                    "Li & Hoiem 2016: T = 2 (following Hinton et al. 2015)", gt=0,
+                                    search=Search.categorical(1.0, 2.0, 4.0))
 
 
 @register
@@ -79,8 +76,3 @@ class LwF(Method):
         teacher.load_state_dict(sd)
         self.teacher = frozen_copy(teacher)
 
-    @classmethod
-    def search_space(cls, trial: Any) -> dict[str, Any]:
-        """α log-uniform 0.1..10 (FACIL grid 0.5..10), T in {1, 2, 4} (Hinton/Li & Hoiem use 2)."""
-        return {**super().search_space(trial), "alpha": trial.suggest_float("alpha", 0.1, 10.0, log=True),
-                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0])}

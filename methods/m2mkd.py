@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.core.config import require
 from harness.core.context import RunContext
 from harness.core.data import Task
-from harness.core.defaults import documented
+from harness.core.defaults import Search, documented
 from harness.core.method import HParams, Method, register, tensor_bytes
 from methods.common import frozen_copy, kd_loss
 
@@ -40,18 +39,13 @@ class M2MKDParams(HParams):
     """m2mKD options; each field documents its default and source (``dmkd list --method m2mkd``)."""
 
     alpha: float = documented(0.5, "KD weight α: (1−α)·CE + α·τ²·KL in phase 1, CE + α·τ²·KL in phase 2",
-                              "Lo et al. 2024 (m2mKD): α = 0.5")
-    temperature: float = documented(1.0, "KD temperature τ", "Lo et al. 2024 (m2mKD): τ = 1")
+                              "Lo et al. 2024 (m2mKD): α = 0.5", ge=0, le=1, search=Search.uniform(0.1, 0.9))
+    temperature: float = documented(1.0, "KD temperature τ", "Lo et al. 2024 (m2mKD): τ = 1", gt=0,
+                                    search=Search.categorical(1.0, 2.0, 4.0))
     phase1_share: float = documented(
         0.5, "share of the task's training batches spent on phase 1 (split equally over the modules; 0 skips "
         "it), the rest on phase 2", "ours: the paper gives each phase its own schedule; under one budget "
-        "(METHODS.md §6) the split is a choice, half and half, to be tuned")
-
-    def validate(self) -> None:
-        require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}", "use alpha=0.5")
-        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}", "use temperature=1")
-        require(0.0 <= self.phase1_share < 1.0, f"phase1_share must be in [0, 1), got {self.phase1_share}",
-                "use phase1_share=0.5 (0 skips phase 1)")
+        "(METHODS.md §6) the split is a choice, half and half, to be tuned", ge=0, lt=1)
 
 
 def split_modules(backbone: nn.Module) -> nn.Sequential:
@@ -150,13 +144,6 @@ class M2MKD(Method):
     def after_task(self, task: Task) -> None:
         self.teacher = frozen_copy(self.model)
         self.teacher_classes = sorted(set(self.teacher_classes) | set(task.classes))
-
-    @classmethod
-    def search_space(cls, trial: Any) -> dict[str, Any]:
-        """lr (base), KD weight α in 0.1..0.9 and τ in {1, 2, 4} (the paper uses α=0.5, τ=1)."""
-        return {**super().search_space(trial),
-                "alpha": trial.suggest_float("alpha", 0.1, 0.9),
-                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0])}
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.teacher)

@@ -19,14 +19,12 @@ makes Ω almost uniform and the regulariser nearly inert at the usual λ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from harness.core.config import require
 from harness.core.data import Task
-from harness.core.defaults import documented
+from harness.core.defaults import Search, documented
 from harness.core.method import HParams, Method, register, tensor_bytes
 
 # The official code's (c, ξ) per setting: fig_split_mnist/"Figure split MNIST.ipynb" (xi=1e-3, cvals=[0, 1.0])
@@ -44,18 +42,15 @@ class SIParams(HParams):
         f"(class-IL/task-IL split: {SETTING_DEFAULTS['class'][0]}, domain-IL permuted: {SETTING_DEFAULTS['domain'][0]})",
         "Zenke et al. 2017, official code ganguli-lab/pathint: split MNIST notebook c=1; the permuted MNIST "
         "notebook sweeps c in {0, 0.01, 0.1, 1}, 0.1 as in the paper's text; van de Ven et al. 2019 found "
-        "up to 1e3 best for class-IL: tune it")
+        "up to 1e3 best for class-IL: tune it", ge=0, search=Search.log(1e-3, 1e3))
     xi: float | None = documented(
         None, f"damping ξ of Ω's denominator; None = the official value for the setting (split: "
         f"{SETTING_DEFAULTS['class'][1]:g}, permuted: {SETTING_DEFAULTS['domain'][1]:g})",
-        "ganguli-lab/pathint: xi=1e-3 in the split MNIST notebook, xi=0.1 in the permuted MNIST notebook")
+        "ganguli-lab/pathint: xi=1e-3 in the split MNIST notebook, xi=0.1 in the permuted MNIST notebook",
+        gt=0, search=Search.log(1e-3, 1.0))
     clamp_omega: bool = documented(
         True, "clamp the consolidated importance Ω at 0 after each task (relu)",
         "ganguli-lab/pathint PATH_INT_PROTOCOL: omega = relu(...)")
-
-    def validate(self) -> None:
-        require(self.c is None or self.c >= 0, f"c must be >= 0, got {self.c}", "use e.g. c=0.1")
-        require(self.xi is None or self.xi > 0, f"xi must be > 0, got {self.xi}", "use e.g. xi=0.1")
 
 
 @register
@@ -122,8 +117,3 @@ class SI(Method):
     def state_bytes(self) -> int:
         return tensor_bytes(self.omega, self.w, self.anchor)
 
-    @classmethod
-    def search_space(cls, trial: Any) -> dict[str, Any]:
-        """c log-uniform 1e-3..1e3 (Zenke 0.01..1; van de Ven up to 1e3), ξ log-uniform 1e-3..1."""
-        return {**super().search_space(trial), "c": trial.suggest_float("c", 1e-3, 1e3, log=True),
-                "xi": trial.suggest_float("xi", 1e-3, 1.0, log=True)}

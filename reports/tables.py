@@ -29,7 +29,7 @@ from harness.engine.record import COLUMNS, columns, fmt_fixed, fmt_si, passes_of
 # The metrics and costs shown (record paths, headers, kinds and formats) are harness/engine/record.py's COLUMNS.
 ABLATION_COSTS = ("params", "train_flops", "comm_bytes")  # the cost columns of an ablation table
 SETTING_NAMES = {"class_il": "class-IL", "task_il": "task-IL", "domain_il": "domain-IL"}
-BUFFER_KEYS = ("buffer_size", "memory_size", "mem_size")
+BUFFER_KEYS = ("buffer_size", "memory_size", "mem_size")  # records written before costs.buffer_samples
 Record = dict[str, Any]
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -143,6 +143,12 @@ def table_key(rec: Record) -> tuple[str, str, str]:
 
 
 def buffer_size(rec: Record) -> int | None:
+    """Examples the run's method stores for replay: ``costs.buffer_samples``, which the runner reads
+    from the hyperparameter declared ``role="buffer_size"``. Records written before that field existed
+    fall back to the hyperparameter names those methods used (BUFFER_KEYS)."""
+    costs = rec.get("costs", {}) or {}
+    if "buffer_samples" in costs:
+        return None if costs["buffer_samples"] is None else int(costs["buffer_samples"])
     hp = rec.get("config", {}).get("hparams", {}) or {}
     for k in BUFFER_KEYS:
         if hp.get(k) is not None:

@@ -14,30 +14,28 @@ from torch import Tensor
 
 from harness.core.config import hparams_from
 from harness.core.data import DataSource, Scenario, Task
+from harness.core.defaults import documented
 from harness.core.errors import UserError
 
 
 @dataclass
 class ScenarioOptions:
-    """Options every scenario accepts (``--set`` / YAML ``options:``).
+    """Options every scenario accepts (``--set`` / YAML ``options:``); each field documents its
+    default and source (``dmkd list --scenario NAME``). The caps draw their subset from the seed (the
+    same for every method) before the validation carve; every report caption shows them."""
 
-    val_fraction: share of each task's training data held out as its validation split
-        (tuning reads it; the test split is never used for model selection).
-    max_train_per_task / max_test_per_task: cap the samples per task (0 = all), drawn from the
-        seed (the same subset for every method); the cap is taken before the validation carve.
-        For quick checks (configs/quick.yaml sizes Permuted tasks like Split tasks) and tests;
-        every report caption shows the caps.
-    """
-
-    val_fraction: float = 0.1
-    max_train_per_task: int = 0
-    max_test_per_task: int = 0
+    val_fraction: float = documented(
+        0.1, "share of each task's training data held out as its validation split (what tuning reads; "
+        "the test split is never used for model selection)", "ours: a 10% hold-out of the training data", ge=0, lt=1)
+    max_train_per_task: int = documented(
+        0, "cap on each task's training samples (0 = all), drawn from the seed",
+        "ours: quick checks and tests (configs/quick.yaml sizes Permuted tasks like Split tasks)", ge=0)
+    max_test_per_task: int = documented(0, "cap on each task's test samples (0 = all), drawn from the seed",
+                                        "ours: quick checks and tests", ge=0)
 
     def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}", "use e.g. val_fraction=0.1")
-        if self.max_train_per_task < 0 or self.max_test_per_task < 0:
-            raise UserError("max_train_per_task/max_test_per_task must be >= 0", "use 0 for all samples")
+        """Rules between options (none here: each option's own type and bounds are checked by pydantic
+        from its declaration); subclasses extend it."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from harness.core.data import Scenario
+from harness.core.defaults import documented
 from harness.core.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, register_scenario
 from scenarios.streaming import ImageTensorSource
@@ -197,26 +198,26 @@ def load_cifar(
 
 @dataclass
 class CifarOptions(ScenarioOptions):
-    """n_tasks: tasks of equal class count (CIFAR-10: 5 -> 5 x 2; CIFAR-100: 10 -> 10 x 10, 20 -> 20 x 5).
-    shuffle_classes: False keeps classes 0..C-1 in order; True draws the class order from the seed.
-    augment: random crop 32 (padding 4) + horizontal flip of training batches, on the device (default True).
-    check_md5: verify the official MD5 sums of the files (default True; False for re-packed copies;
-        data written by `dmkd synth` are never MD5-checked).
-    download: fetch the official archive with torchvision's download into the data root when it is
-        missing (default False: nothing is downloaded; needs a machine that is online)."""
+    """Split CIFAR-10 / CIFAR-100: the classes in tasks of equal class count."""
 
-    n_tasks: int = 5
-    shuffle_classes: bool = False
-    augment: bool = True
-    check_md5: bool = True
-    download: bool = False
+    n_tasks: int = documented(5, "tasks of equal class count (CIFAR-10: 5 -> 5 x 2)",
+                              "Split CIFAR-10 5 x 2 (Zenke et al. 2017; Mammoth's seq-cifar10)", ge=1)
+    shuffle_classes: bool = documented(False, "False keeps classes 0..C-1 in order; True draws the order from the seed",
+                                       "Mammoth: classes in order")
+    augment: bool = documented(True, "random crop 32 (padding 4) + horizontal flip of training batches, on the device",
+                               "Mammoth's seq-cifar10 training transform")
+    check_md5: bool = documented(True, "verify the official MD5 sums (False for re-packed copies; data written by "
+                                 "`dmkd synth` are never MD5-checked)", "torchvision's CIFAR10/100 integrity check")
+    download: bool = documented(False, "fetch the official archive with torchvision's download when it is missing "
+                                "(needs a machine that is online)", "ours: nothing is downloaded unless asked")
 
 
 @dataclass
 class Cifar100Options(CifarOptions):
-    """As CifarOptions; n_tasks defaults to 10 (10 x 10), 20 gives 20 x 5."""
+    """As CifarOptions, with CIFAR-100's task split."""
 
-    n_tasks: int = 10
+    n_tasks: int = documented(10, "tasks of equal class count (10 -> 10 x 10, 20 -> 20 x 5)",
+                              "Split CIFAR-100 10 x 10 (Rebuffi et al. 2017, iCaRL; FACIL)", ge=1)
 
 
 def _build(name: str, num_classes: int, opts: CifarOptions, seed: int, data_root: str | None) -> Scenario:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.core.data import Scenario, Task, TensorSource
+from harness.core.defaults import documented
 from harness.core.errors import UserError
 from scenarios.base import (
     ScenarioOptions,
@@ -142,11 +143,12 @@ def _source(data_root: str | None, normalization: str = "fmnist") -> tuple[Tenso
 
 @dataclass
 class SplitOptions(ScenarioOptions):
-    """n_tasks: tasks of equal class count (5 x 2 by default).
-    shuffle_classes: False keeps the order 0..9; True draws the class order from the seed."""
+    """Split Fashion-MNIST: the ten classes in tasks of equal class count."""
 
-    n_tasks: int = 5
-    shuffle_classes: bool = False
+    n_tasks: int = documented(5, "tasks of equal class count (must divide 10)",
+                              "Split MNIST's 5 x 2 (Zenke et al. 2017; van de Ven et al. 2019)", ge=1)
+    shuffle_classes: bool = documented(False, "False keeps the class order 0..9; True draws it from the seed",
+                                       "van de Ven et al. 2019: classes in order")
 
 
 @register_scenario("split-fmnist", SplitOptions, "mlp", "Split Fashion-MNIST, 5 tasks x 2 classes (class-IL and task-IL)")
@@ -161,31 +163,26 @@ def split_fmnist(opts: SplitOptions, seed: int, data_root: str | None) -> Scenar
 
 @dataclass
 class PermutedOptions(ScenarioOptions):
-    """n_tasks: number of domains; each task is all ten classes under its own fixed pixel
-    permutation drawn from the seed (GEM-style: every task, the first included, is permuted).
-    first_unpermuted: True keeps task 0 as the original images (the convention of some papers and
-    of van de Ven's code); Avalanche's PermutedMNIST permutes every task, as our default does.
-    normalization: fmnist (the data's own mean/std, default) | mnist (MNIST's 0.1307/0.3081, what
-    Avalanche's PermutedMNIST applies) | none. (These two exist to explain the permuted anchor of
-    docs/permuted-anchor.md.)"""
+    """Permuted Fashion-MNIST: each task is all ten classes under its own fixed pixel permutation
+    drawn from the seed. first_unpermuted and normalization exist to explain the permuted anchor of
+    docs/permuted-anchor.md."""
 
-    n_tasks: int = 10
-    first_unpermuted: bool = False
-    normalization: str = "fmnist"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.normalization not in NORMALIZATIONS:
-            raise UserError(f"normalization={self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}",
-                            "use normalization=fmnist")
+    n_tasks: int = documented(10, "number of domains (tasks)", "van de Ven et al. 2019: 10 permutations", ge=1)
+    first_unpermuted: bool = documented(
+        False, "True keeps task 0 as the original images", "GEM and Avalanche's PermutedMNIST permute every "
+        "task (our default); van de Ven's code keeps the first one unpermuted (True)")
+    normalization: str = documented(
+        "fmnist", "fmnist (the data's own mean/std) | mnist (MNIST's 0.1307/0.3081) | none",
+        "ours: the data's own statistics; mnist is what Avalanche's PermutedMNIST applies", choices=NORMALIZATIONS)
 
 
 @dataclass
 class RotatedOptions(ScenarioOptions):
-    """n_tasks: number of domains; task t is rotated by t * max_angle / n_tasks degrees."""
+    """Rotated Fashion-MNIST: task t is rotated by t * max_angle / n_tasks degrees."""
 
-    n_tasks: int = 10
-    max_angle: float = 180.0
+    n_tasks: int = documented(10, "number of domains (tasks)", "ours: as many as the permuted stream", ge=1)
+    max_angle: float = documented(180.0, "rotation of the last task plus one step, in degrees",
+                                  "GEM's MNIST Rotations (Lopez-Paz & Ranzato 2017): angles in [0, 180)")
 
 
 def _domain_tasks(source, n_train: int, ty: Tensor, vy: Tensor, opts, seed: int, transforms) -> list[Task]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from harness.core.config import require
 from harness.core.data import Scenario
+from harness.core.defaults import documented
 from harness.core.errors import UserError
 from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, find_dir, register_scenario
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
@@ -105,26 +105,19 @@ def scan_tinyimagenet(data_root: str | None) -> TinyImageNetFiles:
 
 @dataclass
 class TinyImageNetOptions(ScenarioOptions):
-    """n_tasks: tasks of equal class count (10 -> 10 x 20); must divide the number of classes.
-    shuffle_classes: False keeps the wnids.txt order; True draws the class order from the seed.
-    image_size: side the images are resized to (64, their native size).
-    augment: random crop (padding image_size/8) + horizontal flip of training batches (default True).
-    in_memory: decode the images the tasks use once into a uint8 tensor instead of streaming (default False).
-    num_workers: DataLoader processes that decode images (default 0: in-process, deterministic)."""
+    """Split Tiny-ImageNet: the 200 classes in tasks of equal class count."""
 
-    n_tasks: int = 10
-    shuffle_classes: bool = False
-    image_size: int = 64
-    augment: bool = True
-    in_memory: bool = False
-    num_workers: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}", "use image_size=64")
-        require(
-            self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}", "use num_workers=0"
-        )
+    n_tasks: int = documented(10, "tasks of equal class count (10 -> 10 x 20); must divide the number of classes",
+                              "Mammoth's seq-tinyimg: 10 tasks x 20 classes", ge=1)
+    shuffle_classes: bool = documented(False, "False keeps the wnids.txt order; True draws the order from the seed",
+                                       "Mammoth: classes in order")
+    image_size: int = documented(64, "side the images are resized to", "Tiny-ImageNet's native 64 x 64", ge=8)
+    augment: bool = documented(True, "random crop (padding image_size/8) + horizontal flip of training batches",
+                               "Mammoth's seq-tinyimg: RandomCrop(64, padding=4) + RandomHorizontalFlip")
+    in_memory: bool = documented(False, "decode the images the tasks use once into a uint8 tensor instead of "
+                                 "streaming them", "ours (harness option)")
+    num_workers: int = documented(0, "DataLoader processes that decode images (0: in-process, deterministic)",
+                                  "ours (harness option)", ge=0)
 
 
 @register_scenario(

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     ls = sub.add_parser("list", help="methods, scenarios and backbones")
-    ls.add_argument("--method", default=None, help="print this method's options: default, meaning, source")
+    ls.add_argument("--method", default=None, help="print this method's options: default, accepts, search, meaning, source")
+    ls.add_argument("--scenario", default=None, help="print this scenario's options")
+    ls.add_argument("--protocol", action="store_true", help="print the protocol's fields")
 
     r = sub.add_parser("run", help="run one method on one scenario")
     r.add_argument("--method", required=True)
@@ -156,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "list":
-        if getattr(args, "method", None):
-            from harness.cli.defaults import method_table
+        from harness.cli.defaults import method_table, protocol_table, scenario_table
 
-            print(method_table(args.method), end="")
+        tables = ([method_table(args.method)] if args.method else []) + (
+            [scenario_table(args.scenario)] if args.scenario else []) + ([protocol_table()] if args.protocol else [])
+        if tables:
+            print("\n".join(tables), end="")
             return 0
         return cmd_list()
     if args.cmd == "run":

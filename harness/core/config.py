@@ -114,6 +114,14 @@ def fields_with(cls: type, key: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if key in f.metadata]
 
 
+def role_value(obj: Any, role: str) -> Any:
+    """The value of the field of configuration ``obj`` declared with ``role=role`` (None if none)."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("role") == role:
+            return getattr(obj, f.name)
+    return None
+
+
 def suggest_fields(cls: type, trial: Any) -> dict[str, Any]:
     """One Optuna suggestion per field of ``cls`` with a ``search`` range, in their ``order``."""
     tuned = sorted(fields_with(cls, "search"), key=lambda f: f.metadata["search"].order)
@@ -182,12 +190,7 @@ def hparams_from(cls: type, overrides: dict[str, Any]) -> Any:
     """An instance of configuration dataclass ``cls`` from CLI/YAML values: pydantic converts each
     value to its field's type and checks its bounds and choices, then ``validate()`` checks the rules
     between fields. Every problem is one UserError."""
-    model = schema(cls)
-    try:
-        checked = model.model_validate(dict(overrides))
-    except pydantic.ValidationError as e:
-        raise _user_error(cls, e) from None
-    hp = cls(**{k: getattr(checked, k) for k in overrides})
+    hp = cls(**_validated(cls, overrides))
     validate = getattr(hp, "validate", None)
     if callable(validate):
         validate()
@@ -195,8 +198,18 @@ def hparams_from(cls: type, overrides: dict[str, Any]) -> Any:
 
 
 def check(obj: Any) -> None:
-    """Validate every field of an already built configuration (defaults and replaced values too)."""
-    hparams_from(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+    """Check every field of an already built configuration against its declaration (defaults and
+    values set by ``dataclasses.replace`` too); the rules between fields are ``validate()``'s."""
+    _validated(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+
+
+def _validated(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` converted and checked by the pydantic model of ``cls`` (one UserError if not)."""
+    try:
+        checked = schema(cls).model_validate(dict(values))
+    except pydantic.ValidationError as e:
+        raise _user_error(cls, e) from None
+    return {k: getattr(checked, k) for k in values}
 
 
 def _type_name(cls: type, key: str) -> str:
@@ -214,7 +227,7 @@ def _user_error(cls: type, e: pydantic.ValidationError) -> UserError:
     ctx = err.get("ctx") or {}
     names = [f.name for f in dataclasses.fields(cls)]
     if kind == "extra_forbidden":
-        return UserError(f"unknown option {key!r} for {cls.__qualname__}", f"valid options: {', '.join(sorted(names))}")
+        return UserError(f"unknown option {key!r} for {cls.__qualname__}", f"valid options: {', '.join(sorted(names)) or '(none)'}")
     f = next(x for x in dataclasses.fields(cls) if x.name == key)
     default = f.default if f.default is not dataclasses.MISSING else None
     if kind == "finite_number":
@@ -257,3 +270,72 @@ def require(cond: bool, problem: str, fix: str) -> None:
 def choice(value: str, allowed: Sequence[str], key: str) -> None:
     if value not in allowed:
         raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}", f"set {key} to one of {list(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files (suites, ablation grids, tuned settings): pydantic models of their structure
+# ---------------------------------------------------------------------------------------------
+class Document(pydantic.BaseModel):
+    """Base of the model of a YAML file's structure: unknown keys refused, no type coercion (a
+    ``data_root: 5`` is an error, not the folder "5"). The values inside (hyperparameters, options,
+    protocol) are checked against their own dataclasses afterwards."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+def validate_document(model: type[Document], raw: Any, where: str, example: str) -> Any:
+    """``raw`` (a parsed YAML document) as ``model``, or one UserError naming the file, the key and the fix."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a YAML mapping", example)
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise _document_error(model, e, where, example) from None
+
+
+def _document_error(model: type[Document], e: pydantic.ValidationError, where: str, example: str) -> UserError:
+    err = e.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    kind, value = err["type"], err.get("input")
+    key = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+    leaf = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        inside = key.rsplit(".", 1)[0] if len(loc) > 1 else ""
+        valid = ", ".join(sorted(parent.model_fields)) if parent is not None else ""
+        return UserError(f"{where}: unknown key(s) {loc[-1]}" + (f" in {inside}" if inside else ""),
+                         f"valid keys: {valid}")
+    if kind == "missing":
+        return UserError(f"{where}: {key} is missing", example)
+    if kind == "string_type":
+        return UserError(f"{where}: {key} must be a string, got {value!r}", f"write {leaf}: as text, e.g. {leaf}: \"...\"")
+    if kind == "model_type" and isinstance(loc[-1], int):
+        return UserError(f"{where}: {key} must be a name or a mapping with name:, got {value!r}", example)
+    if kind in ("dict_type", "model_type"):
+        return UserError(f"{where}: {key} must be a mapping, got {value!r}", example)
+    if kind in ("list_type", "too_short"):
+        return UserError(f"{where}: {key} must be a non-empty list", f"add a {leaf}: list ({example})")
+    return UserError(f"{where}: {key}: {err['msg']}", example)
+
+
+def _model_at(model: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
+    """The model class that holds location ``loc`` of a document (following fields, lists, dicts)."""
+    current: Any = model
+    for part in loc:
+        if not isinstance(part, str):
+            continue  # a list index or dict key: the item type is found below
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        current = _inner_model(fields[part].annotation)
+    return current if isinstance(current, type) and issubclass(current, pydantic.BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

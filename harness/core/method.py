@@ -22,7 +22,12 @@ from harness.core.data import ALL_SETTINGS, Task
 # --------------------------------------------------------------------------------------------
 @dataclass
 class HParams:
-    """Base class of every method's hyperparameter dataclass (documented defaults)."""
+    """Base class of every method's hyperparameter dataclass: fields declared with
+    ``harness.core.config.documented`` (default, meaning, source, accepted values, search range)."""
+
+    def validate(self) -> None:
+        """Rules between fields (each field's own type, bounds and choices are checked by pydantic
+        from its declaration); subclasses extend it."""
 
 
 class Method:
@@ -154,8 +159,10 @@ class Method:
         hyperparameter declared with a search range (``documented(..., search=Search.log(1, 1e6))``,
         beside its default and source). A method with a conditional space may override this."""
         from harness.core.config import suggest_fields
+        from harness.core.protocol import Protocol
 
-        return {"protocol.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True), **suggest_fields(cls.HParams, trial)}
+        shared = {f"protocol.{k}": v for k, v in suggest_fields(Protocol, trial).items()}
+        return {**shared, **suggest_fields(cls.HParams, trial)}
 
 
 def tensor_bytes(*tensors_or_dicts: Any) -> int:

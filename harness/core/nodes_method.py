@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.config import choice, require
+from harness.core.config import require
 from harness.core.context import RunContext
 from harness.core.data import Task
 from harness.core.defaults import documented
@@ -36,39 +36,30 @@ class NodesParams(HParams):
     free_budget=true (the run's measured passes_per_task then shows its real budget)."""
 
     n_nodes: int = documented(4, "P, the number of nodes (clients / agents)",
-                              "ours: a small P that runs on a laptop (DIMAT's code defaults to 5 agents)")
+                              "ours: a small P that runs on a laptop (DIMAT's code defaults to 5 agents)", ge=1)
     topology: str = documented("full", "full | ring | star | adj:0-1,1-2 (explicit edges)",
                                "DIMAT (Saadati et al. 2024): fully connected and ring topologies")
     partition: str = documented("iid", "iid | dirichlet | round_robin (class k to node k mod P)",
-                                "McMahan et al. 2017 (IID and pathological non-IID); Hsu et al. 2019 (Dirichlet)")
+                                "McMahan et al. 2017 (IID and pathological non-IID); Hsu et al. 2019 (Dirichlet)",
+                                choices=SCHEMES)
     dirichlet_alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
-                              "Hsu et al. 2019 / common FL benchmarks: α = 0.5")
+                              "Hsu et al. 2019 / common FL benchmarks: α = 0.5", gt=0)
     rounds: int = documented(3, "R, communication rounds per task",
-                             "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)")
+                             "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)", ge=1)
     local_epochs: float = documented(
         0.0, "E, local epochs per round; 0 = epochs / R (a fraction of an epoch when R > epochs)",
-        "METHODS.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)")
+        "METHODS.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)", ge=0)
     free_budget: bool = documented(False, "allow R·E != the protocol's epochs (an off-budget run)",
                                    "ours: off by default so that every row spends the same budget")
     backend: str = documented("inprocess", "inprocess (one process, deterministic) | distributed (torchrun)",
-                              "ours (harness option)")
-    round_timeout_s: float = documented(300.0, "seconds a round waits for a node", "ours (harness option)")
+                              "ours (harness option)", choices=BACKENDS)
+    round_timeout_s: float = documented(300.0, "seconds a round waits for a node", "ours (harness option)", gt=0)
     on_fault: str = documented("drop", "drop (finish the round with the nodes that answered) | stop",
-                               "ours (harness option)")
+                               "ours (harness option)", choices=FAULT_POLICIES)
     simulate_fault: str = documented("", "in-process only: node@round makes that node stop answering",
                                      "ours (test option)")
 
     def validate(self) -> None:
-        require(self.n_nodes >= 1, f"n_nodes must be >= 1, got {self.n_nodes}", "use n_nodes=4 for example")
-        require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}", "use rounds=3 for example")
-        require(self.local_epochs >= 0, f"local_epochs must be >= 0, got {self.local_epochs}",
-                "use local_epochs=0 (epochs / rounds) or a positive number of epochs per round")
-        require(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}",
-                "use dirichlet_alpha=0.5 for example")
-        require(self.round_timeout_s > 0, "round_timeout_s must be > 0", "use round_timeout_s=300 for example")
-        choice(self.partition, SCHEMES, "partition")
-        choice(self.backend, BACKENDS, "backend")
-        choice(self.on_fault, FAULT_POLICIES, "on_fault")
         self.faults()
 
     def faults(self) -> dict[int, int]:

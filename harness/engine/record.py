@@ -142,6 +142,7 @@ class Costs(_Model):
     footprint_param_bytes: int | None = None
     footprint_buffer_bytes: int | None = None
     dataset_device_bytes: int | None = None
+    buffer_samples: int | None = None  # examples stored for replay (the field declared role="buffer_size")
     energy_kwh: Number | None = None
     energy_cpu_kwh: Number | None = None
     energy_gpu_kwh: Number | None = None

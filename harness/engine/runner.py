@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from harness.core.backbones import build_backbone
-from harness.core.config import hparams_from
+from harness.core.config import hparams_from, role_value
 from harness.core.context import RunContext, TrainingDiverged
 from harness.core.data import Scenario, Task
 from harness.core.errors import UserError
@@ -427,6 +427,9 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         **footprint(method.inference_modules(), method.state_bytes()),
         "dataset_device_bytes": dataset_device_bytes(scenario, device),
         **energy.result,
+        # Examples the method stores for replay, from its field declared role="buffer_size" (the report's
+        # buffer column; None: no replay buffer).
+        "buffer_samples": role_value(method.hp, "buffer_size"),
     }
     if device.type == "cuda":  # the peak without the data set held on the GPU
         costs["peak_memory_excl_dataset_bytes"] = max(mem.peak_bytes - costs["dataset_device_bytes"], 0)

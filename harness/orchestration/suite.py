@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.config import split_params
+from pydantic import Field
+
+from harness.core.config import Document, split_params, validate_document
 from harness.core.context import TrainingDiverged
 from harness.core.errors import UserError
 from harness.core.protocol import Protocol
@@ -29,9 +31,6 @@ from harness.orchestration.tracking import Store, flatten
 DONE = ("finished", "failed")  # a cell with a record in one of these states is done
 HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/orchestration/cluster.py)
 GRACE_S = 60  # seconds of silence after which a worker counts as dead
-
-SUITE_KEYS = {"name", "experiment", "seeds", "protocol", "scenarios", "methods", "device", "data_root", "description",
-              "reference"}
 
 
 @dataclass
@@ -105,6 +104,42 @@ def parse_seeds(value: Any, where: str) -> list[int]:
     return list(value)
 
 
+class ScenarioEntry(Document):
+    name: str
+    options: dict[str, Any] | None = None
+
+
+class MethodEntry(Document):
+    name: str
+    label: str | None = None
+    set: dict[str, Any] | None = None
+
+
+class SuiteFile(Document):
+    """The structure of a suite YAML file (configs/quick.yaml); the values inside are checked by the
+    dataclasses they configure (methods' hyperparameters, scenarios' options, the protocol)."""
+
+    name: str | None = None
+    experiment: str | None = None
+    seeds: Any = Field(default_factory=lambda: [0])  # parse_seeds: a count or a list of distinct seeds
+    protocol: dict[str, Any] | None = None
+    scenarios: list[ScenarioEntry] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(min_length=1)
+    device: str | None = None
+    data_root: str | None = None
+    description: str | None = None
+    reference: str | None = None
+
+
+def _names_as_entries(raw: Any) -> Any:
+    """``- ft`` is short for ``- {name: ft}`` in scenarios: and methods:."""
+    if isinstance(raw, dict):
+        for key in ("scenarios", "methods"):
+            if isinstance(raw.get(key), list):
+                raw = {**raw, key: [{"name": e} if isinstance(e, str) else e for e in raw[key]]}
+    return raw
+
+
 def load_suite(path: str | Path) -> SuiteConfig:
     """Parse and validate a suite YAML file; every problem is one UserError line, and the whole
     suite (every method, scenario option, protocol field and seed) is checked before anything runs."""
@@ -112,35 +147,17 @@ def load_suite(path: str | Path) -> SuiteConfig:
     from harness.orchestration.tracking import check_experiment_name
 
     path = Path(path)
-    raw = load_yaml_file(path, "suite file")
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must be a YAML mapping with scenarios: and methods:", "see configs/quick.yaml")
-    unknown = set(raw) - SUITE_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}",
-                        f"valid keys: {', '.join(sorted(SUITE_KEYS))}")
-    for k in ("name", "experiment", "device", "data_root", "description"):
-        if raw.get(k) is not None and not isinstance(raw[k], str):
-            raise UserError(f"{path}: {k} must be a string, got {raw[k]!r}", f"write {k}: as text, e.g. {k}: \"...\"")
-    name = str(raw.get("name") or path.stem)
-    seeds = parse_seeds(raw.get("seeds", [0]), str(path))
-    protocol = raw.get("protocol") or {}
-    if not isinstance(protocol, dict):
-        raise UserError(f"{path}: protocol must be a mapping", "e.g. protocol: {epochs: 1, batch_size: 128}")
+    doc = validate_document(SuiteFile, _names_as_entries(load_yaml_file(path, "suite file")), str(path),
+                            "see configs/quick.yaml")
+    name = doc.name or path.stem
+    seeds = parse_seeds(doc.seeds, str(path))
+    protocol = doc.protocol or {}
     protocol_from(protocol)  # validate early
-    scenarios = [_entry(e, "scenarios", path, ("options",)) for e in _list(raw, "scenarios", path)]
-    methods = []
-    for e in _list(raw, "methods", path):
-        n, opts = _entry(e, "methods", path, ("set", "label"))
-        if opts.get("label") is not None and not isinstance(opts["label"], str):
-            raise UserError(f"{path}: label of {n!r} must be a string", "e.g. label: er-500")
-        methods.append((n, str(opts.get("label") or ""), dict(opts.get("set") or {})))
-    experiment = check_experiment_name(str(raw.get("experiment") or name))
-    cfg = SuiteConfig(name, experiment, seeds, protocol,
-                      [(n, dict(o.get("options") or {})) for n, o in scenarios], methods,
-                      device=str(raw.get("device") or "auto"), data_root=raw.get("data_root"),
-                      description=str(raw.get("description", "")), reference=str(raw.get("reference") or ""),
-                      source=path)
+    methods = [(m.name, m.label or "", dict(m.set or {})) for m in doc.methods]
+    experiment = check_experiment_name(doc.experiment or name)
+    cfg = SuiteConfig(name, experiment, seeds, protocol, [(e.name, dict(e.options or {})) for e in doc.scenarios],
+                      methods, device=doc.device or "auto", data_root=doc.data_root,
+                      description=doc.description or "", reference=doc.reference or "", source=path)
     if cfg.reference and cfg.reference not in {lab or m for m, lab, _ in methods}:
         raise UserError(f"{path}: reference {cfg.reference!r} is not the label of any method entry",
                         "set reference: to one of the methods' labels")
@@ -166,28 +183,6 @@ def check_unique(specs: list[RunSpec], where: str) -> None:
             raise UserError(f"{where}: {what} name the same row twice (scenario {s.scenario}, seed {s.seed})",
                             "give each method entry its own label (label: ...) and list each scenario once")
         cells.add(cell)
-
-
-def _list(raw: dict, key: str, path: Path) -> list:
-    v = raw.get(key)
-    if not isinstance(v, list) or not v:
-        raise UserError(f"{path}: '{key}' must be a non-empty list", f"add a {key}: list")
-    return v
-
-
-def _entry(e: Any, what: str, path: Path, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    if isinstance(e, str):
-        return e, {}
-    if isinstance(e, dict) and isinstance(e.get("name"), str):
-        extra = set(e) - {"name", *allowed}
-        if extra:
-            raise UserError(f"{path}: {what} entry {e['name']!r} has unknown key(s) {', '.join(sorted(extra))}",
-                            f"allowed: name, {', '.join(allowed)}")
-        for k in allowed:
-            if k in ("set", "options") and e.get(k) is not None and not isinstance(e[k], dict):
-                raise UserError(f"{path}: '{k}' of {e['name']!r} must be a mapping", f"e.g. {k}: {{key: value}}")
-        return e["name"], e
-    raise UserError(f"{path}: each {what} entry must be a name or a mapping with 'name'", "see configs/quick.yaml")
 
 
 def validate_specs(specs: list[RunSpec]) -> None:

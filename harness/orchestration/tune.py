@@ -18,9 +18,11 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from harness.core.config import hparams_from, split_params
+from pydantic import Field
+
+from harness.core.config import Document, hparams_from, split_params, validate_document
 from harness.core.context import TrainingDiverged
 from harness.core.errors import UserError
 from harness.core.protocol import Protocol
@@ -248,8 +250,19 @@ def cmd_tune(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # Ablation grids
 # ---------------------------------------------------------------------------------------------
-ABLATION_KEYS = {"name", "experiment", "method", "scenario", "scenario_options", "seeds", "protocol", "grid", "fixed",
-                 "description"}
+class AblationFile(Document):
+    """The structure of an ablation grid file (configs/ablation.yaml)."""
+
+    name: str | None = None
+    experiment: str | None = None
+    method: str = "dmkd"
+    scenario: str = "split-fmnist"
+    scenario_options: dict[str, Any] | None = None
+    seeds: Any = Field(default_factory=lambda: [0])  # parse_seeds
+    protocol: dict[str, Any] | None = None
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)  # switch -> its values
+    fixed: dict[str, Any] | None = None
+    description: str | None = None
 
 
 def load_ablation(path: str | Path) -> dict[str, Any]:
@@ -259,19 +272,10 @@ def load_ablation(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     raw = load_yaml_file(path, "ablation file")
-    if not isinstance(raw, dict) or not isinstance(raw.get("grid"), dict) or not raw["grid"]:
-        raise UserError(f"{path} needs a 'grid:' mapping of switch -> list of values", "see configs/ablation.yaml")
-    unknown = set(raw) - ABLATION_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}", f"valid: {', '.join(sorted(ABLATION_KEYS))}")
-    for k, v in raw["grid"].items():
-        if not isinstance(v, list) or not v:
-            raise UserError(f"{path}: grid entry {k!r} must be a non-empty list", f"e.g. {k}: [a, b]")
-    raw.setdefault("name", path.stem)
-    raw.setdefault("experiment", raw["name"])
-    raw.setdefault("method", "dmkd")
-    raw.setdefault("scenario", "split-fmnist")
-    raw["seeds"] = parse_seeds(raw.get("seeds", [0]), str(path))
+    doc = validate_document(AblationFile, raw, str(path), "see configs/ablation.yaml")
+    raw = {**raw, "name": doc.name or path.stem, "method": doc.method, "scenario": doc.scenario}
+    raw["experiment"] = doc.experiment or raw["name"]
+    raw["seeds"] = parse_seeds(doc.seeds, str(path))
     check_experiment_name(str(raw["experiment"]))
     cls = resolve_method(raw["method"])
     for combo in _grid_cells(raw["grid"]):

@@ -9,7 +9,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field
+
+from harness.core.config import Document, validate_document
 from harness.core.errors import UserError
+
+
+class TunedEntry(Document):
+    """One row's tuned settings in a tuned-settings file (written by ``dmkd tune-suite``)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    fixed: dict[str, Any] | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+class TunedFile(Document):
+    """The structure of configs/tuned/<suite>/<scenario>.yaml (other keys record how it was made)."""
+
+    model_config = ConfigDict(extra="allow")
+    entries: dict[str, TunedEntry]
+    scenario_options: dict[str, Any] | None = None
+    protocol: dict[str, Any] | None = None
 
 
 def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
@@ -63,9 +85,10 @@ def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, An
             continue
         from harness.core.yamlio import load_yaml_file
 
-        doc = load_yaml_file(path, "tuned-settings file")
-        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+        raw = load_yaml_file(path, "tuned-settings file")
+        if not isinstance(raw, dict) or "entries" not in raw:
             raise UserError(f"{path} is not a tuned-settings file (no 'entries:')", "re-run `dmkd tune-suite`")
+        doc = validate_document(TunedFile, raw, str(path), "re-run `dmkd tune-suite`").model_dump()
         for what, have, want in (("scenario options", doc.get("scenario_options") or {}, dict(sc_opts)),
                                  ("protocol", doc.get("protocol") or {}, dict(cfg.protocol))):
             if have != want:
