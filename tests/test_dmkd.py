@@ -367,6 +367,70 @@ def test_invalid_switches_raise_user_errors():
     assert hparams_from(DMKDParams, {"kd": "none", "top_k": "2"}).top_k == 2  # CLI strings coerce
 
 
+def test_field_constraints_and_rules_between_fields_are_one_line_user_errors():
+    """Bounds and choices come from the fields (pydantic); rules between fields from validate()."""
+    for bad, words in (({"n_experts": 0}, "n_experts must be >= 1"),
+                       ({"salient_p": 1.5}, "salient_p must be <= 1"),
+                       ({"temperature": 0}, "temperature must be > 0"),
+                       ({"lambda_kd": -1}, "lambda_kd must be >= 0"),
+                       ({"topology": "star"}, "topology='star' is not one of full, ring"),
+                       ({"top_k": 6}, "top_k=6 must be in 1..n_experts=5"),
+                       ({"training": "decentralized", "n_nodes": 2, "rounds": 0}, "rounds must be >= 1")):
+        with pytest.raises(UserError) as e:
+            hparams_from(DMKDParams, bad)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    # NodesParams' checks run only under training=decentralized, as before the fields were shared
+    assert hparams_from(DMKDParams, {"rounds": 0, "partition": "shards"}).rounds == 0
+
+
+def test_search_space_is_the_former_hand_written_one():
+    """The search= ranges beside the fields reproduce DMKD's former search_space, key order included
+    (the sampler's random stream depends on the order of suggestions)."""
+    import optuna
+
+    from harness.core.method import Method
+
+    def former(trial):
+        return {"protocol.lr": trial.suggest_float("lr", 1e-3, 1e-1, log=True),
+                "lambda_kd": trial.suggest_float("lambda_kd", 0.1, 10.0, log=True),
+                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0]),
+                "lambda_pres": trial.suggest_float("lambda_pres", 1.0, 100.0, log=True),
+                "salient_p": trial.suggest_float("salient_p", 0.02, 0.5, log=True),
+                "n_experts": trial.suggest_int("n_experts", 4, 8),
+                "top_k": trial.suggest_int("top_k", 1, 3)}
+
+    assert DMKD.search_space.__func__ is Method.search_space.__func__  # no override left
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    new_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    old_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        new, old = DMKD.search_space(new_study.ask()), former(old_study.ask())
+        assert list(new.items()) == list(old.items())
+    trial = optuna.trial.FixedTrial({"lr": 0.01, "lambda_kd": 2.0, "temperature": 4.0, "lambda_pres": 5.0,
+                                     "salient_p": 0.1, "n_experts": 6, "top_k": 2})
+    assert list(DMKD.search_space(trial).items()) == list(former(trial).items())
+
+
+def test_every_field_has_a_meaning_a_source_and_its_kinds_as_choices():
+    import dataclasses
+
+    from harness.core.defaults import undocumented
+    from methods.dmkd import hparams
+    from methods.moe import MoEParams
+
+    assert undocumented(DMKDParams) == [] and undocumented(MoEParams) == []
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(DMKDParams)}
+    for name, kinds in (("kd", hparams.KD_KINDS), ("routing", hparams.ROUTING_KINDS),
+                        ("topology", hparams.TOPOLOGIES), ("salient_by", hparams.SALIENT_BY_KINDS),
+                        ("training", hparams.TRAINING_KINDS), ("encoder", hparams.ENCODER_KINDS)):
+        assert choices[name] == kinds
+    dmkd = {f.name: f.metadata for f in dataclasses.fields(DMKDParams)}
+    moe = {f.name: f.metadata for f in dataclasses.fields(MoEParams)}
+    for name in ("top_k", "routing", "combine", "kd", "preservation"):  # MoE's new defaults keep DMKD's rules
+        assert {k: v for k, v in moe[name].items() if k != "source"} == \
+            {k: v for k, v in dmkd[name].items() if k != "source"}
+
+
 def test_external_teacher_from_path(tmp_path):
     backbone = make_ctx(0).make_model()
     with torch.no_grad():

@@ -469,19 +469,6 @@ class DMKD(Method):
         self.model.load_state_dict(state["model"])
         self.load_extra_state(state.get("extra", {}))
 
-    @classmethod
-    def search_space(cls, trial: Any) -> dict[str, Any]:
-        """lr (base), λ_KD and τ (Hinton-style KD: λ 0.1..10 log, τ in {1, 2, 4}), λ_pres (1..100 log,
-        the EWC-like range; lr·λ_pres·3 >= 2 diverges and scores 0), salient p (0.02..0.5 log),
-        N in 4..8 and K in 1..3 (K <= N holds for every pair)."""
-        return {**super().search_space(trial),
-                "lambda_kd": trial.suggest_float("lambda_kd", 0.1, 10.0, log=True),
-                "temperature": trial.suggest_categorical("temperature", [1.0, 2.0, 4.0]),
-                "lambda_pres": trial.suggest_float("lambda_pres", 1.0, 100.0, log=True),
-                "salient_p": trial.suggest_float("salient_p", 0.02, 0.5, log=True),
-                "n_experts": trial.suggest_int("n_experts", 4, 8),
-                "top_k": trial.suggest_int("top_k", 1, 3)}
-
     def extra_state(self) -> dict[str, Any]:
         own = self.hp.teacher in ("snapshot", "aggregate")
         snap = self.teacher if own and isinstance(self.teacher, DMKDModel) else None
