@@ -379,8 +379,10 @@ def test_field_constraints_and_rules_between_fields_are_one_line_user_errors():
         with pytest.raises(UserError) as e:
             hparams_from(DMKDParams, bad)
         assert words in str(e.value) and "\n" not in str(e.value)
-    # NodesParams' checks run only under training=decentralized, as before the fields were shared
-    assert hparams_from(DMKDParams, {"rounds": 0, "partition": "shards"}).rounds == 0
+    # The nodes fields are NodesParams' declarations: their bounds and choices hold in every training mode
+    for bad in ({"rounds": 0}, {"partition": "shards"}):
+        with pytest.raises(UserError):
+            hparams_from(DMKDParams, bad)
 
 
 def test_search_space_is_the_former_hand_written_one():

@@ -251,7 +251,7 @@ class DMKDParams(NodesParams):
                 "set training=centralized, or routing=autoencoder")
         require(self.n_nodes >= 2, f"training=decentralized needs n_nodes >= 2, got {self.n_nodes}",
                 "set n_nodes=4 for example")
-        super().validate()  # NodesParams' checks (rounds, partition, backend, faults, ...): decentralized only
+        super().validate()  # NodesParams' rule (simulate_fault); the nodes fields' own bounds hold in every mode
         require(self.prune == "off", "prune/merge is not available with training=decentralized",
                 "set prune=off (nodes could disagree on which experts exist)")
         require(not self.growth or self.routing == "autoencoder",
