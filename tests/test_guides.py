@@ -372,7 +372,7 @@ def test_example_method_registers_and_its_penalty_is_the_hand_computed_value(met
     assert all(v == 0.0 for t, v in during if t == 0)
     assert during[6][1] == 0.0 < during[7][1]  # task 1 starts at the anchor, then moves away from it
     assert all(v > 0 for _, v in during[7:])
-    assert g["negative_strength"].startswith("error: strength must be >= 0, got -1.0")
+    assert g["negative_strength"].startswith("error: strength must be >= 0, got -1 — ")
 
 
 @needs_fmnist
@@ -463,6 +463,6 @@ def test_methods_run_on_the_example_scenario_as_the_readme_says(scenarios_guide)
 def test_example_scenario_options_are_validated_and_its_test_split_sealed_while_tuning(scenarios_guide):
     bad = scenarios_guide["bad_option"]
     assert bad["rc"] == 2 and bad["record"] is None
-    assert bad["stderr"].strip() == "error: n_tasks must be >= 1, got 0 — set e.g. n_tasks=2"
+    assert bad["stderr"].strip() == "error: n_tasks must be >= 1, got 0 — set n_tasks >= 1, e.g. the default n_tasks=3"
     assert scenarios_guide["sealed_eval_split"] == "val"
     assert "sealed" in scenarios_guide["sealed"]

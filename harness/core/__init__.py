@@ -16,9 +16,8 @@ _HOME = {
     "harness.core.protocol": ("Protocol",),
     "harness.core.context": ("RunContext", "TrainingDiverged", "check_finite"),
     "harness.core.method": ("HParams", "Method", "METHODS", "register", "tensor_bytes"),
-    "harness.core.config": ("hparams_from", "require", "choice", "split_params"),
+    "harness.core.config": ("Search", "documented", "hparams_from", "require", "choice", "split_params"),
     "harness.core.accuracy": ("seen_classes_accuracy",),
-    "harness.core.defaults": ("documented",),
     "harness.core.errors": ("UserError",),
     "harness.core.nodes_method": ("NodesMethod", "NodesParams"),
 }
@@ -37,6 +36,7 @@ __all__ = [
     "Protocol",
     "RunContext",
     "Scenario",
+    "Search",
     "Task",
     "TensorSource",
     "TrainingDiverged",
@@ -61,7 +61,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from harness.core.accuracy import seen_classes_accuracy
-    from harness.core.config import choice, hparams_from, require, split_params
+    from harness.core.config import Search, choice, documented, hparams_from, require, split_params
     from harness.core.context import RunContext, TrainingDiverged, check_finite
     from harness.core.data import (
         ALL_SETTINGS,
@@ -73,7 +73,6 @@ if TYPE_CHECKING:
         Task,
         TensorSource,
     )
-    from harness.core.defaults import documented
     from harness.core.errors import UserError
     from harness.core.method import METHODS, HParams, Method, register, tensor_bytes
     from harness.core.nodes_method import NodesMethod, NodesParams
