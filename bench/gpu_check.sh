@@ -7,8 +7,10 @@
 #      on the same GPU,
 # and prints samples/s, peak GPU memory (the run's own; the data set's device bytes apart),
 # accuracies, the bf16/fp32 throughput ratio and the aggregate throughput of 4 workers against 1.
-# It needs only torch, torchvision, numpy, pillow, pyyaml, psutil and tqdm: no mlflow, optuna,
-# pandas or codecarbon (every run uses --tracking-uri none; energy is recorded when codecarbon is there).
+# It needs only torch, torchvision, numpy, pillow, pyyaml, psutil, tqdm, filelock and pydantic: no
+# mlflow, optuna, pandas or codecarbon (every run uses --tracking-uri none; energy is recorded when
+# codecarbon is there). Where pydantic is missing (this workplace's GPU image), run bench/gpu_wheels.sh
+# beforehand on a machine with pip and carry .whl/: the script installs those wheels into /tmp/site.
 #
 # Usage: bench/gpu_check.sh [--device cuda] [--scale 1.0] [--epochs 2] [--out /tmp/gpu_check]
 # (each run is stopped after RUN_TIMEOUT seconds, default 200, so that the whole check stays bounded)
@@ -27,6 +29,14 @@ done
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+if ! $PY -c "import pydantic" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  else
+    echo "error: pydantic is not installed here — run bench/gpu_wheels.sh where pip works and carry .whl/" >&2; exit 2
+  fi
+fi
 DATA=$OUTDIR/data-$SCALE RES=$OUTDIR/results
 rm -rf "$RES"; mkdir -p "$OUTDIR" "$RES"
 t0=$(date +%s)
