@@ -61,8 +61,8 @@ def test_values_from_the_command_line_are_converted_to_the_field_types():
     ({"count": 2.5}, "error: option count=2.5 is not a valid int — give count an int value"),
     ({"count": "many"}, "error: option count='many' is not a valid int — give count an int value"),
     ({"flag": "maybe"}, "error: option flag='maybe' is not a valid bool — give flag a bool value"),
-    ({"bogus": 1}, "error: unknown option 'bogus' for Toy — valid options: cap, count, flag, kind, name, share, size, "
-                   "strength"),
+    ({"bogus": 1}, ("error: unknown option 'bogus' for Toy — valid options: cap, count, flag, kind, name, share, "
+                    "size, strength")),
 ])
 def test_bad_values_are_one_line_naming_the_field_and_the_fix(values, line):
     with pytest.raises(UserError) as e:

@@ -15,6 +15,7 @@ import pytest
 
 from harness.core.data import Task
 from harness.engine.runner import RunSpec, run
+from harness.orchestration.storage import is_surplus
 from harness.orchestration.tune import ablate, load_ablation, tune
 from tests.conftest import needs_fmnist
 
@@ -74,7 +75,7 @@ def _counted(storage_obj, study):
     from optuna.trial import TrialState
 
     st = optuna.load_study(study_name=study, storage=storage_obj)
-    real = [t for t in st.get_trials() if not t.system_attrs.get("surplus")]
+    real = [t for t in st.get_trials() if not is_surplus(t)]
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in real)
     return sorted(t.number for t in real), st
 

@@ -143,20 +143,23 @@ def _fail_orphans(study, storage, seen: dict[int, float], grace: int) -> None:
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    from harness.orchestration.storage import trial_id
+
     now = time.monotonic()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "worker" in t.user_attrs or CELL not in t.user_attrs:
             continue
-        first = seen.setdefault(t._trial_id, now)
+        first = seen.setdefault(t.number, now)
         if now - first <= grace:
             continue
+        tid = trial_id(storage, study, t.number)
         try:
-            failed = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            failed = storage.set_trial_state_values(tid, state=TrialState.FAIL)
         except UpdateFinishedTrialError:  # another worker got there first
             continue
         cb = storage.get_heartbeat_stale_trial_callback()
         if failed and cb is not None:
-            cb(study, storage.get_trial(t._trial_id))
+            cb(study, storage.get_trial(tid))
 
 
 def _pop(study):
@@ -167,7 +170,7 @@ def _pop(study):
         return None
     trial = study.ask()
     if CELL not in trial.user_attrs:  # the last waiting trial went to another worker meanwhile
-        study._storage.set_trial_system_attr(trial._trial_id, "surplus", True)
+        trial.set_user_attr("surplus", True)
         study.tell(trial, state=TrialState.FAIL)
         return None
     return trial
@@ -210,10 +213,11 @@ def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None,
               report_s: float = 60.0) -> list[dict[str, Any]]:
     """Work on the suite's cells until every one is done; returns the records of all its cells."""
     import optuna
-    from optuna.storages._heartbeat import get_heartbeat_thread
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
+    from harness.orchestration.storage import heartbeat as heartbeat_of
+    from harness.orchestration.storage import trial_id
     from harness.orchestration.suite import execute
 
     heartbeat, grace = check_heartbeat(heartbeat, grace)
@@ -260,12 +264,12 @@ def run_suite(cfg: SuiteConfig, store: Store, *, storage_url: str | None = None,
                 time.sleep(poll_s)
                 continue
             key = trial.user_attrs[CELL]
-            with get_heartbeat_thread(trial._trial_id, storage):
+            with heartbeat_of(storage, trial_id(storage, study, trial.number)):
                 trial.set_user_attr("worker", store.worker_id)
                 rec = store.load_record(key)
                 if key not in by_key or _is_duplicate(study, trial, key) or (rec or {}).get("status") in DONE:
                     # A second copy of a cell (two workers queued it at once) or one done meanwhile.
-                    study._storage.set_trial_system_attr(trial._trial_id, "duplicate", True)
+                    trial.set_user_attr("duplicate", True)
                     study.tell(trial, state=TrialState.FAIL)
                     continue
                 rec = _execute(execute, study, trial, key, by_key[key], cfg, store, group_ids, suite_id,
@@ -308,7 +312,7 @@ def _execute(execute, study, trial, key, spec, cfg, store, group_ids, suite_id, 
         return execute(spec, store, group_ids.get(gkey), progress=prog, extra=extra)
     except BaseException as e:
         # Back to the queue: another worker (or this suite run again) resumes it from its checkpoint.
-        study._storage.set_trial_system_attr(trial._trial_id, "interrupted", type(e).__name__)
+        trial.set_user_attr("interrupted", type(e).__name__)
         trial.set_user_attr("error", f"{type(e).__name__}: {str(e)[:400]}")
         study.tell(trial, state=TrialState.FAIL)
         if isinstance(e, KeyboardInterrupt):

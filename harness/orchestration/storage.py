@@ -14,6 +14,7 @@ from optuna.storages import JournalStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from harness.core.errors import UserError, one_line, redact
+from harness.orchestration.retry import retrying
 
 
 def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | None = None,
@@ -50,35 +51,61 @@ def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | N
         db = Path(url[len("sqlite:///"):])
         if (db.exists() and not os.access(db, os.W_OK)) or (not db.exists() and not os.access(db.parent, os.W_OK)):
             raise UserError(f"the Optuna storage {db} is not writable", "pass a writable --storage (or --results)")
-    import random
-
-    last: Exception | None = None
-    for attempt in range(6):
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                else {"connect_args": {"timeout": 60}}, **hb)
-        except Exception as e:  # noqa: BLE001 - workers starting together race to create the tables
-            last = e
-            time.sleep(0.3 * (attempt + 1) + random.random() * 0.3)
-    raise UserError(f"cannot open Optuna storage {redact(url)} ({type(last).__name__}: {one_line(last, 160)})",
-                    "check the URL, that the database server is reachable and the driver installed")
+    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    try:  # workers starting together race to create the tables: retried with jittered waits
+        return retrying(6, 0.3)(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine, **hb))
+    except Exception as e:  # noqa: BLE001 - any failure to open becomes one line
+        raise UserError(f"cannot open Optuna storage {redact(url)} ({type(e).__name__}: {one_line(e, 160)})",
+                        "check the URL, that the database server is reachable and the driver installed") from None
 
 
 def create_study(**kwargs):
     """create_study(load_if_exists=True), retried: concurrent workers may race to create it."""
     import optuna
 
-    for attempt in range(5):
-        try:
-            return optuna.create_study(load_if_exists=True, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
-            if attempt == 4:
-                raise UserError(f"cannot create the Optuna study {kwargs.get('study_name')!r} "
-                                f"({type(e).__name__}: {one_line(e, 200)})",
-                                "check that the storage is writable and reachable") from None
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+    try:
+        return retrying(5, 0.5)(lambda: optuna.create_study(load_if_exists=True, **kwargs))
+    except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
+        raise UserError(f"cannot create the Optuna study {kwargs.get('study_name')!r} "
+                        f"({type(e).__name__}: {one_line(e, 200)})",
+                        "check that the storage is writable and reachable") from None
+
+
+def is_surplus(trial) -> bool:
+    """A trial handed back unused (the budget was taken, or no cell waited): not part of a study's
+    count. User attribute since this release; studies made before marked it as a system attribute."""
+    return bool(trial.user_attrs.get("surplus") or trial.system_attrs.get("surplus"))
+
+
+def trial_id(storage, study, number: int) -> int:
+    """The storage's id of trial ``number`` of ``study``, through the storage's public methods."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+@contextlib.contextmanager
+def heartbeat(storage, tid: int):
+    """Record the running trial's heartbeat every ``storage.get_heartbeat_interval()`` seconds, in a
+    daemon thread, while the block runs (what Optuna's own optimize loop does; we ask and tell)."""
+    import threading
+
+    interval = storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) else None
+    if interval is None:
+        yield
+        return
+    stop = threading.Event()
+    storage.record_heartbeat(tid)
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            storage.record_heartbeat(tid)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{tid}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
@@ -111,11 +138,12 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
         stale = []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             beat = t.system_attrs.get(self.ATTR)
-            seen = self._seen.get(t._trial_id)
+            tid = self.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            seen = self._seen.get(tid)
             if seen is None or seen[0] != beat:
-                self._seen[t._trial_id] = (beat, now)
+                self._seen[tid] = (beat, now)
             elif now - seen[1] > self._grace:
-                stale.append(t._trial_id)
+                stale.append(tid)
         return stale
 
     def get_heartbeat_interval(self) -> int | None:

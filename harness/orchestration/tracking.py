@@ -227,21 +227,19 @@ class MlflowSink:
             self.warned = True
 
     def _guard(self, fn, *args, retries: int = 5, **kwargs):
+        """Call MLflow; a locked or busy store is retried, any other failure warns once and turns
+        tracking off (tracking must never break a run; the JSON records are kept either way)."""
         if self.disabled:
             return None
-        for attempt in range(retries):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - tracking must never break a run
-                msg = str(e).lower()
-                if ("locked" in msg or "busy" in msg) and attempt < retries - 1:
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                self._warn(e)
-                if "locked" not in msg:
-                    self.disabled = True
-                return None
-        return None
+        from harness.orchestration.retry import retrying
+
+        try:
+            return retrying(retries, 0.2, when=_locked)(fn)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never break a run
+            self._warn(e)
+            if "locked" not in str(e).lower():
+                self.disabled = True
+            return None
 
     def _reachable(self) -> bool:
         """An http(s) tracking server must answer /health within a few seconds, else we fall back."""
@@ -442,3 +440,8 @@ def _sqlite_run_count(path: Path) -> int:
             con.close()
     except sqlite3.Error:
         return 0  # no runs table: nothing was ever recorded in it
+
+
+def _locked(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, Exception) and ("locked" in msg or "busy" in msg)

@@ -27,7 +27,7 @@ from harness.core.context import TrainingDiverged
 from harness.core.errors import UserError
 from harness.core.protocol import Protocol
 from harness.engine.runner import RunObserver, RunSpec, check_splits, resolve_method, run
-from harness.orchestration.storage import create_study, make_storage
+from harness.orchestration.storage import create_study, is_surplus, make_storage
 from harness.orchestration.tracking import Store, atomic_write_json
 from harness.orchestration.tuned import (
     best_params_path,
@@ -172,7 +172,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
 
     bar = tqdm(total=trials, desc=f"tune {study_name}", unit="trial", disable=not show_progress, file=sys.stderr)
     while True:
-        ts = [t for t in study.get_trials(deepcopy=False) if not t.system_attrs.get("surplus")]
+        ts = [t for t in study.get_trials(deepcopy=False) if not is_surplus(t)]
         if sum(t.state in live_states for t in ts) >= trials:
             break
         trial = study.ask()
@@ -180,9 +180,9 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
         # before ours, the budget is already taken (another worker asked at the same moment), give
         # the slot back, marked as surplus, so the study ends with exactly `trials` trials.
         before = [t for t in study.get_trials(deepcopy=False)
-                  if t.number < trial.number and not t.system_attrs.get("surplus") and t.state in live_states]
+                  if t.number < trial.number and not is_surplus(t) and t.state in live_states]
         if len(before) >= trials:
-            study._storage.set_trial_system_attr(trial._trial_id, "surplus", True)
+            trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             break
         try:
@@ -194,7 +194,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             raise
         except Exception as e:  # noqa: BLE001 - a diverged/failed trial does not stop the study
             print(f"trial {trial.number} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            study._storage.set_trial_user_attr(trial._trial_id, "error", str(e)[:500])
+            trial.set_user_attr("error", str(e)[:500])
             study.tell(trial, state=TrialState.FAIL)
         bar.n = sum(t.state in done_states for t in study.get_trials(deepcopy=False))
         bar.refresh()
@@ -205,10 +205,10 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     if not finished:
         raise UserError(f"study {study_name}: no trial completed", "see the trial errors above")
     best = max(finished, key=lambda t: t.value)
-    n_done = sum(t.state in (*done_states, TrialState.FAIL) and not t.system_attrs.get("surplus")
+    n_done = sum(t.state in (*done_states, TrialState.FAIL) and not is_surplus(t)
                  for t in study.get_trials(deepcopy=False))
     trial_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.get_trials(deepcopy=False)
-                  if t.datetime_complete and t.datetime_start and not t.system_attrs.get("surplus"))
+                  if t.datetime_complete and t.datetime_start and not is_surplus(t))
     out = {"method": method, "scenario": scenario, "study": study_name, "params": dict(best.user_attrs["params"]),
            "value": best.value, "objective": f"final average accuracy ({setting}) on the validation split",
            "n_trials": n_done, "seeds": seeds, "best_trial": best.number, "trial_s": round(trial_s, 1)}
@@ -356,7 +356,7 @@ def _wait_for_running(study, poll_s: float = 2.0) -> None:
 
     while True:
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if not t.system_attrs.get("surplus")]
+                   if not is_surplus(t)]
         if not running:
             return
         time.sleep(poll_s)
