@@ -53,7 +53,7 @@ def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | N
             raise UserError(f"the Optuna storage {db} is not writable", "pass a writable --storage (or --results)")
     engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
     try:  # workers starting together race to create the tables: retried with jittered waits
-        return retrying(6, 0.3)(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine, **hb))
+        return retrying(6, 0.3)(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine, **hb))()
     except Exception as e:  # noqa: BLE001 - any failure to open becomes one line
         raise UserError(f"cannot open Optuna storage {redact(url)} ({type(e).__name__}: {one_line(e, 160)})",
                         "check the URL, that the database server is reachable and the driver installed") from None
@@ -64,7 +64,7 @@ def create_study(**kwargs):
     import optuna
 
     try:
-        return retrying(5, 0.5)(lambda: optuna.create_study(load_if_exists=True, **kwargs))
+        return retrying(5, 0.5)(lambda: optuna.create_study(load_if_exists=True, **kwargs))()
     except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
         raise UserError(f"cannot create the Optuna study {kwargs.get('study_name')!r} "
                         f"({type(e).__name__}: {one_line(e, 200)})",
