@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.core.data import Scenario, Task, task_iter, union_iter
+from harness.core.flops import FlopCounter
 from harness.core.protocol import PRECISIONS, Protocol
 
 
@@ -172,8 +173,6 @@ class RunContext:
     def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run training work that happens between steps (DIMAT's matching passes, BatchNorm
         resets) and add its FLOPs to the run's training FLOPs."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         pause = getattr(self.step_hook, "pause", None)
         if pause is not None:
             pause()  # an open step counter would count this work twice
@@ -183,9 +182,9 @@ class RunContext:
             out = fn(*args, **kwargs)
             self.extra_flops += cache[key]
             return out
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounter() as counter:
             out = fn(*args, **kwargs)
-        flops = int(counter.get_total_flops())
+        flops = counter.get_total_flops()
         if key is not None:
             cache[key] = flops
         self.extra_flops += flops

@@ -1,7 +1,8 @@
 """Cost meters shared by every run (METHODS.md §2): FLOPs, parameters, time, memory.
 
-FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 x MACs, forward and
-backward). Training FLOPs are measured on the method's real step: the runner opens a counter
+FLOPs come from torch's FLOP formulas (``torch.utils.flop_counter``; FLOPs = 2 x MACs, forward and
+backward), totalled by :class:`harness.core.flops.FlopCounter`, which returns FlopCounterMode's totals
+without its module tracking. Training FLOPs are measured on the method's real step: the runner opens a counter
 when a training batch is handed out and closes it when the next one is asked for, so whatever
 the method does with that batch (teacher forwards, replay samples, regularisers) is counted.
 Counting every step would slow training several-fold, so the meter counts the first step of
@@ -23,14 +24,8 @@ from typing import Any
 import psutil
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-
-def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
-    """FLOPs of one call of ``fn`` and its result."""
-    with FlopCounterMode(display=False) as counter:
-        out = fn(*args, **kwargs)
-    return int(counter.get_total_flops()), out
+from harness.core.flops import FlopCounter, count_flops  # noqa: F401  (count_flops: the engine's, re-exported)
 
 
 def parameter_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
@@ -53,7 +48,7 @@ class StepFlopMeter:
 
     def __init__(self, every: int = 100) -> None:
         self.every = every
-        self._counter: FlopCounterMode | None = None
+        self._counter: FlopCounter | None = None
         self._counted_batch = 0
         self.batch_index = 0  # within the current task
         self.per_sample = 0.0  # FLOPs per sample of the latest counted step
@@ -65,7 +60,7 @@ class StepFlopMeter:
         """Called by the context right before a batch is handed to the method."""
         self._close_counter()
         if self.batch_index % self.every == 0:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = FlopCounter()
             self._counter.__enter__()
             self._counted_batch = batch_size
         else:
