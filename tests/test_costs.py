@@ -1,6 +1,9 @@
-"""FLOP counting: the total-only counter against torch's FlopCounterMode."""
+"""FLOP counting: the total-only counter against torch's FlopCounterMode, and the step meter's
+boundary work (inside train_task, before the first batch and after a batch stream's end)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,8 +12,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.core.backbones import build_backbone
+from harness.core.context import RunContext
+from harness.core.data import Scenario, Task, TensorSource
 from harness.core.flops import FlopCounter
+from harness.core.method import HParams
+from harness.core.protocol import Protocol
+from harness.engine.costs import StepFlopMeter
 from methods.common import batch_mean_fisher, diagonal_fisher
+from tests.conftest import TINY, needs_fmnist
 
 
 def _both(fn):
@@ -108,3 +117,113 @@ def test_counter_accumulates_when_entered_again():
     assert c.get_total_flops() == 2 * (2 * 3 * 4 * 5)
     with pytest.raises(RuntimeError, match="already entered"), c, c:
         pass
+
+
+# ---- the step meter: work in train_task outside its steps -----------------------------------
+def _toy_scenario(n: int = 10, d: int = 8, n_tasks: int = 2) -> Scenario:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n * n_tasks, d, generator=g), torch.arange(n * n_tasks) % 2
+    src = TensorSource(x, y)
+    tasks = [Task(t, [0, 1], src, torch.arange(t * n, (t + 1) * n), torch.arange(0), torch.arange(0))
+             for t in range(n_tasks)]
+    return Scenario("toy", "class", tasks, 2, (d,), "mlp")
+
+
+@pytest.mark.parametrize("every", [1, 2, 100])
+def test_meter_counts_work_before_the_first_batch_and_after_the_stream_exactly(every):
+    """A linear step over 10 samples in batches of 4 (4, 4, 2) with a known matmul before the
+    first batch, another between two streams and a third after the last: the steps are charged as
+    before (at every sampling rate: every step counted, some, only the first), the three matmuls
+    land in the boundary FLOPs exactly, and ctx.counted work inside them is counted once."""
+    sc = _toy_scenario()
+    ctx = RunContext(sc, Protocol(batch_size=4), torch.device("cpu"), 0, lambda: None)
+    lin = nn.Linear(8, 3, bias=False)
+    pre, mid, post = (torch.randn(5, 6), torch.randn(6, 7)), (torch.randn(2, 3), torch.randn(3, 4)), \
+        (torch.randn(7, 2), torch.randn(2, 9))
+    mm = lambda ab: ab[0] @ ab[1]
+    flops = lambda ab: 2 * ab[0].shape[0] * ab[0].shape[1] * ab[1].shape[1]
+
+    def run_task(extra: bool):
+        meter = StepFlopMeter(every=every)
+        ctx.step_hook = meter
+        ctx.extra_flops = 0
+        meter.begin_task()
+        if extra:
+            mm(pre)
+            ctx.counted(mm, pre)  # counted work inside the boundary region: in extra_flops only
+        for x, _ in ctx.train_batches(sc.tasks[0]):
+            lin(x)
+        if extra:
+            mm(mid)
+        for x, _ in ctx.train_batches(sc.tasks[0]):
+            lin(x)
+        if extra:
+            mm(post)
+        meter.finish_task()
+        return meter, meter.take_boundary(), ctx.extra_flops
+
+    plain, plain_boundary, plain_extra = run_task(False)
+    work, boundary, extra = run_task(True)
+    assert plain_boundary == plain_extra == 0
+    assert boundary == flops(pre) + flops(mid) + flops(post)
+    assert extra == flops(pre)
+    assert work.total == plain.total == pytest.approx(2 * 8 * 3 * 20)  # 20 samples, linear in the batch
+    assert work.counted_steps == plain.counted_steps == len(range(0, 6, every))
+    assert work.per_sample == plain.per_sample == 2 * 8 * 3
+    assert not torch._C._len_torch_dispatch_stack()  # no counter left open
+
+
+def test_meter_closes_its_counter_when_train_task_raises():
+    meter = StepFlopMeter()
+    meter.begin_task()
+    try:
+        raise RuntimeError
+    except RuntimeError:
+        meter.finish_task()
+    assert not torch._C._len_torch_dispatch_stack()
+
+
+@dataclass
+class _EdgeParams(HParams):
+    edges: bool = False
+
+
+M, N, K = 64, 48, 32  # the known matmul: 2*M*N*K FLOPs
+
+
+@needs_fmnist
+def test_train_task_work_before_the_first_batch_and_after_the_last_is_in_the_record():
+    """A custom train_task with a known matmul before its first batch and after its last batch:
+    the recorded training FLOPs grow by exactly 2*M*N*K per matmul (as boundary FLOPs) against the
+    same method without them, and the step rate is unchanged."""
+    from harness.core import Method, register
+    from harness.core.method import METHODS
+    from harness.engine.runner import RunSpec, run
+
+    @register
+    class _Edges(Method):
+        NAME = "_test_train_task_edges"
+        HParams = _EdgeParams
+
+        def train_task(self, task):
+            a, b = torch.ones(M, K), torch.ones(K, N)
+            if self.hp.edges:
+                a @ b  # e.g. a teacher or set-up pass before the first batch
+            super().train_task(task)
+            if self.hp.edges:
+                a @ b  # e.g. a consolidation pass after the last batch
+
+    try:
+        plain = run(RunSpec("_test_train_task_edges", "split-fmnist", 0, scenario_set=TINY))
+        edges = run(RunSpec("_test_train_task_edges", "split-fmnist", 0, method_set={"edges": True},
+                            scenario_set=TINY))
+    finally:
+        METHODS.pop("_test_train_task_edges", None)
+    T = plain["n_tasks"]
+    added = T * 2 * (2 * M * N * K)
+    p, e = plain["costs"], edges["costs"]
+    assert e["train_flops_total"] - p["train_flops_total"] == added
+    assert e["train_flops_boundary"] - p["train_flops_boundary"] == added
+    assert [t["train_flops_per_sample"] for t in edges["per_task"]] == \
+        [t["train_flops_per_sample"] for t in plain["per_task"]]
+    assert edges["acc"] == plain["acc"]

@@ -1,8 +1,9 @@
 """The run context a method receives: device, seed, protocol, model factory, batches and meters.
 
 Methods draw training batches only through :meth:`RunContext.train_batches`, which is how the runner
-counts samples and measures the FLOPs of the method's real training step; work outside a step goes
-through :meth:`RunContext.counted`. A diverged training loss raises :class:`TrainingDiverged`.
+counts samples and measures the FLOPs of the method's real training step; work between steps goes
+through :meth:`RunContext.counted` (work in ``train_task`` before its first batch or after a batch
+stream's end is counted by the runner's meter). A diverged training loss raises :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class RunContext:
         """Shuffled training batches over one task or the union of several (Joint).
 
         ``indices`` optionally restricts each task (by id) to a subset of its training indices
-        (used by data partitions over nodes). Every yielded batch is counted.
+        (used by data partitions over nodes). Every yielded batch is counted; when the stream runs
+        out (the method asks for a batch after the last one) the meter is told, so that the work
+        that follows is counted as boundary work, not as a step.
         """
         task_list = [tasks] if isinstance(tasks, Task) else list(tasks)
         epochs = self.protocol.epochs if epochs is None else epochs
@@ -152,6 +155,9 @@ class RunContext:
                     self.step_hook(len(y))
                 self.samples_seen += len(y)
                 yield self._memory_format(x), y
+        end = getattr(self.step_hook, "end_of_batches", None)
+        if end is not None:
+            end()
 
     def eval_batches(self, task: Task, split: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
         """Unshuffled batches of a task's validation (default) or test split."""
@@ -173,22 +179,26 @@ class RunContext:
     def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run training work that happens between steps (DIMAT's matching passes, BatchNorm
         resets) and add its FLOPs to the run's training FLOPs."""
-        pause = getattr(self.step_hook, "pause", None)
-        if pause is not None:
-            pause()  # an open step counter would count this work twice
-        key = _signature((fn, args, kwargs)) if self.COUNT_ONCE_PER_SIGNATURE else None
-        cache = self.__dict__.setdefault("_counted_flops", {})
-        if key is not None and key in cache:
-            out = fn(*args, **kwargs)
-            self.extra_flops += cache[key]
+        suspend = getattr(self.step_hook, "suspend", None)
+        if suspend is not None:
+            suspend()  # the meter's open counter would count this work twice
+        try:
+            key = _signature((fn, args, kwargs)) if self.COUNT_ONCE_PER_SIGNATURE else None
+            cache = self.__dict__.setdefault("_counted_flops", {})
+            if key is not None and key in cache:
+                out = fn(*args, **kwargs)
+                self.extra_flops += cache[key]
+                return out
+            with FlopCounter() as counter:
+                out = fn(*args, **kwargs)
+            flops = counter.get_total_flops()
+            if key is not None:
+                cache[key] = flops
+            self.extra_flops += flops
             return out
-        with FlopCounter() as counter:
-            out = fn(*args, **kwargs)
-        flops = counter.get_total_flops()
-        if key is not None:
-            cache[key] = flops
-        self.extra_flops += flops
-        return out
+        finally:
+            if suspend is not None:
+                self.step_hook.resume()  # type: ignore[union-attr]
 
     def add_communication(self, nbytes: int, rounds: int = 0) -> None:
         self.comm_bytes += int(nbytes)
