@@ -75,8 +75,7 @@ class RunContext:
         unscaled right after, so that hooks between backward and step see true gradients.
         Every loss is also summed (without a device sync) for the runner's finite check after the
         task (:meth:`check_losses`), so no method has to check its own losses."""
-        d = loss.detach().float()
-        self.loss_sum = d if self.loss_sum is None else self.loss_sum + d
+        self.record_loss(loss)
         if self.scaler is None:
             loss.backward()
             return
@@ -84,9 +83,16 @@ class RunContext:
         for opt in optimizers:
             self.scaler.unscale_(opt)
 
+    def record_loss(self, loss: Tensor) -> None:
+        """Add a training loss to the sum :meth:`check_losses` checks (no device sync); :meth:`backward`
+        does it for every loss it sees, a loop that backpropagates on its own (Avalanche's) calls it."""
+        d = loss.detach().float()
+        self.loss_sum = d if self.loss_sum is None else self.loss_sum + d
+
     def check_losses(self, method: str, task_id: int) -> None:
-        """Raise TrainingDiverged when a loss that went through :meth:`backward` during this task was
-        inf or NaN (one device sync per task); the runner calls it after every ``train_task``."""
+        """Raise TrainingDiverged when a loss that went through :meth:`backward` (or :meth:`record_loss`)
+        during this task was inf or NaN (one device sync per task); the runner calls it after every
+        ``train_task``."""
         total, self.loss_sum = self.loss_sum, None
         if total is not None:
             check_finite(total, method, task_id)
