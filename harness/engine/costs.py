@@ -31,7 +31,7 @@ import psutil
 import torch
 from torch import nn
 
-from harness.core.flops import FlopCounter, count_flops  # noqa: F401  (count_flops: the engine's, re-exported)
+from harness.core.flops import FlopCounter, count_flops  # noqa: F401  (count_flops: re-exported)
 
 
 def parameter_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
