@@ -6,7 +6,10 @@ epochs, device). ``train_task`` turns the task's training split into an Avalanch
 (one copy of that task's training inputs, after the task's transform: Avalanche needs a dataset
 object) and trains one experience; our runner evaluates the strategy's model with our evaluator.
 A plugin tells the runner's meters about each Avalanche minibatch, so samples and FLOPs of
-Avalanche's real step are counted (for Replay the minibatch includes the replayed samples).
+Avalanche's real step are counted (for Replay the minibatch includes the replayed samples), and
+the end of each epoch, so that the work Avalanche does after it (EWC's importance pass) is counted
+as boundary work; it also hands every backpropagated loss to the runner's finite check, so a
+diverged avl-* run fails like a native one (TrainingDiverged at its task).
 The optimiser is rebuilt at every task, as ``Protocol.reset_optimizer`` does for native methods.
 Resume is not supported: Avalanche strategies have no state_dict; a resumed run restarts them.
 
@@ -66,13 +69,25 @@ def _meter_plugin(ctx) -> Any:
     from avalanche.core import SupervisedPlugin
 
     class _RunnerMeter(SupervisedPlugin):
-        """Counts each Avalanche training minibatch in the runner's sample and FLOP meters."""
+        """Ties Avalanche's training loop to the runner, as ``ctx.train_batches`` and ``ctx.backward``
+        tie a native loop: each minibatch is counted in the sample and FLOP meters, the end of an
+        epoch ends the meter's batch stream (the last step is over: what follows until the next
+        minibatch or the end of the experience, e.g. EWC's importance pass, is boundary work), and
+        every backpropagated loss (regularisers included) goes to the runner's finite check."""
 
         def before_training_iteration(self, strategy, **kwargs) -> None:
             n = len(strategy.mb_y)
             if ctx.step_hook is not None:
                 ctx.step_hook(n)
             ctx.samples_seen += n
+
+        def after_backward(self, strategy, **kwargs) -> None:
+            ctx.record_loss(strategy.loss)
+
+        def after_training_epoch(self, strategy, **kwargs) -> None:
+            end = getattr(ctx.step_hook, "end_of_batches", None)
+            if end is not None:
+                end()
 
     return _RunnerMeter()
 

@@ -17,6 +17,7 @@ import warnings
 import pytest
 
 from harness.core.errors import UserError
+from harness.engine.runner import RunSpec
 from tests.conftest import TINY, needs_fmnist
 
 HAVE_AVALANCHE = importlib.util.find_spec("avalanche") is not None
@@ -66,3 +67,25 @@ def test_avalanche_si_regulariser_is_inert():
     si = run(RunSpec("avl-si", "split-fmnist", 0, method_set={"si_lambda": 2.0}, scenario_set=dict(TINY)))
     flat = [a for row in si["acc"]["class_il"] for a in row]
     assert flat == pytest.approx([a for row in naive for a in row], abs=0.005)
+
+
+@needs_avalanche
+@needs_fmnist
+def test_diverged_avalanche_run_fails_like_a_native_one(tmp_path):
+    """lr=1e6 makes the loss inf/NaN within the first task: the native FT run and its Avalanche twin
+    (whose losses reach the runner's finite check through the adapter's plugin) are both recorded
+    as failed with TrainingDiverged's message at task 0, not finished with NaN weights."""
+    from harness.core.protocol import Protocol
+    from harness.orchestration.suite import execute
+    from harness.orchestration.tracking import Store
+
+    warnings.filterwarnings("ignore")
+    store = Store(tmp_path / "res", "adhoc", "none")
+    errors = {}
+    for name in ("ft", "avl-naive"):
+        spec = RunSpec(name, "split-fmnist", 0, scenario_set=dict(TINY), protocol=Protocol(lr=1e6))
+        rec = execute(spec, store, checkpoint=False)
+        assert rec["status"] == "failed", name
+        errors[name] = rec["error"]
+    assert errors["ft"] == "ft: training loss became NaN/inf during task 0"
+    assert errors["avl-naive"] == "avl-naive: training loss became NaN/inf during task 0"

@@ -1,8 +1,9 @@
 """The run context a method receives: device, seed, protocol, model factory, batches and meters.
 
 Methods draw training batches only through :meth:`RunContext.train_batches`, which is how the runner
-counts samples and measures the FLOPs of the method's real training step; work outside a step goes
-through :meth:`RunContext.counted`. A diverged training loss raises :class:`TrainingDiverged`.
+counts samples and measures the FLOPs of the method's real training step; work between steps goes
+through :meth:`RunContext.counted` (work in ``train_task`` before its first batch or after a batch
+stream's end is counted by the runner's meter). A diverged training loss raises :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.core.data import Scenario, Task, task_iter, union_iter
+from harness.core.flops import FlopCounter
 from harness.core.protocol import PRECISIONS, Protocol
 
 
@@ -73,8 +75,7 @@ class RunContext:
         unscaled right after, so that hooks between backward and step see true gradients.
         Every loss is also summed (without a device sync) for the runner's finite check after the
         task (:meth:`check_losses`), so no method has to check its own losses."""
-        d = loss.detach().float()
-        self.loss_sum = d if self.loss_sum is None else self.loss_sum + d
+        self.record_loss(loss)
         if self.scaler is None:
             loss.backward()
             return
@@ -82,9 +83,16 @@ class RunContext:
         for opt in optimizers:
             self.scaler.unscale_(opt)
 
+    def record_loss(self, loss: Tensor) -> None:
+        """Add a training loss to the sum :meth:`check_losses` checks (no device sync); :meth:`backward`
+        does it for every loss it sees, a loop that backpropagates on its own (Avalanche's) calls it."""
+        d = loss.detach().float()
+        self.loss_sum = d if self.loss_sum is None else self.loss_sum + d
+
     def check_losses(self, method: str, task_id: int) -> None:
-        """Raise TrainingDiverged when a loss that went through :meth:`backward` during this task was
-        inf or NaN (one device sync per task); the runner calls it after every ``train_task``."""
+        """Raise TrainingDiverged when a loss that went through :meth:`backward` (or :meth:`record_loss`)
+        during this task was inf or NaN (one device sync per task); the runner calls it after every
+        ``train_task``."""
         total, self.loss_sum = self.loss_sum, None
         if total is not None:
             check_finite(total, method, task_id)
@@ -135,7 +143,9 @@ class RunContext:
         """Shuffled training batches over one task or the union of several (Joint).
 
         ``indices`` optionally restricts each task (by id) to a subset of its training indices
-        (used by data partitions over nodes). Every yielded batch is counted.
+        (used by data partitions over nodes). Every yielded batch is counted; when the stream runs
+        out (the method asks for a batch after the last one) the meter is told, so that the work
+        that follows is counted as boundary work, not as a step.
         """
         task_list = [tasks] if isinstance(tasks, Task) else list(tasks)
         epochs = self.protocol.epochs if epochs is None else epochs
@@ -151,6 +161,9 @@ class RunContext:
                     self.step_hook(len(y))
                 self.samples_seen += len(y)
                 yield self._memory_format(x), y
+        end = getattr(self.step_hook, "end_of_batches", None)
+        if end is not None:
+            end()
 
     def eval_batches(self, task: Task, split: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
         """Unshuffled batches of a task's validation (default) or test split."""
@@ -172,24 +185,26 @@ class RunContext:
     def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run training work that happens between steps (DIMAT's matching passes, BatchNorm
         resets) and add its FLOPs to the run's training FLOPs."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        pause = getattr(self.step_hook, "pause", None)
-        if pause is not None:
-            pause()  # an open step counter would count this work twice
-        key = _signature((fn, args, kwargs)) if self.COUNT_ONCE_PER_SIGNATURE else None
-        cache = self.__dict__.setdefault("_counted_flops", {})
-        if key is not None and key in cache:
-            out = fn(*args, **kwargs)
-            self.extra_flops += cache[key]
+        suspend = getattr(self.step_hook, "suspend", None)
+        if suspend is not None:
+            suspend()  # the meter's open counter would count this work twice
+        try:
+            key = _signature((fn, args, kwargs)) if self.COUNT_ONCE_PER_SIGNATURE else None
+            cache = self.__dict__.setdefault("_counted_flops", {})
+            if key is not None and key in cache:
+                out = fn(*args, **kwargs)
+                self.extra_flops += cache[key]
+                return out
+            with FlopCounter() as counter:
+                out = fn(*args, **kwargs)
+            flops = counter.get_total_flops()
+            if key is not None:
+                cache[key] = flops
+            self.extra_flops += flops
             return out
-        with FlopCounterMode(display=False) as counter:
-            out = fn(*args, **kwargs)
-        flops = int(counter.get_total_flops())
-        if key is not None:
-            cache[key] = flops
-        self.extra_flops += flops
-        return out
+        finally:
+            if suspend is not None:
+                self.step_hook.resume()  # type: ignore[union-attr]
 
     def add_communication(self, nbytes: int, rounds: int = 0) -> None:
         self.comm_bytes += int(nbytes)

@@ -1,12 +1,19 @@
 """Cost meters shared by every run (METHODS.md §2): FLOPs, parameters, time, memory.
 
-FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 x MACs, forward and
-backward). Training FLOPs are measured on the method's real step: the runner opens a counter
-when a training batch is handed out and closes it when the next one is asked for, so whatever
-the method does with that batch (teacher forwards, replay samples, regularisers) is counted.
+FLOPs come from torch's FLOP formulas (``torch.utils.flop_counter``; FLOPs = 2 x MACs, forward and
+backward), totalled by :class:`harness.core.flops.FlopCounter`, which returns FlopCounterMode's totals
+without its module tracking. Training FLOPs are measured on the method's real step: the runner opens
+a counter when a training batch is handed out and closes it when the next one is asked for, so
+whatever the method does with that batch (teacher forwards, replay samples, regularisers) is counted.
 Counting every step would slow training several-fold, so the meter counts the first step of
 each task and then one step in every ``every``, and charges each uncounted step with the FLOPs
 per sample of the next counted one (or the latest, at the end of a task).
+
+Work inside ``train_task`` that is not a step is counted exactly, as boundary FLOPs: from the start
+of ``train_task`` to its first batch (a set-up pass, a teacher pass), and from the end of a batch
+stream (the method asked for a batch after the last one: its last step is over) to the next batch
+or the end of ``train_task`` (work between epochs, a consolidation pass at the end). ``ctx.counted``
+work suspends whatever counter is open, so it is never counted twice.
 """
 
 from __future__ import annotations
@@ -23,14 +30,8 @@ from typing import Any
 import psutil
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-
-def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
-    """FLOPs of one call of ``fn`` and its result."""
-    with FlopCounterMode(display=False) as counter:
-        out = fn(*args, **kwargs)
-    return int(counter.get_total_flops()), out
+from harness.core.flops import FlopCounter, count_flops  # noqa: F401  (count_flops: re-exported)
 
 
 def parameter_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
@@ -49,43 +50,92 @@ def parameter_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
 
 
 class StepFlopMeter:
-    """Samples FLOPs of training steps as batches are drawn (see the module docstring)."""
+    """Samples FLOPs of training steps as batches are drawn and counts the work of ``train_task``
+    outside its steps exactly (see the module docstring).
+
+    The runner calls :meth:`begin_task` right before ``train_task`` and :meth:`finish_task` right
+    after; the context calls the meter before each batch it hands out, :meth:`end_of_batches` when
+    a batch stream ends, and :meth:`suspend` / :meth:`resume` around ``ctx.counted`` work."""
 
     def __init__(self, every: int = 100) -> None:
         self.every = every
-        self._counter: FlopCounterMode | None = None
+        self._counter: FlopCounter | None = None
+        self._step = False  # the open counter is a step's (else boundary work's)
         self._counted_batch = 0
+        self._suspended = 0  # depth of suspend() calls
+        self._suspended_counter = False  # a counter was open when suspended
+        self._in_task = False
         self.batch_index = 0  # within the current task
         self.per_sample = 0.0  # FLOPs per sample of the latest counted step
         self.total = 0.0  # estimated training FLOPs of all steps so far
+        self.boundary = 0  # exact FLOPs of work in train_task outside its steps, not yet taken
         self.counted_steps = 0
         self._uncharged = 0  # samples of uncounted steps not yet charged
+
+    def begin_task(self) -> None:
+        """``train_task`` starts: count its work up to the first batch as boundary FLOPs."""
+        self._close_counter()
+        self._in_task = True
+        self._open(step=False)
 
     def __call__(self, batch_size: int) -> None:
         """Called by the context right before a batch is handed to the method."""
         self._close_counter()
         if self.batch_index % self.every == 0:
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
+            self._open(step=True)
             self._counted_batch = batch_size
         else:
             self._uncharged += batch_size
         self.batch_index += 1
 
+    def end_of_batches(self) -> None:
+        """A batch stream ran out (the method asked for a batch after its last): the last step is
+        over, and the work from here to the next batch or to the end of ``train_task`` is counted
+        exactly as boundary FLOPs."""
+        self._close_counter()
+        if self._in_task:
+            self._open(step=False)
+
+    def suspend(self) -> None:
+        """Stop counting until :meth:`resume` (the work in between is counted elsewhere)."""
+        self._suspended += 1
+        if self._suspended == 1:
+            self._suspended_counter = self._counter is not None
+            if self._counter is not None:
+                self._counter.__exit__(None, None, None)
+
+    def resume(self) -> None:
+        """Count again into the counter that :meth:`suspend` stopped."""
+        self._suspended -= 1
+        if self._suspended == 0 and self._suspended_counter:
+            assert self._counter is not None
+            self._counter.__enter__()
+            self._suspended_counter = False
+
+    def _open(self, step: bool) -> None:
+        self._counter = FlopCounter()
+        self._step = step
+        if self._suspended:
+            self._suspended_counter = True  # entered by resume()
+        else:
+            self._counter.__enter__()
+
     def _close_counter(self) -> None:
         if self._counter is None:
             return
-        self._counter.__exit__(None, None, None)
-        flops = self._counter.get_total_flops()
-        self._counter = None
+        counter, self._counter = self._counter, None
+        if counter.active:
+            counter.__exit__(None, None, None)
+        if self._suspended:
+            self._suspended_counter = False
+        flops = counter.get_total_flops()
+        if not self._step:
+            self.boundary += flops
+            return
         self.per_sample = flops / max(self._counted_batch, 1)
         self.total += flops + self.per_sample * self._uncharged
         self._uncharged = 0
         self.counted_steps += 1
-
-    def pause(self) -> None:
-        """Close the open step counter early (work that follows is counted elsewhere)."""
-        self._close_counter()
 
     def finish_task(self) -> None:
         """Close the task's last counter and charge its remaining steps at the latest rate."""
@@ -93,6 +143,12 @@ class StepFlopMeter:
         self.total += self.per_sample * self._uncharged
         self._uncharged = 0
         self.batch_index = 0
+        self._in_task = False
+
+    def take_boundary(self) -> int:
+        """The boundary FLOPs counted since the last call (the runner adds them to the run's)."""
+        flops, self.boundary = self.boundary, 0
+        return int(flops)
 
 
 def reset_peak_rss() -> bool:

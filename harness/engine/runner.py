@@ -347,12 +347,15 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             comm_before = ctx.comm_bytes
             watch.start()
             f_before, _ = count_flops(method.before_task, task)
-            method.train_task(task)
+            meter.begin_task()  # work before the first batch and after a stream's end: boundary FLOPs
+            try:
+                method.train_task(task)
+            finally:
+                meter.finish_task()  # closes the open counter, even when train_task raised
             ctx.check_losses(method.NAME, task.id)  # every loss through ctx.backward, whatever the schedule
-            meter.finish_task()
             f_after, _ = count_flops(method.after_task, task)
             train_s = watch.stop()
-            boundary_flops += f_before + f_after
+            boundary_flops += f_before + meter.take_boundary() + f_after
             watch.start()
             accs = evaluate(method, scenario, k, spec.eval_split, ctx)
             method.after_evaluation(task)
