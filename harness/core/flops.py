@@ -36,15 +36,29 @@ from torch._C import DispatchKey
 from torch.utils import flop_counter as _torch_flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_aten = torch.ops.aten
+
+def _existing(*names: str) -> frozenset:
+    """The operators of these ``namespace::op.overload`` names that this torch has (an older torch,
+    such as a GPU image's, lacks some of the newer ones)."""
+    out = set()
+    for name in names:
+        space, _, rest = name.partition("::")
+        op, _, overload = rest.partition(".")
+        try:
+            out.add(getattr(getattr(getattr(torch.ops, space), op), overload))
+        except (AttributeError, RuntimeError):
+            continue
+    return frozenset(out)
+
+
 # FlopCounterMode's list of operators that are not computation (queries of sizes, strides, layout).
-_SKIPPED = frozenset({
-    _aten.sym_is_contiguous.default, _aten.is_contiguous.default, _aten.is_contiguous.memory_format,
-    _aten.is_strides_like_format.default, _aten.is_non_overlapping_and_dense.default, _aten.size.default,
-    _aten.sym_size.default, _aten.stride.default, _aten.sym_stride.default, _aten.storage_offset.default,
-    _aten.sym_storage_offset.default, _aten.numel.default, _aten.sym_numel.default, _aten.dim.default,
-    torch.ops.prim.layout.default,
-})
+_SKIPPED = _existing(
+    "aten::sym_is_contiguous.default", "aten::is_contiguous.default", "aten::is_contiguous.memory_format",
+    "aten::is_strides_like_format.default", "aten::is_non_overlapping_and_dense.default", "aten::size.default",
+    "aten::sym_size.default", "aten::stride.default", "aten::sym_stride.default", "aten::storage_offset.default",
+    "aten::sym_storage_offset.default", "aten::numel.default", "aten::sym_numel.default", "aten::dim.default",
+    "prim::layout.default",
+)
 _PRIM_DEVICE = torch.ops.prim.device.default
 _CIA = DispatchKey.CompositeImplicitAutograd
 _DECOMPOSES: dict[Any, bool] = {}  # OpOverload -> whether OpOverload.decompose can return a result
