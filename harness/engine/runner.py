@@ -269,8 +269,6 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                         "pick a scenario of a supported setting")
     seed_everything(spec.seed)
     ctx = build_context(spec, scenario, device)
-    if spec.eval_split != "test":
-        ctx.allow_test = False
     method = cls(hp, ctx)
     T = len(scenario.tasks)
 

@@ -81,9 +81,8 @@ class NodeLearner(DMKD):
         self.shard = torch.empty(0, dtype=torch.long)
 
     def train_data(self, task: Task, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in task.source.batches(self.shard, batch_size, shuffle=False, generator=None,
-                                        device=self.ctx.device, train=True):
-            yield (task.transform(x) if task.transform is not None else x), y
+        yield from task.samples(self.shard, batch_size, shuffle=False, generator=None, device=self.ctx.device,
+                                train=True)
 
     @torch.no_grad()
     def _probe_gates(self, task: Task, n: int = 1024) -> Tensor:
