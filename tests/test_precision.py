@@ -35,7 +35,7 @@ def _run(method: str = "ft", scenario: str = "split-fmnist", **proto) -> dict:
 
 
 def test_precision_is_validated_and_recorded():
-    with pytest.raises(UserError, match="unknown precision 'fp8'"):
+    with pytest.raises(UserError, match="precision='fp8' is not one of fp32, bf16, fp16"):
         Protocol(precision="fp8").validate()
     rec = _run(precision="bf16", epochs=1)
     p = rec["config"]["protocol"]
