@@ -43,9 +43,15 @@ def _env(**extra):
     return e
 
 
-def _worker(suite, res, storage, *more, env=None):
+# The grace before a silent worker is taken over: short where a test kills a worker, longer where no
+# worker dies, so that a worker starved of CPU on a loaded machine is not taken for dead (its cell would
+# then run twice and "exactly once" would fail for a reason that is not the one under test).
+KILL_GRACE, NO_KILL_GRACE = "3", "15"
+
+
+def _worker(suite, res, storage, *more, env=None, grace=KILL_GRACE):
     args = [sys.executable, "-m", "harness.cli", "suite", str(suite), "--results", str(res), "--no-report",
-            "--heartbeat", "1", "--grace", "3", *(["--storage", storage] if storage else []), *more]
+            "--heartbeat", "1", "--grace", grace, *(["--storage", storage] if storage else []), *more]
     # Ignored and blocked signals are inherited through exec: a test process whose SIGINT was ignored
     # (started with `cmd &`) or blocked (by an earlier test) would start workers that never see
     # Ctrl-C. The worker is started with SIGINT unblocked and handled, then the test's state restored.
@@ -108,7 +114,7 @@ def _exactly_once(res, storage_url, n_cells):
 @needs_fmnist
 def test_four_workers_through_postgresql_run_every_cell_exactly_once(tmp_path, postgres):  # noqa: F811
     suite, res = _suite(tmp_path), tmp_path / "res"
-    procs = [_worker(suite, res, postgres) for _ in range(4)]
+    procs = [_worker(suite, res, postgres, grace=NO_KILL_GRACE) for _ in range(4)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [o[1][-800:] for o in outs]
     recs, trials = _exactly_once(res, postgres, 6)
@@ -153,7 +159,7 @@ def test_killed_worker_cell_is_taken_over_from_its_checkpoint(tmp_path, postgres
 def test_local_workers_launcher_and_wall_time(tmp_path):
     suite, res = _suite(tmp_path), tmp_path / "res"
     p = subprocess.run([sys.executable, "-m", "harness.cli", "suite", str(suite), "--results", str(res), "--no-report",
-                        "--workers", "2", "--heartbeat", "1", "--grace", "3"], cwd=REPO, env=_env(),
+                        "--workers", "2", "--heartbeat", "1", "--grace", NO_KILL_GRACE], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-1500:]
     assert "starting 2 workers x" in p.stderr and "wall time:" in p.stdout and "2 workers" in p.stdout
@@ -169,7 +175,7 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path):
     journal = f"journal:{tmp_path / 'suite.journal'}"
     p = subprocess.run([sys.executable, "-m", "harness.cli", "suite", str(suite), "--results", str(res), "--no-report",
                         "--launcher", "submitit-local", "--workers", "2", "--cpus-per-worker", "1", "--storage",
-                        journal, "--heartbeat", "1", "--grace", "3"], cwd=REPO, env=_env(), capture_output=True,
+                        journal, "--heartbeat", "1", "--grace", NO_KILL_GRACE], cwd=REPO, env=_env(), capture_output=True,
                        text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-1500:]
     assert "submitted 2 worker job(s) through submitit (local)" in p.stderr
