@@ -8,6 +8,7 @@ not depend on the precision (they count shapes), and every registered method tra
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ pytestmark = needs_fmnist
 # bf16 keeps 8 bits of mantissa: on this scenario (5 tasks, 600 training samples each) the final
 # average accuracies of fp32 and bf16 training agree to within this tolerance.
 BF16_TOLERANCE = 0.05
+COMPILE_TOLERANCE = 0.02  # compiled vs eager fp32 accuracies (inductor fuses and reorders float sums)
 
 
 def _run(method: str = "ft", scenario: str = "split-fmnist", **proto) -> dict:
@@ -136,6 +138,22 @@ def test_compile_keeps_the_module_and_its_state_dict_keys():
     model = ctx.make_model()
     assert type(model) is nn.Linear and set(model.state_dict()) == {"weight", "bias"}
     assert getattr(model, "_compiled_call_impl", None) is not None
+
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C/C++ compiler (inductor)")
+def test_compile_gives_the_eager_run_s_accuracies_and_flops():
+    """compile=true runs forward and backward through torch.compile (inductor on the CPU): the FLOP
+    counts are the eager run's, and the accuracies agree within the float reordering of fused kernels
+    (here they were equal; COMPILE_TOLERANCE allows a few test samples)."""
+    eager, compiled = _run("ft"), _run("ft", compile=True)
+    assert compiled["status"] == "finished" and compiled["config"]["protocol"]["compile"] is True
+    for setting, rows in eager["acc"].items():
+        for row_e, row_c in zip(rows, compiled["acc"][setting], strict=True):
+            assert all(abs(a - b) <= COMPILE_TOLERANCE for a, b in zip(row_e, row_c, strict=True)), setting
+    for key in ("train_flops_total", "train_flops_boundary", "inference_flops_per_sample", "params_total"):
+        assert compiled["costs"][key] == eager["costs"][key], key
 
 
 # fp16 (gradient scaler) for the methods with their own backward/step or gradient hooks
