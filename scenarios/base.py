@@ -39,6 +39,16 @@ class ScenarioOptions:
 
 
 @dataclass
+class ImageFileOptions(ScenarioOptions):
+    """Options of the scenarios that read image files (Tiny-ImageNet, PACS, OfficeHome): how they are decoded."""
+
+    in_memory: bool = documented(False, "decode the images the tasks use once into a uint8 tensor instead of "
+                                 "streaming them", "ours (harness option)")
+    num_workers: int = documented(0, "DataLoader processes that decode images (0: in-process, deterministic)",
+                                  "ours (harness option)", ge=0)
+
+
+@dataclass
 class ScenarioSpec:
     name: str
     options: type

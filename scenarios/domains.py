@@ -22,7 +22,7 @@ import torch
 from harness.core.data import Scenario, Task
 from harness.core.defaults import documented
 from harness.core.errors import UserError
-from scenarios.base import ScenarioOptions, candidate_roots, cap, register_scenario, split_train_val
+from scenarios.base import ImageFileOptions, candidate_roots, cap, register_scenario, split_train_val
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
 from scenarios.synth import synthetic_marker
 
@@ -52,7 +52,7 @@ def parse_domain_order(value: str | Sequence[str], valid: Sequence[str]) -> list
 
 
 @dataclass
-class DomainOptions(ScenarioOptions):
+class DomainOptions(ImageFileOptions):
     """Domain-incremental PACS / OfficeHome: one task per domain, every class in every domain."""
 
     DOMAINS: ClassVar[tuple[str, ...]] = PACS_DOMAINS  # the valid names (not an option)
@@ -65,10 +65,6 @@ class DomainOptions(ScenarioOptions):
     image_size: int = documented(224, "side the images are resized to", "the usual ImageNet-backbone input", ge=8)
     augment: bool = documented(True, "random crop (padding image_size/8) + horizontal flip of training batches",
                                "ours: the CIFAR recipe scaled to the image size")
-    in_memory: bool = documented(False, "decode the images the tasks use once into a uint8 tensor instead of "
-                                 "streaming them", "ours (harness option)")
-    num_workers: int = documented(0, "DataLoader processes that decode images (0: in-process, deterministic)",
-                                  "ours (harness option)", ge=0)
 
     def validate(self) -> None:
         super().validate()

@@ -18,7 +18,7 @@ import torch
 from harness.core.data import Scenario
 from harness.core.defaults import documented
 from harness.core.errors import UserError
-from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, find_dir, register_scenario
+from scenarios.base import ImageFileOptions, candidate_roots, class_split_tasks, find_dir, register_scenario
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
 from scenarios.synth import synthetic_marker
 
@@ -104,7 +104,7 @@ def scan_tinyimagenet(data_root: str | None) -> TinyImageNetFiles:
 
 
 @dataclass
-class TinyImageNetOptions(ScenarioOptions):
+class TinyImageNetOptions(ImageFileOptions):
     """Split Tiny-ImageNet: the 200 classes in tasks of equal class count."""
 
     n_tasks: int = documented(10, "tasks of equal class count (10 -> 10 x 20); must divide the number of classes",
@@ -114,10 +114,6 @@ class TinyImageNetOptions(ScenarioOptions):
     image_size: int = documented(64, "side the images are resized to", "Tiny-ImageNet's native 64 x 64", ge=8)
     augment: bool = documented(True, "random crop (padding image_size/8) + horizontal flip of training batches",
                                "Mammoth's seq-tinyimg: RandomCrop(64, padding=4) + RandomHorizontalFlip")
-    in_memory: bool = documented(False, "decode the images the tasks use once into a uint8 tensor instead of "
-                                 "streaming them", "ours (harness option)")
-    num_workers: int = documented(0, "DataLoader processes that decode images (0: in-process, deterministic)",
-                                  "ours (harness option)", ge=0)
 
 
 @register_scenario(
