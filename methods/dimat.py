@@ -264,6 +264,7 @@ class DimatParams(NodesParams):
 @register
 class Dimat(NodesMethod):
     NAME = "dimat"
+    STATE_KINDS = {"agents": "nodes"}
     HParams = DimatParams
     DESCRIPTION = "DIMAT (continual): activation matching + π-weighted merge over a topology, E local epochs"
 

@@ -5,7 +5,10 @@ otherwise r ~ U{0..n} is drawn and it replaces slot r if r < M. A whole batch is
 with the same result as inserting its samples one by one (later samples win a contested slot).
 Each step trains on the stream batch concatenated with an equally sized batch drawn without
 replacement from the buffer (Mammoth's ER). The buffer lives on the training device and holds
-inputs after the task's transform (permutation/rotation), as the model saw them.
+inputs after the task's transform (permutation/rotation), as the model saw them. Where the data set
+stores uint8 images and the transform keeps pixel values (none, a permutation), a sample is stored
+as its uint8 image (1 byte per pixel, as the papers count exemplars) and decoded bit-identically when
+replayed; otherwise (a rotation interpolates, CIFAR's augmented crops) as the float input.
 
 Cost against FT (bench/method_cost.py): about 2x FT's per stream sample from the second task on,
 by the algorithm: every step trains on twice the samples (stream plus replay); measured 0.44-0.57 of
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.core.data import Task
+from harness.core.data import SampleCodec, Task
 from harness.core.defaults import documented
 from harness.core.method import HParams, Method, register, tensor_bytes
 
@@ -47,6 +50,14 @@ class ReservoirBuffer:
         self.n_seen = 0
         self.x: Tensor | None = None
         self.y: Tensor | None = None
+        self.codec: SampleCodec | None = None  # stored format of x (None: the float inputs themselves)
+
+    def use_codec(self, codec: SampleCodec | None) -> None:
+        """Store samples through ``codec`` (chosen before the first insert; every task must share it)."""
+        if self.x is None:
+            self.codec = codec
+        elif (codec is None) != (self.codec is None) or (codec is not None and codec.source is not self.codec.source):
+            raise RuntimeError("ER: a later task's inputs need another stored format than the buffer's")
 
     @property
     def filled(self) -> int:
@@ -60,6 +71,11 @@ class ReservoirBuffer:
 
     @torch.no_grad()
     def add(self, x: Tensor, y: Tensor) -> None:
+        if self.codec is not None:
+            stored = self.codec.encode(x)
+            if self.x is None and not torch.equal(self.codec.decode(stored), x):
+                raise RuntimeError("ER: the task's inputs are not exactly representable in the source's format")
+            x = stored
         if self.x is None:
             self.x = torch.zeros((self.size, *x.shape[1:]), dtype=x.dtype, device=self.device)
             self.y = torch.zeros(self.size, dtype=y.dtype, device=self.device)
@@ -82,29 +98,35 @@ class ReservoirBuffer:
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         assert self.x is not None and self.y is not None
         idx = torch.randperm(self.filled, generator=self.generator)[: min(n, self.filled)].to(self.device)
-        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+        x = self.x.index_select(0, idx)
+        return (self.codec.decode(x) if self.codec is not None else x), self.y.index_select(0, idx)
 
     def state(self) -> dict[str, Any]:
-        return {"x": self.x, "y": self.y, "n_seen": self.n_seen, "rng": self.generator.get_state()}
+        return {"x": self.x, "y": self.y, "n_seen": self.n_seen}
 
     def load(self, st: dict[str, Any]) -> None:
         self.x = None if st.get("x") is None else st["x"].to(self.device)
         self.y = None if st.get("y") is None else st["y"].to(self.device)
         self.n_seen = int(st.get("n_seen", 0))
-        if "rng" in st:
-            self.generator.set_state(st["rng"])
 
 
 @register
 class ER(Method):
     NAME = "er"
     HParams = ERParams
+    STATE_KINDS = {"buffer": "replay"}
     DESCRIPTION = "Experience replay: reservoir buffer, stream batch + equal buffer batch"
 
     def __init__(self, hp: ERParams, ctx) -> None:
         super().__init__(hp, ctx)
         gen = torch.Generator().manual_seed(ctx.seed + 2_147_483)
         self.buffer = ReservoirBuffer(hp.buffer_size, ctx.device, gen)
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self.buffer.use_codec(task.codec())
+        stored = "float" if self.buffer.codec is None else "uint8"
+        self.ctx.artifacts.setdefault("er", {})["stored_as"] = stored
 
     def training_loss(self, x: Tensor, y: Tensor, task: Task) -> Tensor:
         if self.buffer.filled > 0:
@@ -119,9 +141,11 @@ class ER(Method):
         return tensor_bytes(self.buffer.x, self.buffer.y)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state()}
+        return {"buffer": self.buffer.state(), "rng": self.buffer.generator.get_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "buffer" in state:
             self.buffer.load(state["buffer"])
+        if "rng" in state:
+            self.buffer.generator.set_state(state["rng"])
 

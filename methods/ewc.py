@@ -76,6 +76,7 @@ class EWCParams(HParams):
 class EWC(Method):
     NAME = "ewc"
     STATE = ("coef", "center", "offset", "n_consolidated")  # checkpointed by the base class
+    STATE_KINDS = {"coef": "importance", "center": "snapshot", "offset": "importance"}
     HParams = EWCParams
     DESCRIPTION = "Elastic Weight Consolidation (separate or online), diagonal Fisher penalty"
 

@@ -35,6 +35,7 @@ class LwFParams(HParams):
 @register
 class LwF(Method):
     NAME = "lwf"
+    STATE_KINDS = {"teacher": "snapshot"}
     HParams = LwFParams
     DESCRIPTION = "Learning without Forgetting: distil the previous model on the old classes"
 

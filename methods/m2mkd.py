@@ -78,6 +78,7 @@ def hybrid_forward(teacher: nn.Sequential, student_module: nn.Module, i: int, x:
 @register
 class M2MKD(Method):
     NAME = "m2mkd"
+    STATE_KINDS = {"teacher": "snapshot"}
     HParams = M2MKDParams
     DESCRIPTION = "m2mKD (CL): module-wise hybrid distillation from the previous task's snapshot, then end to end"
 

@@ -57,6 +57,7 @@ class SIParams(HParams):
 class SI(Method):
     NAME = "si"
     STATE = ("omega", "w", "anchor", "consolidated")  # checkpointed by the base class
+    STATE_KINDS = {"omega": "importance", "w": "importance", "anchor": "snapshot"}
     HParams = SIParams
     DESCRIPTION = "Synaptic Intelligence: path-integral importance, quadratic penalty"
 

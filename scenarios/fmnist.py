@@ -199,6 +199,8 @@ def _domain_tasks(source, n_train: int, ty: Tensor, vy: Tensor, opts, seed: int,
 class Permute:
     """Fixed pixel permutation of a batch (applied on the device)."""
 
+    value_preserving = True  # moves pixels without changing values: a permuted uint8 image stays one
+
     def __init__(self, perm: Tensor) -> None:
         self.perm = perm
         self._dev: dict = {}

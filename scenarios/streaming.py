@@ -106,6 +106,10 @@ class ImageTensorSource(TensorSource):
     def convert(self, raw: Tensor) -> Tensor:
         return self._normalise(raw)
 
+    def codec(self) -> None:
+        """Training batches are augmented crops of the stored images: replay stores them as float."""
+        return None
+
     def batches(
         self, indices, batch_size, *, shuffle, generator, device, train=False
     ) -> Iterator[tuple[Tensor, Tensor]]:

@@ -24,6 +24,28 @@ ALL_SETTINGS = frozenset({CLASS_IL, TASK_IL, DOMAIN_IL})
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+class SampleCodec:
+    """Stores inputs of a uint8 :class:`TensorSource` compactly: ``encode`` inverts the source's
+    normalisation and rounds back to uint8, ``decode`` is the source's own conversion, so
+    ``decode(encode(x))`` is bit-identical to ``x`` for every input the source (and a value-preserving
+    transform such as a pixel permutation) produced. A sample costs 1 byte per pixel, as the
+    continual-learning papers count stored exemplars (e.g. Zhou et al., ICLR 2023)."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+        self.dtype = torch.uint8
+
+    def encode(self, x: Tensor) -> Tensor:
+        src = self.source
+        raw = x.float()
+        if src.mean is not None:
+            raw = raw * src.std.to(x.device) + src.mean.to(x.device)
+        return (raw * src.scale).round_().clamp_(0, 255).to(torch.uint8)
+
+    def decode(self, stored: Tensor) -> Tensor:
+        return self.source.convert(stored)
+
+
 class DataSource:
     """A labelled dataset addressed by integer index.
 
@@ -105,6 +127,13 @@ class TensorSource(DataSource):
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x
 
+    def codec(self) -> SampleCodec | None:
+        """How to store this source's inputs as the source holds them (uint8 images as uint8): the
+        inverse of :meth:`convert`; None where the source's data is not uint8."""
+        if self.data.dtype != torch.uint8:
+            return None
+        return SampleCodec(self)
+
     def batches(self, indices, batch_size, *, shuffle, generator, device, train=False):
         self.to(device)
         targets = self._targets_on(device)
@@ -134,6 +163,15 @@ class Task:
     transform: Callable[[Tensor], Tensor] | None = None
     # Set by the runner while tuning: the test split cannot be read at all.
     test_sealed: bool = False
+
+    def codec(self) -> SampleCodec | None:
+        """The source's :class:`SampleCodec` when this task's inputs are exactly representable in the
+        source's stored format (no transform, or a value-preserving one such as a pixel permutation;
+        a rotation interpolates, so rotated inputs are stored as float); else None."""
+        codec = self.source.codec() if hasattr(self.source, "codec") else None
+        if codec is None or (self.transform is not None and not getattr(self.transform, "value_preserving", False)):
+            return None
+        return codec
 
     def split_indices(self, split: str) -> Tensor:
         if split not in ("train", "val", "test"):

@@ -51,6 +51,9 @@ class Method:
     # tasks): attribute names, checkpointed and restored by the base class. Values are tensors,
     # containers of tensors and plain values (checkpoints load with weights_only=True).
     STATE: ClassVar[tuple[str, ...]] = ()
+    # The persistent-memory kind of each key of extra_state (harness/core/memory.py: replay, importance,
+    # snapshot, router, nodes, other); undeclared keys count as "other". The bytes are measured, not declared.
+    STATE_KINDS: ClassVar[dict[str, str]] = {}
 
     def __init__(self, hp: Any, ctx: RunContext) -> None:
         self.hp = hp

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from harness.core.flops import FlopCounter, count_flops  # noqa: F401  (count_flops: re-exported)
+from harness.core.memory import persistent_by_kind
 
 
 def parameter_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
@@ -149,6 +150,12 @@ class StepFlopMeter:
         """The boundary FLOPs counted since the last call (the runner adds them to the run's)."""
         flops, self.boundary = self.boundary, 0
         return int(flops)
+
+
+def persistent_memory(method: Any) -> dict[str, int]:
+    """Bytes per kind that ``method`` carries to the next task, measured on its resumable state
+    (harness/core/memory.py): the same count for every method, whatever it declares."""
+    return persistent_by_kind(method.state_dict(), type(method).STATE_KINDS)
 
 
 def reset_peak_rss() -> bool:

@@ -94,6 +94,7 @@ class PerTask(_Model):
     params_total: int | None = None
     params_trainable: int | None = None
     state_bytes: int | None = None
+    persistent_bytes: int | None = None  # what the method carries to the next task (harness/core/memory.py)
     comm_bytes: int | None = None
     train_flops_per_sample: Number | None = None
     passes: Number | None = None
@@ -143,6 +144,12 @@ class Costs(_Model):
     footprint_buffer_bytes: int | None = None
     dataset_device_bytes: int | None = None
     buffer_samples: int | None = None  # examples stored for replay (the field declared role="buffer_size")
+    # Persistent memory (harness/core/memory.py): the most bytes carried from one task to the next, its
+    # breakdown by kind at that task, and the suite's memory budget the run was fitted to (None: none).
+    persistent_bytes: int | None = None
+    persistent_by_kind: dict[str, int] | None = None
+    budget_bytes: int | None = None
+    budget_note: str | None = None
     energy_kwh: Number | None = None
     energy_cpu_kwh: Number | None = None
     energy_gpu_kwh: Number | None = None

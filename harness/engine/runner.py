@@ -37,6 +37,7 @@ from harness.engine.costs import (
     dataset_bytes,
     footprint,
     parameter_counts,
+    persistent_memory,
 )
 from harness.engine.energy import EnergyMeter
 from harness.engine.evaluation import evaluate
@@ -61,6 +62,9 @@ class RunSpec:
     eval_split: str = "test"  # "val" during tuning: the test split is never read then
     tuned: bool = False
     tuned_trials: int = 0
+    # The memory budget this run was fitted to (bytes; harness/engine/budget.py) and how it was spent.
+    budget_bytes: int | None = None
+    budget_note: str = ""
 
     def method_label(self) -> str:
         if self.label:
@@ -86,9 +90,12 @@ class RunSpec:
         opts = hparams_from(sc.options, self.scenario_set)
         protocol = dataclasses.asdict(self.protocol)
         protocol["backbone"] = self.protocol.backbone or sc.default_backbone
-        return {"method": self.method, "label": self.method_label(), "hparams": dataclasses.asdict(hp),
-                "scenario": self.scenario, "scenario_options": dataclasses.asdict(opts), "protocol": protocol,
-                "seed": int(self.seed), "eval_split": self.eval_split}
+        ident = {"method": self.method, "label": self.method_label(), "hparams": dataclasses.asdict(hp),
+                 "scenario": self.scenario, "scenario_options": dataclasses.asdict(opts), "protocol": protocol,
+                 "seed": int(self.seed), "eval_split": self.eval_split}
+        if self.budget_bytes is not None:  # a budgeted row is its own row (unbudgeted keys are unchanged)
+            ident["budget_bytes"] = int(self.budget_bytes)
+        return ident
 
     def config_hash(self) -> str:
         """Stable hash (12 hex digits of SHA-256) of :meth:`identity`."""
@@ -314,6 +321,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     watch = Stopwatch(device)
     boundary_flops = 0
     start_task = 0
+    persistent: dict[str, int] = {}  # the breakdown at the task that carried the most bytes
     if resume_state is not None:
         method.load_state_dict(resume_state["method"])
         restore_rng(resume_state["rng"], ctx)
@@ -326,6 +334,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         ctx.extra_flops = resume_state.get("extra_flops", 0)
         start_task = resume_state["next_task"]
         record.resumed_from_task = start_task
+        persistent = persistent_memory(method)  # what the finished tasks carried into this one
     record = _notify(observer.on_start, record)
 
     sources = _data_sources(scenario)
@@ -362,6 +371,9 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 record.acc[s].append(accs[s])
             total_p, trainable_p = parameter_counts(method.inference_modules())
             samples = ctx.samples_seen - samples_before
+            carried = persistent_memory(method)
+            if sum(carried.values()) > sum(persistent.values()):
+                persistent = carried
             record.per_task.append(PerTask(
                 task=k,
                 train_s=train_s,
@@ -371,6 +383,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 params_total=total_p,
                 params_trainable=trainable_p,
                 state_bytes=method.state_bytes(),
+                persistent_bytes=sum(carried.values()),
                 comm_bytes=ctx.comm_bytes - comm_before,
                 train_flops_per_sample=meter.per_sample,
                 passes=samples / max(len(task.train_idx), 1),
@@ -431,6 +444,10 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         # Examples the method stores for replay, from its field declared role="buffer_size" (the report's
         # buffer column; None: no replay buffer).
         "buffer_samples": role_value(method.hp, "buffer_size"),
+        "persistent_bytes": sum(persistent.values()),
+        "persistent_by_kind": persistent,
+        "budget_bytes": spec.budget_bytes,
+        "budget_note": spec.budget_note or None,
     }
     if device.type == "cuda":  # the peak without the data set held on the GPU
         costs["peak_memory_excl_dataset_bytes"] = max(mem.peak_bytes - costs["dataset_device_bytes"], 0)

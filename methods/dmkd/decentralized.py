@@ -141,6 +141,8 @@ def merge_weighted_sparse(own: Tensor, own_weight: float, received: list[tuple[T
 class DecentralizedDMKD(NodesMethod, DMKD):
     """DMKD on P nodes: local DMKD training, module-wise (full or salient) synchronisation every R epochs."""
 
+    STATE_KINDS = {"learners": "nodes"}  # every node's model and state
+
     hp: DMKDParams  # type: ignore[assignment]
 
     def __init__(self, hp: DMKDParams, ctx: RunContext) -> None:

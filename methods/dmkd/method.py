@@ -99,6 +99,7 @@ def diversity_loss(gates: Tensor, y: Tensor, num_classes: int) -> Tensor:
 @register
 class DMKD(Method):
     NAME = "dmkd"
+    STATE_KINDS = {"teacher": "snapshot", "pres": "importance", "frozen": "snapshot"}
     HParams = DMKDParams
     DESCRIPTION = "DMKD: modular experts, top-K router, KD from snapshots, salient-parameter preservation"
 
