@@ -175,6 +175,7 @@ def protocol_line(recs: Sequence[Record]) -> str:
     parts.append("scenario options: " + _fmt_options(recs[0].get("config", {}).get("scenario_options", {})))
     buffers = sorted({(r["label"], b) for r in recs if (b := buffer_size(r)) is not None})
     parts.append("buffer: " + (", ".join(f"{lab}={b}" for lab, b in buffers) if buffers else "none (no replay)"))
+    parts.append("memory: " + budget_line(recs))
     parts.append("settings: " + tuning_note(recs))
     data = [r.get("costs", {}).get("dataset_bytes") for r in recs]
     if data and all(isinstance(d, dict) for d in data):
@@ -191,6 +192,26 @@ def protocol_line(recs: Sequence[Record]) -> str:
     if any(is_synthetic(r) for r in recs):
         parts.append("DATA: SYNTHETIC (written by dmkd synth, not the real data set)")
     return "; ".join(parts)
+
+
+def budget_line(recs: Sequence[Record]) -> str:
+    """The caption's memory statement: the budget and what counts in it, or that there is none."""
+    budgets = sorted({b for r in recs if (b := r.get("costs", {}).get("budget_bytes"))})
+    what = ("persistent memory = the bytes carried from one task to the next (parameters and buffers, stored "
+            "samples as stored, importance maps, snapshots, optimiser state kept across tasks), measured on each "
+            "run's resumable state")
+    if not budgets:
+        return f"no budget (rows differ in memory: see Persistent memory); {what}"
+    over = sorted({row_label(r) for r in recs if "OVER" in str(r.get("costs", {}).get("budget_note") or "")})
+    text = "budget " + " | ".join(fmt_si(b, "B", 1024) for b in budgets) + f" for every row; {what}"
+    filled = sorted({f"{row_label(r)}: {r['costs']['budget_note']}" for r in recs
+                     if "filled" in str(r.get("costs", {}).get("budget_note") or "")
+                     or "upper bound" in str(r.get("costs", {}).get("budget_note") or "")})
+    if filled:
+        text += "; " + "; ".join(filled)
+    if over:
+        text += "; OVER the budget: " + ", ".join(over)
+    return text
 
 
 def tuning_note(recs: Sequence[Record]) -> str:

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tuned-dir", default=None,
                    help="folder of `dmkd tune-suite` files (default: <suite folder>/tuned/<suite name>)")
     s.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    s.add_argument("--budget", default=None, metavar="MEMORY",
+                   help="persistent-memory budget instead of the file's: none, aligned or a size such as 8MiB "
+                        "(its own experiment and tuned settings)")
     add_suite_options(s)
     _common(s)
 
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     ts.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")
     ts.add_argument("--out", default=None, help="output folder (default: <suite folder>/tuned/<suite name>)")
+    ts.add_argument("--budget", default=None, metavar="MEMORY",
+                    help="persistent-memory budget instead of the file's: none, aligned or a size such as 8MiB")
     _common(ts)
     g = sub.add_parser("synth", help="write a synthetic data set in its real on-disk format and size")
     g.add_argument("name", help="cifar10, cifar100, tinyimagenet, pacs, officehome or all")

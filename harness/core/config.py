@@ -122,10 +122,22 @@ def role_value(obj: Any, role: str) -> Any:
     return None
 
 
-def suggest_fields(cls: type, trial: Any) -> dict[str, Any]:
-    """One Optuna suggestion per field of ``cls`` with a ``search`` range, in their ``order``."""
+def suggest_fields(cls: type, trial: Any, cap: Any = None) -> dict[str, Any]:
+    """One Optuna suggestion per field of ``cls`` with a ``search`` range, in their ``order``.
+
+    ``cap(name, suggested) -> int | None``, for an integer field declared ``role="capacity"``, gives
+    the largest value that fits a budget given the values suggested so far: the field is suggested
+    inside ``[low, min(high, cap)]`` (a constraint on the suggestion, not a filter on its result)."""
     tuned = sorted(fields_with(cls, "search"), key=lambda f: f.metadata["search"].order)
-    return {f.name: f.metadata["search"].suggest(trial, f.name) for f in tuned}
+    out: dict[str, Any] = {}
+    for f in tuned:
+        search = f.metadata["search"]
+        if cap is not None and f.metadata.get("role") == "capacity" and search.kind == "int":
+            limit = cap(f.name, dict(out))
+            if limit is not None:
+                search = dataclasses.replace(search, high=min(int(search.high), int(limit)))
+        out[f.name] = search.suggest(trial, f.name)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

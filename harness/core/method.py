@@ -156,16 +156,17 @@ class Method:
 
     # ---- tuning --------------------------------------------------------------------------
     @classmethod
-    def search_space(cls, trial: Any) -> dict[str, Any]:
+    def search_space(cls, trial: Any, cap: Any = None) -> dict[str, Any]:
         """Hyperparameters suggested by an Optuna trial: the learning rate, tuned for every method
         so that budgets are equal (``protocol.<field>`` keys override the protocol), then every
         hyperparameter declared with a search range (``documented(..., search=Search.log(1, 1e6))``,
-        beside its default and source). A method with a conditional space may override this."""
+        beside its default and source). ``cap`` bounds the capacity fields by a memory budget
+        (:func:`harness.core.config.suggest_fields`). A method with a conditional space may override this."""
         from harness.core.config import suggest_fields
         from harness.core.protocol import Protocol
 
         shared = {f"protocol.{k}": v for k, v in suggest_fields(Protocol, trial).items()}
-        return {**shared, **suggest_fields(cls.HParams, trial)}
+        return {**shared, **suggest_fields(cls.HParams, trial, cap)}
 
 
 def tensor_bytes(*tensors_or_dicts: Any) -> int:

@@ -280,8 +280,9 @@ SECONDS = Kind("seconds", lambda x: f"{x:.3g} s")  # 6.31 s
 RATE = Kind("rate", lambda x: fmt_si(x, "/s"))  # samples per second: 8.56 k/s
 RATIO = Kind("ratio", lambda x: f"{x:.3g}")  # passes per task: 1
 ENERGY_KWH = Kind("energy (kWh)", lambda x: fmt_si(x * 1000.0, "Wh"))  # stored in kWh, shown in Wh
+PERCENT = Kind("percent", lambda x: f"{100 * x:.0f}%")  # a share: 0.93 -> 93%
 KINDS = {k.name: k for k in (FRACTION, SIGNED_FRACTION, COUNT, FLOPS, BYTES, TRAFFIC_BYTES, SECONDS, RATE, RATIO,
-                             ENERGY_KWH)}
+                             ENERGY_KWH, PERCENT)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,6 +384,11 @@ def _mean_passes(rec: Any, setting: str | None) -> float | None:
     return None if p is None else sum(p) / len(p)
 
 
+def _budget_used(rec: Any, setting: str | None) -> float | None:
+    used, budget = lookup(rec, ("costs", "persistent_bytes")), lookup(rec, ("costs", "budget_bytes"))
+    return None if not used or not budget else float(used) / float(budget)
+
+
 def _wall_s(rec: Any, setting: str | None) -> float:
     return float(lookup(rec, ("costs", "train_time_s")) or 0.0) + float(lookup(rec, ("costs", "eval_time_s")) or 0.0)
 
@@ -401,7 +407,9 @@ for _c in (
     Column("energy_kwh", "Energy", ("costs", "energy_kwh"), ENERGY_KWH, console=False),
     Column("peak_memory_bytes", "Peak memory of the run", ("costs", "peak_memory_bytes"), BYTES, short="peak"),
     Column("peak_increase_bytes", "Peak above start", ("costs", "peak_memory_increase_bytes"), BYTES, console=False),
-    Column("footprint_bytes", "Footprint", ("costs", "footprint_bytes"), BYTES, short="footprint"),
+    Column("persistent_bytes", "Persistent memory", ("costs", "persistent_bytes"), BYTES, short="persistent"),
+    Column("budget_used", "% of budget", ("costs", "budget_bytes"), PERCENT, get=_budget_used, short="budget"),
+    Column("footprint_bytes", "Footprint", ("costs", "footprint_bytes"), BYTES, short="footprint", console=False),
     Column("comm_bytes", "Comm.", ("costs", "comm_bytes"), TRAFFIC_BYTES, console=False),
     Column("train_s", "Train time", ("costs", "train_time_s"), SECONDS, report=False),
     Column("wall_s", "Wall time", ("costs", "train_time_s"), SECONDS, console=False, get=_wall_s),

@@ -449,6 +449,9 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "budget_bytes": spec.budget_bytes,
         "budget_note": spec.budget_note or None,
     }
+    if spec.budget_bytes is not None and costs["persistent_bytes"] > spec.budget_bytes:
+        costs["budget_note"] = (f"OVER the budget: carried {costs['persistent_bytes']} bytes of {spec.budget_bytes} "
+                                f"({spec.budget_note})")
     if device.type == "cuda":  # the peak without the data set held on the GPU
         costs["peak_memory_excl_dataset_bytes"] = max(mem.peak_bytes - costs["dataset_device_bytes"], 0)
     record.costs = Costs(**costs)

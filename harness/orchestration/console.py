@@ -113,4 +113,5 @@ def print_records(records: list[dict[str, Any]]) -> None:
                     if r.get("status") == "finished"})
     if kinds:
         print(f"±95%: half-width of the 95% Student-t interval of {first.header} over seeds (blank: one seed); "
-              f"peak: the run's own ({', '.join(kinds)}); footprint: parameters + buffers + method state")
+              f"peak: the run's own ({', '.join(kinds)}); persistent: bytes carried from task to task; "
+              "budget: share of the memory budget")

@@ -101,6 +101,8 @@ def worker_argv(args: argparse.Namespace, threads: int | None) -> list[str]:
         argv.append("--defaults")
     if args.tuned_dir is not None:
         argv += ["--tuned-dir", str(Path(args.tuned_dir).resolve())]
+    if getattr(args, "budget", None) is not None:
+        argv += ["--budget", args.budget]
     if threads is not None:
         argv += ["--threads", str(threads)]
     return argv
@@ -125,7 +127,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     heartbeat, grace = check_heartbeat(args.heartbeat, args.grace)
-    cfg = load_suite(args.config)
+    cfg = load_suite(args.config, getattr(args, "budget", None))
     if args.data_root:
         cfg.data_root = args.data_root
     if args.device != "auto":

@@ -47,6 +47,11 @@ class SuiteConfig:
     tuned: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     reference: str = ""  # label of the row the report compares every other row with (component suites)
     source: Path | None = None  # the YAML file (tuned settings live beside it, under tuned/<name>/)
+    # The persistent-memory budget (harness/engine/budget.py): None, "aligned" or bytes; and whether it
+    # is the file's own (else --budget overrode it: tuned settings and the experiment get a suffix).
+    budget_memory: str | int | None = None
+    budget_overridden: bool = False
+    _budgets: dict[str, int] = field(default_factory=dict, repr=False)
 
     def specs(self) -> list[RunSpec]:
         """Every run of the suite, seeds innermost so that a method's seeds finish together."""
@@ -64,13 +69,53 @@ class SuiteConfig:
                     m_set = {**t_method, **overrides}
                     run_proto = dataclasses.replace(proto, **t_proto)
                     trials = int(tuned.get("n_trials", 0))
-                for seed in self.seeds:
-                    out.append(RunSpec(
-                        method=m_name, scenario=sc_name, seed=seed, method_set=m_set, scenario_set=dict(sc_opts),
-                        protocol=dataclasses.replace(run_proto),
-                        label=(label or m_name if tuned else label) + ("+tuned" if tuned else ""),
-                        device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials))
+                row = [RunSpec(
+                    method=m_name, scenario=sc_name, seed=seed, method_set=m_set, scenario_set=dict(sc_opts),
+                    protocol=dataclasses.replace(run_proto),
+                    label=(label or m_name if tuned else label) + ("+tuned" if tuned else ""),
+                    device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials)
+                    for seed in self.seeds]
+                out += self.fit_row(row, sc_name, sc_opts, overrides)
         return out
+
+    def budget_bytes(self, sc_name: str, sc_opts: dict[str, Any]) -> int | None:
+        """The memory budget on one scenario in bytes (None: no budget). ``aligned``: the largest
+        persistent memory among the rows at their untuned settings (defaults and ``set:`` values)."""
+        if self.budget_memory is None:
+            return None
+        if self.budget_memory != "aligned":
+            return int(self.budget_memory)
+        key = json.dumps([sc_name, sc_opts], sort_keys=True, default=str)
+        if key not in self._budgets:
+            from harness.engine.budget import aligned_budget
+
+            proto = protocol_from(self.protocol)
+            self._budgets[key] = aligned_budget([
+                RunSpec(method=m, scenario=sc_name, seed=self.seeds[0], method_set=dict(o), scenario_set=dict(sc_opts),
+                        protocol=proto, device=self.device, data_root=self.data_root) for m, _l, o in self.methods])
+        return self._budgets[key]
+
+    def budget_text(self) -> str:
+        """How the suite's budget reads in captions and tuned files."""
+        if self.budget_memory is None:
+            return "none"
+        if self.budget_memory == "aligned":
+            return "aligned (the largest persistent memory among the rows at their untuned settings)"
+        from harness.core.memory import format_bytes
+
+        return format_bytes(int(self.budget_memory))
+
+    def fit_row(self, row: list[RunSpec], sc_name: str, sc_opts: dict[str, Any],
+                overrides: dict[str, Any]) -> list[RunSpec]:
+        """The seeds of one row fitted to the memory budget (the same fit for every seed)."""
+        budget = self.budget_bytes(sc_name, sc_opts)
+        if budget is None:
+            return row
+        from harness.engine.budget import fit_to_budget
+
+        fitted = fit_to_budget(row[0], budget, overrides)
+        return [dataclasses.replace(s, method_set=dict(fitted.method_set), budget_bytes=fitted.budget_bytes,
+                                    budget_note=fitted.budget_note) for s in row]
 
 
 def protocol_from(d: dict[str, Any]) -> Protocol:
@@ -115,6 +160,12 @@ class MethodEntry(Document):
     set: dict[str, Any] | None = None
 
 
+class BudgetEntry(Document):
+    """``budget:`` of a suite file: ``memory: 4 MiB`` (or bytes), ``aligned`` or ``none``."""
+
+    memory: str | int | None = None
+
+
 class SuiteFile(Document):
     """The structure of a suite YAML file (configs/quick.yaml); the values inside are checked by the
     dataclasses they configure (methods' hyperparameters, scenarios' options, the protocol)."""
@@ -129,6 +180,7 @@ class SuiteFile(Document):
     data_root: str | None = None
     description: str | None = None
     reference: str | None = None
+    budget: BudgetEntry | None = None
 
 
 def _names_as_entries(raw: Any) -> Any:
@@ -140,7 +192,18 @@ def _names_as_entries(raw: Any) -> Any:
     return raw
 
 
-def load_suite(path: str | Path) -> SuiteConfig:
+def parse_budget(value: Any, where: str) -> str | int | None:
+    """A memory budget as written in a suite file or on the command line: none, aligned or a size."""
+    from harness.core.memory import parse_bytes
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "aligned":
+        return "aligned"
+    return parse_bytes(value, where)
+
+
+def load_suite(path: str | Path, budget: str | None = None) -> SuiteConfig:
     """Parse and validate a suite YAML file; every problem is one UserError line, and the whole
     suite (every method, scenario option, protocol field and seed) is checked before anything runs."""
     from harness.core.yamlio import load_yaml_file
@@ -155,9 +218,15 @@ def load_suite(path: str | Path) -> SuiteConfig:
     protocol_from(protocol)  # validate early
     methods = [(m.name, m.label or "", dict(m.set or {})) for m in doc.methods]
     experiment = check_experiment_name(doc.experiment or name)
+    own = parse_budget(doc.budget.memory if doc.budget else None, f"{path}: budget.memory")
+    chosen = own if budget is None else parse_budget(budget, "--budget")
+    overridden = budget is not None and chosen != own
+    if overridden:  # another budget is another table: its own experiment (and tuned settings)
+        experiment = check_experiment_name(f"{experiment}-budget-{_budget_slug(chosen)}")
     cfg = SuiteConfig(name, experiment, seeds, protocol, [(e.name, dict(e.options or {})) for e in doc.scenarios],
                       methods, device=doc.device or "auto", data_root=doc.data_root,
-                      description=doc.description or "", reference=doc.reference or "", source=path)
+                      description=doc.description or "", reference=doc.reference or "", source=path,
+                      budget_memory=chosen, budget_overridden=overridden)
     if cfg.reference and cfg.reference not in {lab or m for m, lab, _ in methods}:
         raise UserError(f"{path}: reference {cfg.reference!r} is not the label of any method entry",
                         "set reference: to one of the methods' labels")
@@ -165,6 +234,10 @@ def load_suite(path: str | Path) -> SuiteConfig:
     validate_specs(specs)
     check_unique(specs, str(path))
     return cfg
+
+
+def _budget_slug(budget: str | int | None) -> str:
+    return "none" if budget is None else str(budget)
 
 
 def check_unique(specs: list[RunSpec], where: str) -> None:

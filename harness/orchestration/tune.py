@@ -73,7 +73,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
          protocol: Protocol | None = None, scenario_set: dict | None = None, fixed: dict | None = None,
          data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
          show_progress: bool = True, objective: str = "auto", sampler_seed: int | None = None,
-         wait_poll_s: float = 2.0) -> dict[str, Any]:
+         wait_poll_s: float = 2.0, budget: int | None = None) -> dict[str, Any]:
     """Run (this worker's share of) a study with exactly ``trials`` finished trials in total.
 
     ``objective``: the setting whose validation final accuracy is maximised; ``auto`` is class-IL
@@ -122,8 +122,15 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
     study_run = sink.find_or_create({"dmkd.kind": "study", "dmkd.study": study_name}, f"study {study_name}") if sink \
         else None
 
+    cap = None
+    if budget is not None:  # capacity is suggested inside the memory budget; buffers are filled to it
+        from harness.engine.budget import capacity_cap, fit_to_budget
+
+        cap = capacity_cap(RunSpec(method, scenario, seeds[0], split_params(fixed)[0], dict(scenario_set or {}),
+                                   protocol, data_root=data_root), budget)
+
     def objective(trial) -> float:
-        params = {**cls.search_space(trial), **fixed}
+        params = {**cls.search_space(trial, cap), **fixed}
         trial.set_user_attr("params", params)  # keys as the method/protocol name them
         trial_run = sink.find_or_create({"dmkd.kind": "trial", "dmkd.study": study_name,
                                          "dmkd.trial": str(trial.number)}, f"trial {trial.number}", study_run) \
@@ -140,6 +147,8 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             for i, seed in enumerate(seeds):
                 spec = RunSpec(method, scenario, seed, m_params, dict(scenario_set or {}), trial_protocol,
                                device=device, data_root=data_root, eval_split="val")
+                if budget is not None:
+                    spec = fit_to_budget(spec, budget, split_params(fixed)[0])
                 try:
                     rec = run(spec, _TrialObserver(trial, setting, i * 1000, sink, trial_run))
                     values.append(rec["metrics"][setting]["final_avg_acc"])
@@ -395,16 +404,18 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
     for sc_name, sc_opts in cfg.scenarios:
         entries: dict[str, Any] = {}
         objective_text = ""
+        budget = cfg.budget_bytes(sc_name, dict(sc_opts))
         for m_name, label, overrides in cfg.methods:
             row = label or m_name
             study = _study_name(cfg.name, sc_name, row, trials, sampler_seed, {
                 "method": m_name, "scenario_set": dict(sc_opts), "protocol": dict(cfg.protocol),
-                "fixed": dict(overrides), "seeds": seeds, "pruner": pruner})
+                "fixed": dict(overrides), "seeds": seeds, "pruner": pruner,
+                **({"budget_bytes": budget} if budget is not None else {})})
             t0 = time.perf_counter()
             out = tune(m_name, sc_name, trials=trials, results_dir=results_dir, storage_url=storage_url,
                        study_name=study, seeds=seeds, pruner=pruner, protocol=protocol, scenario_set=dict(sc_opts),
                        fixed=dict(overrides), data_root=data_root, device=device, tracking_uri=tracking_uri,
-                       show_progress=show_progress, sampler_seed=sampler_seed)
+                       show_progress=show_progress, sampler_seed=sampler_seed, budget=budget)
             wall = time.perf_counter() - t0
             objective_text = out["objective"]
             entries[row] = {
@@ -420,9 +431,11 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
         doc = {"suite": cfg.name, "scenario": sc_name, "scenario_options": dict(sc_opts),
                "protocol": dict(cfg.protocol), "trials": trials, "sampler": SAMPLER, "sampler_seed": sampler_seed,
                "pruner": pruner, "seeds": seeds, "split": "validation (test split sealed)",
+               "budget_memory": cfg.budget_memory, "budget_bytes": budget,
                "objective": objective_text, "search": "each method's search_space plus protocol.lr",
                "command": f"dmkd tune-suite {cfg.source or cfg.name} --trials {trials} --sampler-seed {sampler_seed}"
-                          f" --seeds {','.join(map(str, seeds))} --pruner {pruner}",
+                          f" --seeds {','.join(map(str, seeds))} --pruner {pruner}"
+                          + (f" --budget {cfg.budget_memory or 'none'}" if cfg.budget_overridden else ""),
                "entries": entries}
         out_dir.mkdir(parents=True, exist_ok=True)
         path = tuned_file(out_dir, sc_name)
@@ -447,7 +460,7 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
 def cmd_tune_suite(args) -> int:
     from harness.orchestration.suite import load_suite
 
-    cfg = load_suite(args.config)
+    cfg = load_suite(args.config, getattr(args, "budget", None))
     if args.data_root:
         cfg.data_root = args.data_root
     if args.trials < 1:

@@ -32,6 +32,7 @@ class TunedFile(Document):
     entries: dict[str, TunedEntry]
     scenario_options: dict[str, Any] | None = None
     protocol: dict[str, Any] | None = None
+    budget_memory: str | int | None = None  # the suite's memory budget it was tuned under (None: none)
 
 
 def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
@@ -65,6 +66,9 @@ def tuned_dir(cfg, override: str | Path | None = None) -> Path:
     if override is not None:
         return Path(override)
     base = Path(cfg.source).parent if getattr(cfg, "source", None) else Path("configs")
+    if getattr(cfg, "budget_overridden", False):  # settings tuned under another budget live apart
+        budget = cfg.budget_memory
+        return base / "tuned" / cfg.name / f"budget-{'none' if budget is None else budget}"
     return base / "tuned" / cfg.name
 
 
@@ -89,8 +93,10 @@ def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, An
         if not isinstance(raw, dict) or "entries" not in raw:
             raise UserError(f"{path} is not a tuned-settings file (no 'entries:')", "re-run `dmkd tune-suite`")
         doc = validate_document(TunedFile, raw, str(path), "re-run `dmkd tune-suite`").model_dump()
+        budget = getattr(cfg, "budget_memory", None)
         for what, have, want in (("scenario options", doc.get("scenario_options") or {}, dict(sc_opts)),
-                                 ("protocol", doc.get("protocol") or {}, dict(cfg.protocol))):
+                                 ("protocol", doc.get("protocol") or {}, dict(cfg.protocol)),
+                                 ("memory budget", doc.get("budget_memory"), budget)):
             if have != want:
                 raise UserError(f"{path} was tuned for {what} {have}, the suite has {want}",
                                 "re-run `dmkd tune-suite` for this suite, or pass --defaults")

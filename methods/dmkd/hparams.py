@@ -71,12 +71,12 @@ class DMKDParams(NodesParams):
     expert_hidden: int = documented(
         100, "h, the hidden width of each expert Linear(d_enc, h) + ReLU + Linear(h, C)",
         "ours: with N=5 experts and their autoencoders the default model on Split Fashion-MNIST has 656,595 "
-        "parameters, 1.37x the MLP 784-400-400-10 (METHODS.md §5's goal: <= 1.5x)", ge=1)
+        "parameters, 1.37x the MLP 784-400-400-10 (METHODS.md §5's goal: <= 1.5x)", ge=1, role="capacity")
     n_experts: int = documented(
         5, "N, the experts at the start (growth may add experts up to n_max)",
         "METHODS.md §4 (N experts); 5 = ours: with N >= tasks (5 on Split Fashion-MNIST) every task owns its "
         "expert under autoencoder routing (configs/dmkd.yaml also runs N=4 and N=8); search 4..8",
-        ge=1, search=Search.integers(4, 8, order=5))
+        ge=1, search=Search.integers(4, 8, order=5), role="capacity")
     top_k: int = documented(
         3, "K, the experts each sample runs through (top-K gates, renormalised); K <= n_experts",
         f"METHODS.md §4 (top-K routing); 3 = ours, on {VAL} with combine=probs: K=3 0.823 / 0.987, K=2 "

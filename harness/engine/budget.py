@@ -1,0 +1,189 @@
+"""Memory budgets: every row of a suite fitted to one persistent-memory budget before anything trains.
+
+Persistent memory (harness/core/memory.py) is measured on a method's resumable state. To plan a row
+before it trains, the harness *probes* it: the real method, with the row's settings, on a miniature
+copy of the row's stream (the same tasks, classes and input shapes, :data:`PROBE_SAMPLES` training
+samples a task, the test split sealed), and measures what it carries after each task. What a method
+keeps between tasks depends on the stream's structure and the settings, not on the number of samples,
+so the probe's bytes are the real run's; every run records its measured bytes, and
+tests/test_budget_memory.py checks the two agree for every method.
+
+How a row is fitted (``fit_to_budget``):
+
+- A field declared ``role="buffer_size"`` (ER's ``buffer_size``) is filled: stored samples cost the
+  same bytes each, so the harness probes two sizes and sets the buffer to
+  ``(budget − model − other state) ÷ bytes per sample`` (at most the stream's training samples).
+  A suite may not fix such a field by hand under a budget.
+- Integer fields declared ``role="capacity"`` (DMKD's and MoE's ``n_experts``) keep their value when it
+  fits; tuning suggests them only inside the budget (``capacity_cap``).
+- A method with nothing to spend keeps its settings and stays under the budget; its note says so.
+- A row that does not fit at its settings is refused before anything trains (one line, exit 2).
+
+``memory: aligned`` is the largest persistent memory among the suite's rows at their untuned settings
+(documented defaults and ``set:`` values; tuned values are chosen inside the budget, so they cannot
+decide it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.core.config import hparams_from
+from harness.core.data import Scenario
+from harness.core.errors import UserError
+from harness.core.memory import format_bytes
+from harness.engine.costs import persistent_memory
+from harness.engine.runner import RunSpec, build_context, get_scenario, resolve_method
+
+PROBE_SAMPLES = 256  # training samples a task in the probe's miniature stream
+_PROBES: dict[str, dict[str, int]] = {}
+
+
+def role_fields(method: str, role: str) -> list[dataclasses.Field]:
+    cls = resolve_method(method)
+    return [f for f in dataclasses.fields(cls.HParams) if f.metadata.get("role") == role]
+
+
+def _probe_key(spec: RunSpec) -> str:
+    ident = {"method": spec.method, "set": spec.method_set, "scenario": spec.scenario,
+             "options": spec.scenario_set, "protocol": dataclasses.asdict(spec.protocol), "seed": spec.seed,
+             "data_root": spec.data_root}
+    return json.dumps(ident, sort_keys=True, default=str)
+
+
+def miniature(scenario: Scenario, n: int = PROBE_SAMPLES) -> Scenario:
+    """The same stream with ``n`` training and validation samples a task and no test samples."""
+    tasks = [dataclasses.replace(t, train_idx=t.train_idx[:n], val_idx=t.val_idx[:n], test_idx=t.test_idx[:0],
+                                 test_sealed=True) for t in scenario.tasks]
+    return dataclasses.replace(scenario, tasks=tasks)
+
+
+def probe(spec: RunSpec) -> dict[str, int]:
+    """Persistent bytes per kind that ``spec``'s method carries at the task where it carries the most,
+    measured on the miniature stream (cached per process). Every random state is restored afterwards."""
+    key = _probe_key(spec)
+    if key in _PROBES:
+        return dict(_PROBES[key])
+    cls = resolve_method(spec.method)
+    hp = hparams_from(cls.HParams, spec.method_set)
+    scenario = miniature(get_scenario(spec))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            ctx = build_context(dataclasses.replace(spec, protocol=dataclasses.replace(spec.protocol, epochs=1)),
+                                scenario, torch.device("cpu"))
+            method = cls(hp, ctx)
+            most: dict[str, int] = {}
+            for task in scenario.tasks:
+                ctx.current_task = task
+                method.before_task(task)
+                method.train_task(task)
+                method.after_task(task)
+                carried = persistent_memory(method)
+                if sum(carried.values()) > sum(most.values()):
+                    most = carried
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    _PROBES[key] = dict(most)
+    return most
+
+
+def total(kinds: dict[str, int]) -> int:
+    return int(sum(kinds.values()))
+
+
+def stream_samples(spec: RunSpec) -> int:
+    return int(sum(len(t.train_idx) for t in get_scenario(spec).tasks))
+
+
+def _with(spec: RunSpec, **values: Any) -> RunSpec:
+    return dataclasses.replace(spec, method_set={**spec.method_set, **values})
+
+
+def fit_to_budget(spec: RunSpec, budget: int, fixed: dict[str, Any] | None = None) -> RunSpec:
+    """``spec`` fitted to ``budget`` bytes (see the module docstring); ``fixed``: the row's ``set:``
+    values (a buffer field among them is refused: the budget sets it)."""
+    label = spec.method_label()
+    buffers = role_fields(spec.method, "buffer_size")
+    note = ""
+    if buffers:
+        name = buffers[0].name
+        if fixed and name in fixed:
+            raise UserError(f"row {label}: {name} is set by hand, but under a memory budget the harness fills it",
+                            f"remove {name} from the row's set: (or run the suite without a budget)")
+        one, two = total(probe(_with(spec, **{name: 1}))), total(probe(_with(spec, **{name: 2})))
+        per_sample, base = two - one, 2 * one - two
+        if per_sample <= 0:
+            raise RuntimeError(f"{spec.method}: {name} does not change persistent memory")
+        size = min((budget - base) // per_sample, stream_samples(spec))
+        if "le" in buffers[0].metadata:
+            size = min(size, int(buffers[0].metadata["le"]))
+        if size < 1:
+            raise UserError(f"row {label} does not fit the memory budget {format_bytes(budget)}: the model and "
+                            f"state alone take {format_bytes(base)}, with no room for one stored sample "
+                            f"({format_bytes(per_sample)})", "raise the budget (budget: {memory: ...})")
+        spec = _with(spec, **{name: int(size)})
+        note = f"{name}={int(size)} filled to the budget ({format_bytes(per_sample)} a sample)"
+    planned = probe(spec)
+    need = total(planned)
+    if need > budget:
+        model = planned.get("model", 0)
+        caps = ", ".join(f.name for f in role_fields(spec.method, "capacity"))
+        hint = f"raise the budget or lower {caps}" if caps else "raise the budget (budget: {memory: ...})"
+        raise UserError(f"row {label} does not fit the memory budget {format_bytes(budget)}: it carries "
+                        f"{format_bytes(need)} at its settings (model {format_bytes(model)})", hint)
+    if not note and resolve_method(spec.method).BUDGET == "cumulative":
+        note = "upper bound: trains on every earlier task's data, which the budget does not count"
+    if not note:
+        caps = [f.name for f in role_fields(spec.method, "capacity")]
+        hp = hparams_from(resolve_method(spec.method).HParams, spec.method_set)
+        if caps:
+            note = ", ".join(f"{c}={getattr(hp, c)}" for c in caps) + " inside the budget"
+        else:
+            note = "nothing to spend: stays under the budget"
+    return dataclasses.replace(spec, budget_bytes=int(budget), budget_note=note)
+
+
+def aligned_budget(specs: list[RunSpec]) -> int:
+    """The largest persistent memory among ``specs`` (one per row, at their untuned settings)."""
+    return max(total(probe(s)) for s in specs)
+
+
+def capacity_cap(spec: RunSpec, budget: int):
+    """For tuning: ``cap(name, suggested)`` gives the largest value of capacity field ``name`` whose row
+    fits ``budget`` given the values suggested so far (binary search over the probe; bytes grow with
+    capacity), or raises UserError when even the smallest value does not fit."""
+
+    def cap(name: str, suggested: dict[str, Any]) -> int:
+        field = next(f for f in role_fields(spec.method, "capacity") if f.name == name)
+        search = field.metadata["search"]
+        lo, hi = int(search.low), int(search.high)
+        base = {k: v for k, v in suggested.items() if not k.startswith("protocol.")}
+
+        def fits(v: int) -> bool:
+            trial = _with(spec, **base, **{name: v})
+            if role_fields(spec.method, "buffer_size"):
+                try:
+                    fit_to_budget(trial, budget)
+                except UserError:
+                    return False
+                return True
+            return total(probe(trial)) <= budget
+
+        if not fits(lo):
+            raise UserError(f"{spec.method_label()}: even {name}={lo} does not fit the memory budget "
+                            f"{format_bytes(budget)}", "raise the budget")
+        while lo < hi:  # the largest fitting value
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    return cap
