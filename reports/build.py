@@ -144,7 +144,8 @@ def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, 
         s.body.append(H.figure(plots.forgetting_bwt_bars(b), f"Forgetting and BWT, mean ± 1 std over seeds, "
                                f"{b.title}."))
         s.body.append(H.figure(plots.pareto_plots(b), "Final average accuracy (mean ± std) against total "
-                               "training FLOPs, peak memory and bytes communicated; the dashed line joins the "
+                               "training FLOPs, persistent memory (the bytes a method carries from task to task; "
+                               "dotted: the memory budget) and bytes communicated; the dashed line joins the "
                                "Pareto-optimal configurations (no other is both cheaper and more accurate)."))
     dmkd = _dmkd_rows(boards) if figures else []
     if dmkd:

@@ -310,6 +310,8 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     kinds = {str(r.get("costs", {}).get("energy_kind", "")).split(" ")[0] for r in recs}
     out["energy_kind"] = "/".join(sorted(k for k in kinds if k)) or "unavailable"
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
+    # Joint's cumulative rule reads every earlier task's data: no memory budget counts that.
+    out["outside_memory_budget"] = any(r.get("costs", {}).get("budget_rule") == "cumulative" for r in recs)
     return out
 
 
