@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     ts.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")
     ts.add_argument("--out", default=None, help="output folder (default: <suite folder>/tuned/<suite name>)")
+    ts.add_argument("--scenario", default=None,
+                    help="tune only this scenario of the suite (one process per scenario: no study is shared)")
     ts.add_argument("--budget", default=None, metavar="MEMORY",
                     help="persistent-memory budget instead of the file's: none, aligned or a size such as 8MiB")
     _common(ts)

@@ -401,6 +401,7 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
     revision = git_revision()  # the code the trials ran, read once (HEAD may move while tuning runs)
     out_dir = Path(out_dir)
     written = []
+    only_one = len(cfg.scenarios) == 1  # one scenario of the suite: its file says so in its command
     for sc_name, sc_opts in cfg.scenarios:
         entries: dict[str, Any] = {}
         objective_text = ""
@@ -435,7 +436,8 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: lis
                "objective": objective_text, "search": "each method's search_space plus protocol.lr",
                "command": f"dmkd tune-suite {cfg.source or cfg.name} --trials {trials} --sampler-seed {sampler_seed}"
                           f" --seeds {','.join(map(str, seeds))} --pruner {pruner}"
-                          + (f" --budget {cfg.budget_memory or 'none'}" if cfg.budget_overridden else ""),
+                          + (f" --budget {cfg.budget_memory or 'none'}" if cfg.budget_overridden else "")
+                          + (f" --scenario {sc_name}" if only_one else ""),
                "entries": entries}
         out_dir.mkdir(parents=True, exist_ok=True)
         path = tuned_file(out_dir, sc_name)
@@ -470,6 +472,11 @@ def cmd_tune_suite(args) -> int:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers", "e.g. --seeds 0") \
             from None
+    if getattr(args, "scenario", None):
+        names = [n for n, _ in cfg.scenarios]
+        if args.scenario not in names:
+            raise UserError(f"--scenario {args.scenario!r} is not in {args.config}", f"choose one of: {', '.join(names)}")
+        cfg.scenarios = [(n, o) for n, o in cfg.scenarios if n == args.scenario]
     out = tuned_dir(cfg, args.out)
     paths = tune_suite(cfg, trials=args.trials, results_dir=Path(args.results), out_dir=out, seeds=seeds,
                        sampler_seed=args.sampler_seed, pruner=args.pruner, storage_url=args.storage,
