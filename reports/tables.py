@@ -176,6 +176,9 @@ def protocol_line(recs: Sequence[Record]) -> str:
     buffers = sorted({(r["label"], b) for r in recs if (b := buffer_size(r)) is not None})
     parts.append("buffer: " + (", ".join(f"{lab}={b}" for lab, b in buffers) if buffers else "none (no replay)"))
     parts.append("memory: " + budget_line(recs))
+    compute = compute_line(recs)
+    if compute:
+        parts.append(compute)
     parts.append("settings: " + tuning_note(recs))
     data = [r.get("costs", {}).get("dataset_bytes") for r in recs]
     if data and all(isinstance(d, dict) for d in data):
@@ -212,6 +215,21 @@ def budget_line(recs: Sequence[Record]) -> str:
     if over:
         text += "; OVER the budget: " + ", ".join(over)
     return text
+
+
+def compute_line(recs: Sequence[Record]) -> str:
+    """The caption's compute-budget statement ('' without one)."""
+    budgets = [r.get("costs", {}).get("compute_budget") for r in recs]
+    cut = [p for r in recs for p in r.get("per_task", []) if p.get("compute_budget_flops") is not None]
+    if not cut:
+        return ""
+    rule = next((b for b in budgets if b), None)
+    how = ("each task's training FLOPs capped at what a plain fine-tuning step spends on it "
+           "(epochs × samples × its FLOPs per sample)") if not rule or "per_sample" in rule else \
+        f"each task's training FLOPs capped at {fmt_si(rule['per_task'], 'FLOP')}"
+    return (f"compute budget: {how}, after Prabhu et al. (CVPR 2023): a costlier step gets fewer steps "
+            "(Passes/task below 1); work at task boundaries (a Fisher pass) is outside the cap and counted "
+            "in Train FLOPs; Joint, the upper bound, is not capped")
 
 
 def tuning_note(recs: Sequence[Record]) -> str:

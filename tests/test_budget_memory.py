@@ -146,3 +146,26 @@ def test_aligned_budget_is_the_largest_row_and_fills_er(tmp_path):
     unb = load_suite(cfg, budget="none").specs()
     assert {s.budget_bytes for s in unb} == {None}
     assert load_suite(cfg, budget="none").experiment == "a-budget-none"
+
+
+def test_compute_budget_gives_a_costlier_step_fewer_steps():
+    from harness.engine.budget import plain_step_flops_per_sample
+
+    per_sample = plain_step_flops_per_sample(_spec("ft"))
+    budget = {"per_sample": per_sample}
+    ft = run(RunSpec("ft", "split-fmnist", 0, {}, dict(TINY), compute_budget=budget))
+    # Fine-tuning's step is the unit: it spends exactly its budget and takes every step.
+    assert all(p["compute_budget_cut"] is False for p in ft["per_task"])
+    assert ft["costs"]["passes_per_task"] == 1
+    total_budget = sum(p["compute_budget_flops"] for p in ft["per_task"])
+    assert abs(ft["costs"]["train_flops_total"] - total_budget) <= 1e-9 * total_budget
+    # LwF adds a teacher forward to every step from task 1 on: fewer steps, within the budget.
+    lwf = run(RunSpec("lwf", "split-fmnist", 0, {}, dict(TINY), compute_budget=budget))
+    later = lwf["per_task"][1:]
+    assert all(p["compute_budget_cut"] for p in later) and all(p["passes"] < 1 for p in later)
+    for p in lwf["per_task"]:
+        n = p["train_samples"]
+        assert p["train_flops_per_sample"] * n <= p["compute_budget_flops"] * (1 + 1e-9)
+    # Joint, the upper bound, is not held to it.
+    joint = run(RunSpec("joint", "split-fmnist", 0, {}, dict(TINY), compute_budget=budget))
+    assert all(p["compute_budget_flops"] is None for p in joint["per_task"])

@@ -51,6 +51,10 @@ class RunContext:
         self.metrics: list[tuple[str, float, int]] = []  # extra per-task metrics from methods
         self.artifacts: dict[str, Any] = {}  # name -> JSON-able object, written by the runner
         self.step_hook: Callable[[int], None] | None = None  # set by the runner (FLOP meter)
+        # Training FLOPs each task may spend (None: no compute budget; the runner sets it per task):
+        # train_batches ends a task's stream before the batch that would pass it.
+        self.task_flops_budget: float | None = None
+        self.budget_cut = False  # the current task's stream was cut by the compute budget
         self.samples_seen = 0
         self.extra_flops = 0  # FLOPs of work outside training steps and task boundaries (see counted)
         self.loss_sum: Tensor | None = None  # every loss through backward() this task (see check_losses)
@@ -156,13 +160,28 @@ class RunContext:
             else:
                 it = union_iter(task_list, indices, bs, self.generator, self.device)
             for x, y in it:
+                if self.task_flops_budget is not None and self._over_compute_budget(len(y)):
+                    self.budget_cut = True
+                    break
                 if self.step_hook is not None:
                     self.step_hook(len(y))
                 self.samples_seen += len(y)
                 yield self._memory_format(x), y
+            if self.budget_cut:
+                break
         end = getattr(self.step_hook, "end_of_batches", None)
         if end is not None:
             end()
+
+    def _over_compute_budget(self, batch: int) -> bool:
+        """Whether the next step of ``batch`` samples (at the task's latest FLOPs per sample) would
+        spend more than the task's compute budget (Prabhu et al., CVPR 2023: a costlier step buys
+        fewer steps). The first step of a task is always taken: its cost is what is measured."""
+        spent_fn = getattr(self.step_hook, "task_flops", None)
+        if spent_fn is None or self.task_flops_budget is None:
+            return False
+        spent, per_sample = spent_fn()
+        return per_sample > 0 and spent + per_sample * batch > self.task_flops_budget * (1 + 1e-9)
 
     def eval_batches(self, task: Task, split: str = "val") -> Iterator[tuple[Tensor, Tensor]]:
         """Unshuffled batches of a task's validation (default) or test split."""

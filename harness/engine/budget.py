@@ -152,6 +152,24 @@ def fit_to_budget(spec: RunSpec, budget: int, fixed: dict[str, Any] | None = Non
     return dataclasses.replace(spec, budget_bytes=int(budget), budget_note=note)
 
 
+def plain_step_flops_per_sample(spec: RunSpec) -> float:
+    """Training FLOPs per sample of one plain step on the run's backbone (forward, cross-entropy,
+    backward on a batch of the first task): what fine-tuning spends, the unit of ``compute: aligned``."""
+    from harness.core.backbones import build_backbone
+    from harness.core.flops import FlopCounter
+
+    scenario = get_scenario(spec)
+    task = scenario.tasks[0]
+    x, y = next(task.batches("train", spec.protocol.batch_size))
+    backbone = spec.protocol.backbone or scenario.default_backbone
+    with torch.random.fork_rng(devices=[]):
+        model = build_backbone(backbone, scenario.input_shape, scenario.num_classes)
+    counter = FlopCounter()
+    with counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / len(y)
+
+
 def aligned_budget(specs: list[RunSpec]) -> int:
     """The largest persistent memory among ``specs`` (one per row, at their untuned settings)."""
     return max(total(probe(s)) for s in specs)

@@ -72,12 +72,24 @@ class StepFlopMeter:
         self.boundary = 0  # exact FLOPs of work in train_task outside its steps, not yet taken
         self.counted_steps = 0
         self._uncharged = 0  # samples of uncounted steps not yet charged
+        self._task_start = 0.0  # self.total when the current task began
 
     def begin_task(self) -> None:
         """``train_task`` starts: count its work up to the first batch as boundary FLOPs."""
         self._close_counter()
         self._in_task = True
+        self._task_start = self.total
+        self.per_sample = 0.0  # this task's steps are measured afresh (its first step is always counted)
         self._open(step=False)
+
+    def task_flops(self) -> tuple[float, float]:
+        """(FLOPs spent by the current task so far, FLOPs per sample of its latest step): the open step
+        is closed first, so every step drawn so far is in the sum (a compute budget reads this before
+        handing out the next batch)."""
+        if self._step:
+            self._close_counter()
+        spent = self.total - self._task_start + self.per_sample * self._uncharged + self.boundary
+        return spent, self.per_sample
 
     def __call__(self, batch_size: int) -> None:
         """Called by the context right before a batch is handed to the method."""

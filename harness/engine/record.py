@@ -95,6 +95,8 @@ class PerTask(_Model):
     params_trainable: int | None = None
     state_bytes: int | None = None
     persistent_bytes: int | None = None  # what the method carries to the next task (harness/core/memory.py)
+    compute_budget_flops: Number | None = None  # training FLOPs the task could spend (None: no compute budget)
+    compute_budget_cut: bool | None = None  # its stream ended early because the next step would pass it
     comm_bytes: int | None = None
     train_flops_per_sample: Number | None = None
     passes: Number | None = None
@@ -150,6 +152,7 @@ class Costs(_Model):
     persistent_by_kind: dict[str, int] | None = None
     budget_bytes: int | None = None
     budget_note: str | None = None
+    compute_budget: dict[str, float] | None = None  # {"per_task": N} or {"per_sample": x} (None: none)
     energy_kwh: Number | None = None
     energy_cpu_kwh: Number | None = None
     energy_gpu_kwh: Number | None = None

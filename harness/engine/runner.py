@@ -65,6 +65,9 @@ class RunSpec:
     # The memory budget this run was fitted to (bytes; harness/engine/budget.py) and how it was spent.
     budget_bytes: int | None = None
     budget_note: str = ""
+    # The compute budget (Prabhu et al., CVPR 2023): training FLOPs each task may spend, as
+    # {"per_task": N} or {"per_sample": x} (x FLOPs per training sample and epoch of the task); None: none.
+    compute_budget: dict[str, float] | None = None
 
     def method_label(self) -> str:
         if self.label:
@@ -95,6 +98,8 @@ class RunSpec:
                  "seed": int(self.seed), "eval_split": self.eval_split}
         if self.budget_bytes is not None:  # a budgeted row is its own row (unbudgeted keys are unchanged)
             ident["budget_bytes"] = int(self.budget_bytes)
+        if self.compute_budget is not None:
+            ident["compute_budget"] = dict(self.compute_budget)
         return ident
 
     def config_hash(self) -> str:
@@ -352,6 +357,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             ctx.current_task = task
             samples_before = ctx.samples_seen
             comm_before = ctx.comm_bytes
+            ctx.task_flops_budget = task_compute_budget(spec, cls, task)
+            ctx.budget_cut = False
             watch.start()
             f_before, _ = count_flops(method.before_task, task)
             meter.begin_task()  # work before the first batch and after a stream's end: boundary FLOPs
@@ -388,6 +395,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 train_flops_per_sample=meter.per_sample,
                 passes=samples / max(len(task.train_idx), 1),
                 budget_passes=method.budget_passes(task),
+                compute_budget_flops=ctx.task_flops_budget,
+                compute_budget_cut=ctx.budget_cut if ctx.task_flops_budget is not None else None,
                 avg_acc={s: float(np.mean(accs[s][: k + 1])) for s in settings},
             ))
             record.method_metrics = [list(m) for m in ctx.metrics]
@@ -448,6 +457,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         "persistent_by_kind": persistent,
         "budget_bytes": spec.budget_bytes,
         "budget_note": spec.budget_note or None,
+        "compute_budget": spec.compute_budget,
     }
     if spec.budget_bytes is not None and costs["persistent_bytes"] > spec.budget_bytes:
         costs["budget_note"] = (f"OVER the budget: carried {costs['persistent_bytes']} bytes of {spec.budget_bytes} "
@@ -462,6 +472,17 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     out = record.to_dict()
     observer.on_end(out)
     return out
+
+
+def task_compute_budget(spec: RunSpec, cls: type[Method], task: Task) -> float | None:
+    """The training FLOPs ``task`` may spend under the run's compute budget (None: no budget; Joint's
+    cumulative rule, the upper bound, is not held to one)."""
+    b = spec.compute_budget
+    if not b or cls.BUDGET == "cumulative":
+        return None
+    if "per_task" in b:
+        return float(b["per_task"])
+    return float(b["per_sample"]) * spec.protocol.epochs * len(task.train_idx)
 
 
 def _notify(hook, record: RunRecord) -> RunRecord:

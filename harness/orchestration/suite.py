@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -51,6 +51,8 @@ class SuiteConfig:
     # is the file's own (else --budget overrode it: tuned settings and the experiment get a suffix).
     budget_memory: str | int | None = None
     budget_overridden: bool = False
+    # The compute budget: None, {"per_task": N} or "aligned" (resolved per scenario to {"per_sample": x}).
+    budget_compute: str | dict[str, float] | None = None
     _budgets: dict[str, int] = field(default_factory=dict, repr=False)
 
     def specs(self) -> list[RunSpec]:
@@ -95,6 +97,18 @@ class SuiteConfig:
                         protocol=proto, device=self.device, data_root=self.data_root) for m, _l, o in self.methods])
         return self._budgets[key]
 
+    def compute_budget(self, spec: RunSpec) -> dict[str, float] | None:
+        """The row's compute budget: None, {"per_task": N}, or for ``aligned`` the FLOPs per sample of a
+        plain training step on the scenario ({"per_sample": x}: x × epochs × |D_t| for task t)."""
+        if self.budget_compute is None or isinstance(self.budget_compute, dict):
+            return self.budget_compute
+        key = json.dumps(["compute", spec.scenario, spec.scenario_set, spec.protocol.backbone], sort_keys=True)
+        if key not in self._budgets:
+            from harness.engine.budget import plain_step_flops_per_sample
+
+            self._budgets[key] = plain_step_flops_per_sample(spec)
+        return {"per_sample": float(self._budgets[key])}
+
     def budget_text(self) -> str:
         """How the suite's budget reads in captions and tuned files."""
         if self.budget_memory is None:
@@ -108,6 +122,9 @@ class SuiteConfig:
     def fit_row(self, row: list[RunSpec], sc_name: str, sc_opts: dict[str, Any],
                 overrides: dict[str, Any]) -> list[RunSpec]:
         """The seeds of one row fitted to the memory budget (the same fit for every seed)."""
+        compute = self.compute_budget(row[0])
+        if compute is not None:
+            row = [dataclasses.replace(s, compute_budget=dict(compute)) for s in row]
         budget = self.budget_bytes(sc_name, sc_opts)
         if budget is None:
             return row
@@ -161,9 +178,13 @@ class MethodEntry(Document):
 
 
 class BudgetEntry(Document):
-    """``budget:`` of a suite file: ``memory: 4 MiB`` (or bytes), ``aligned`` or ``none``."""
+    """``budget:`` of a suite file: ``memory: 4 MiB`` (or bytes), ``aligned`` or ``none``; and
+    ``compute: aligned`` (every task may spend what fine-tuning spends on it) or
+    ``train_flops_per_task: N``."""
 
     memory: str | int | None = None
+    compute: Literal["aligned", "none"] | None = None
+    train_flops_per_task: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class SuiteFile(Document):
@@ -227,6 +248,13 @@ def load_suite(path: str | Path, budget: str | None = None) -> SuiteConfig:
                       methods, device=doc.device or "auto", data_root=doc.data_root,
                       description=doc.description or "", reference=doc.reference or "", source=path,
                       budget_memory=chosen, budget_overridden=overridden)
+    if doc.budget is not None and doc.budget.compute == "aligned" and doc.budget.train_flops_per_task:
+        raise UserError(f"{path}: budget has both compute: aligned and train_flops_per_task",
+                        "keep one of them")
+    if doc.budget is not None and doc.budget.train_flops_per_task:
+        cfg.budget_compute = {"per_task": float(doc.budget.train_flops_per_task)}
+    elif doc.budget is not None and doc.budget.compute == "aligned":
+        cfg.budget_compute = "aligned"
     if cfg.reference and cfg.reference not in {lab or m for m, lab, _ in methods}:
         raise UserError(f"{path}: reference {cfg.reference!r} is not the label of any method entry",
                         "set reference: to one of the methods' labels")
