@@ -56,7 +56,10 @@ class ReservoirBuffer:
         """Store samples through ``codec`` (chosen before the first insert; every task must share it)."""
         if self.x is None:
             self.codec = codec
-        elif (codec is None) != (self.codec is None) or (codec is not None and codec.source is not self.codec.source):
+            return
+        if self.codec is None and codec is not None and self.x.dtype == codec.dtype:
+            self.codec = codec  # a buffer restored from a checkpoint: its samples were stored encoded
+        if (codec is None) != (self.codec is None) or (codec is not None and codec.source is not self.codec.source):
             raise RuntimeError("ER: a later task's inputs need another stored format than the buffer's")
 
     @property
