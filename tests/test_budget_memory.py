@@ -169,3 +169,27 @@ def test_compute_budget_gives_a_costlier_step_fewer_steps():
     # Joint, the upper bound, is not held to it.
     joint = run(RunSpec("joint", "split-fmnist", 0, {}, dict(TINY), compute_budget=budget))
     assert all(p["compute_budget_flops"] is None for p in joint["per_task"])
+
+
+def test_probe_results_are_shared_through_the_cache_file_and_keyed_by_the_code(tmp_path, monkeypatch):
+    import json
+
+    from harness.engine import budget
+
+    cache = tmp_path / "budget_probes.json"
+    budget.use_probe_cache(cache)
+    try:
+        spec = _spec("lwf", temperature=4.0)
+        first = budget.probe(spec)
+        budget._PROBES.clear()
+        monkeypatch.setattr(budget, "miniature", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
+        assert budget.probe(spec) == first  # another process reads the plan instead of probing again
+        data = json.loads(cache.read_text())
+        assert list(data) == [budget.code_digest()]
+        cache.write_text(json.dumps({"0123456789ab": data[budget.code_digest()]}))  # plans of other code
+        budget._PROBES.clear()
+        with pytest.raises(AssertionError, match="probed"):
+            budget.probe(spec)
+    finally:
+        budget.use_probe_cache(None)
+        budget._PROBES.clear()

@@ -27,8 +27,11 @@ decide it).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +46,61 @@ from harness.engine.runner import RunSpec, build_context, get_scenario, resolve_
 
 PROBE_SAMPLES = 256  # training samples a task in the probe's miniature stream
 _PROBES: dict[str, dict[str, int]] = {}
+_CACHE_FILE: Path | None = None
+
+
+def use_probe_cache(path: str | Path | None) -> None:
+    """Keep probe results in ``path`` (a JSON file), shared by the processes of a suite (its workers
+    load the same rows) and kept across invocations. Entries are keyed by the row and a digest of the
+    project's source code, so a code change never reuses a stale plan."""
+    global _CACHE_FILE
+    _CACHE_FILE = None if path is None else Path(path)
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (12 hex digits) of every Python source of the harness, methods and scenarios."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pkg in ("harness", "methods", "scenarios"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cache_read(key: str) -> dict[str, int] | None:
+    if _CACHE_FILE is None or not _CACHE_FILE.is_file():
+        return None
+    try:
+        data = json.loads(_CACHE_FILE.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: probe again (it is rewritten below)
+    hit = data.get(code_digest(), {}).get(key) if isinstance(data, dict) else None
+    if isinstance(hit, dict) and all(isinstance(v, int) for v in hit.values()):
+        return hit
+    return None
+
+
+def _cache_write(key: str, kinds: dict[str, int]) -> None:
+    if _CACHE_FILE is None:
+        return
+    from filelock import FileLock
+
+    try:
+        _CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(_CACHE_FILE) + ".lock", timeout=30):
+            try:
+                data = json.loads(_CACHE_FILE.read_text()) if _CACHE_FILE.is_file() else {}
+            except (OSError, ValueError):
+                data = {}
+            digest = code_digest()
+            data = {digest: {**(data.get(digest) or {}), key: kinds}}  # plans of older code are dropped
+            tmp = _CACHE_FILE.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, sort_keys=True))
+            tmp.replace(_CACHE_FILE)
+    except OSError:
+        pass  # a cache that cannot be written costs time, never a result
 
 
 def role_fields(method: str, role: str) -> list[dataclasses.Field]:
@@ -70,6 +128,10 @@ def probe(spec: RunSpec) -> dict[str, int]:
     key = _probe_key(spec)
     if key in _PROBES:
         return dict(_PROBES[key])
+    cached = _cache_read(key)
+    if cached is not None:
+        _PROBES[key] = cached
+        return dict(cached)
     cls = resolve_method(spec.method)
     hp = hparams_from(cls.HParams, spec.method_set)
     scenario = miniature(get_scenario(spec))
@@ -93,6 +155,7 @@ def probe(spec: RunSpec) -> dict[str, int]:
         random.setstate(py_state)
         np.random.set_state(np_state)
     _PROBES[key] = dict(most)
+    _cache_write(key, most)
     return most
 
 

@@ -127,6 +127,9 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     heartbeat, grace = check_heartbeat(args.heartbeat, args.grace)
+    from harness.engine.budget import use_probe_cache
+
+    use_probe_cache(Path(args.results) / "budget_probes.json")  # shared by the workers of the suite
     cfg = load_suite(args.config, getattr(args, "budget", None))
     if args.data_root:
         cfg.data_root = args.data_root

@@ -462,6 +462,9 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
 def cmd_tune_suite(args) -> int:
     from harness.orchestration.suite import load_suite
 
+    from harness.engine.budget import use_probe_cache
+
+    use_probe_cache(Path(args.results) / "budget_probes.json")
     cfg = load_suite(args.config, getattr(args, "budget", None))
     if args.data_root:
         cfg.data_root = args.data_root
