@@ -2,7 +2,7 @@
 
 Split Fashion-MNIST (5 x 2 classes, class-IL and task-IL), P = 4 nodes, IID and Dirichlet(α = 0.5)
 partitions, ``--rounds`` rounds per task sharing the budget of ``--epochs`` passes per task (R·E =
-epochs, METHODS.md §6: each round trains epochs / R of a pass), in-process backend. Prints one row per (method, partition): final average
+epochs, docs/methods.md §6: each round trains epochs / R of a pass), in-process backend. Prints one row per (method, partition): final average
 accuracy (class-IL / task-IL), forgetting (class-IL), total bytes, rounds, training wall seconds, and
 each method's bytes relative to FedAvg's on the same split; then the goal check per partition.
 DMKD runs with its defaults (autoencoder routing, one expert per task), training=decentralized on a

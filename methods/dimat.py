@@ -1,4 +1,4 @@
-"""DIMAT, continual (Saadati et al. 2024; METHODS.md §3), and WA, its ablation without permutation.
+"""DIMAT, continual (Saadati et al. 2024; docs/methods.md §3), and WA, its ablation without permutation.
 
 P agents on a topology with mixing weights π_ij (uniform over self and neighbours: fully connected
 1/P, ring 1/3). Per round, each agent: (1) resets BatchNorm statistics on its own data; (2) gets
@@ -28,7 +28,7 @@ validation accuracy over the agents is logged as ``agents_mean_val_acc``. Only p
 so bytes = |θ| x 4 per directed edge per round. The forward passes of steps (1), (2) and (5) use
 ``stat_batches`` batches of the agent's shard read directly from the task; they are training FLOPs
 (``ctx.counted``) but not training passes: they are no optimisation steps, so the measured passes per
-task (METHODS.md §6) count only the local training batches.
+task (docs/methods.md §6) count only the local training batches.
 
 Cost: DIMAT needs more than 2x FT's time per training sample, by its algorithm: every round each agent
 solves one linear assignment (Hungarian, O(units³), scipy) per hidden layer and neighbour (MLP: two
@@ -255,7 +255,7 @@ class DimatParams(NodesParams):
                                "Saadati et al. 2024 (DIMAT): activation matching before the merge")
     stat_batches: int = documented(
         8, "batches of the agent's own shard for BatchNorm resets and activation statistics",
-        "ours: the official code uses the global train set; we use local data only (METHODS.md §3)", ge=1)
+        "ours: the official code uses the global train set; we use local data only (docs/methods.md §3)", ge=1)
     init: str = documented("distinct", "distinct (agent i initialised from seed + i) | shared (one init)",
                            "official DIMAT code (github nsaadati/DIMAT, train.py: seed = i + random_seed)",
                            choices=("distinct", "shared"))

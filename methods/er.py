@@ -1,4 +1,4 @@
-"""ER: experience replay with a reservoir-sampled buffer (Chaudhry et al. 2019), METHODS.md §3.
+"""ER: experience replay with a reservoir-sampled buffer (Chaudhry et al. 2019), docs/methods.md §3.
 
 Reservoir sampling (Vitter 1985): the n-th stream sample (0-based) goes to slot n while n < M;
 otherwise r ~ U{0..n} is drawn and it replaces slot r if r < M. A whole batch is inserted at once

@@ -1,4 +1,4 @@
-"""EWC (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018), METHODS.md §3.
+"""EWC (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018), docs/methods.md §3.
 
 L = L_t + (λ/2) Σ_i F_i (θ_i − θ*_i)², F a diagonal Fisher of log p(y|x) on the task's training
 data (empirical labels by default, sampled y ~ p_θ as an option). ``separate`` keeps one (F, θ*) pair
@@ -65,7 +65,7 @@ class EWCParams(HParams):
     fisher_norm: str = documented(
         "batch_mean", "batch_mean (squared gradient of the batch-mean loss, averaged over batches weighted by "
         "batch size; ~batch-size times smaller) | per_sample (mean of squared per-sample gradients, the "
-        "definition of METHODS.md §3)", "batch_mean: FACIL and Avalanche; per_sample: Kirkpatrick et al. 2017",
+        "definition of docs/methods.md §3)", "batch_mean: FACIL and Avalanche; per_sample: Kirkpatrick et al. 2017",
         choices=FISHER_NORMS)
     fisher_batch: int = documented(
         0, "batch size of the Fisher pass (0 = the protocol's batch_size); sets the scale under batch_mean, "

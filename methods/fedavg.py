@@ -1,4 +1,4 @@
-"""FedAvg, continual (McMahan et al. 2017; METHODS.md §3), on the nodes API.
+"""FedAvg, continual (McMahan et al. 2017; docs/methods.md §3), on the nodes API.
 
 Each task's training data is split over P clients (``partition``: iid | dirichlet | round_robin).
 Per task, R rounds; per round a seeded sample of max(1, round(C·P)) clients trains E local epochs

@@ -1,7 +1,7 @@
-"""Joint: the upper bound, trained cumulatively (METHODS.md §3).
+"""Joint: the upper bound, trained cumulatively (docs/methods.md §3).
 
 At task t the model trains on the union of tasks 0..t, so the accuracy matrix is complete and its
-last row is joint training on all data. Budget: the stated exception of METHODS.md §6 (``BUDGET =
+last row is joint training on all data. Budget: the stated exception of docs/methods.md §6 (``BUDGET =
 "cumulative"``): task t spends epochs passes over the union, epochs x |D_0..D_t| / |D_t| passes of D_t.
 """
 
@@ -28,7 +28,7 @@ class Joint(Method):
     NAME = "joint"
     HParams = JointParams
     DESCRIPTION = "Cumulative joint training on all tasks so far (upper bound)"
-    BUDGET = "cumulative"  # the one stated exception to the budget of METHODS.md §6
+    BUDGET = "cumulative"  # the one stated exception to the budget of docs/methods.md §6
 
     def before_task(self, task: Task) -> None:
         if self.hp.reinit:

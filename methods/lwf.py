@@ -1,4 +1,4 @@
-"""LwF (Li & Hoiem 2016), METHODS.md §3.
+"""LwF (Li & Hoiem 2016), docs/methods.md §3.
 
 L = CE(z, y) over the whole head + α · T² · KL(σ(z_old/T) ‖ σ(z/T)) on the logits of the old
 classes (classes of tasks before the current one), z_old from a frozen copy of the model taken at

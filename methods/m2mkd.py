@@ -1,4 +1,4 @@
-"""m2mKD adapted for continual learning (Lo et al. 2024; METHODS.md §3).
+"""m2mKD adapted for continual learning (Lo et al. 2024; docs/methods.md §3).
 
 The backbone is cut into a sequence of modules T_1..T_N (one per Linear/Conv stage, the head last).
 At a task boundary the model becomes the frozen teacher. At the next task:
@@ -9,7 +9,7 @@ KL reduction: batchmean (sum over classes, mean over samples; methods.common.kd_
 the classes the teacher has seen (the CL adaptation; new classes have no teacher signal). The official
 code divides by batch×classes instead. Task 0 has no teacher: plain CE.
 
-Budget (METHODS.md §6): both phases share the protocol's ``epochs`` passes over the task. The task's
+Budget (docs/methods.md §6): both phases share the protocol's ``epochs`` passes over the task. The task's
 training stream (epochs passes, reshuffled every pass) is cut into consecutive pieces: the first
 ``phase1_share`` of its batches go to phase 1, split equally over the N modules, the rest to phase 2.
 Task 0 (no teacher) spends the whole stream on plain CE.
@@ -45,7 +45,7 @@ class M2MKDParams(HParams):
     phase1_share: float = documented(
         0.5, "share of the task's training batches spent on phase 1 (split equally over the modules; 0 skips "
         "it), the rest on phase 2", "ours: the paper gives each phase its own schedule; under one budget "
-        "(METHODS.md §6) the split is a choice, half and half, to be tuned", ge=0, lt=1)
+        "(docs/methods.md §6) the split is a choice, half and half, to be tuned", ge=0, lt=1)
 
 
 def split_modules(backbone: nn.Module) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""Simple MoE (METHODS.md §3): DMKD's experts and learned router with KD, preservation and
+"""Simple MoE (docs/methods.md §3): DMKD's experts and learned router with KD, preservation and
 specialization all off; the router still has its load-balance term."""
 
 from __future__ import annotations
@@ -18,21 +18,21 @@ class MoEParams(DMKDParams):
 
     routing: str = redeclared(
         DMKDParams, "routing", "learned",
-        "METHODS.md §3 (Simple MoE: DMKD's experts and router) and §4 (the learned router "
+        "docs/methods.md §3 (Simple MoE: DMKD's experts and router) and §4 (the learned router "
         "g(x) = softmax(W f_enc(x) + b))")
     combine: str = redeclared(
         DMKDParams, "combine", "logits",
-        "METHODS.md §4 (y = Σ g̃_i M_i(x), the classic gate-weighted sum of expert outputs); configs/dmkd.yaml: "
+        "docs/methods.md §4 (y = Σ g̃_i M_i(x), the classic gate-weighted sum of expert outputs); configs/dmkd.yaml: "
         "better than probs for a learned router on validation (task-IL 0.944 vs 0.889)")
     top_k: int = redeclared(
         DMKDParams, "top_k", 2,
         "ours: with K=1 the renormalised gate is always 1 and the router would learn only from the balance "
         "term; search 1..3 as DMKD")
-    kd: str = redeclared(DMKDParams, "kd", "none", "METHODS.md §3 (Simple MoE: KD off)")
+    kd: str = redeclared(DMKDParams, "kd", "none", "docs/methods.md §3 (Simple MoE: KD off)")
     preservation: str = redeclared(DMKDParams, "preservation", "none",
-                                   "METHODS.md §3 (Simple MoE: preservation off)")
+                                   "docs/methods.md §3 (Simple MoE: preservation off)")
     log_specialization: bool = redeclared(DMKDParams, "log_specialization", False,
-                                          "METHODS.md §3 (Simple MoE: specialization off)")
+                                          "docs/methods.md §3 (Simple MoE: specialization off)")
 
     def validate(self) -> None:
         super().validate()

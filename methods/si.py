@@ -1,4 +1,4 @@
-"""SI, Synaptic Intelligence (Zenke, Poole & Ganguli 2017), METHODS.md §3.
+"""SI, Synaptic Intelligence (Zenke, Poole & Ganguli 2017), docs/methods.md §3.
 
 Every step: ω_k += −g_k Δθ_k, with g the gradient of the *unregularised* loss and Δθ the actual
 parameter change of that step (momentum and the penalty included). At the task end:

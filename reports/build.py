@@ -35,7 +35,7 @@ from reports.tables import (
 )
 
 LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Avg. incr. acc. = mean of the "
-          "average accuracy after each task; Forgetting (Chaudhry 2018), BWT, FWT as in METHODS.md §1 "
+          "average accuracy after each task; Forgetting (Chaudhry 2018), BWT, FWT as in docs/methods.md §1 "
           f"(divided by T−1). Each cell is {INTERVAL_NOTE}; 'Seeds' counts them. Rank by mean final accuracy "
           f"(1 = best); {TEST_NOTE}; 'p vs best' is that test's p-value. A 'Δ … vs' column (suites with a "
           "reference row) is the mean paired-by-seed difference from the reference row with its 95% t-interval "

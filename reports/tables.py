@@ -1,6 +1,6 @@
 """Leaderboards and ablation tables as pandas frames, plus their markdown/HTML rendering.
 
-Statistics over seeds (METHODS.md §6): a cell is ``mean ± h`` where h is the half-width of the 95%
+Statistics over seeds (docs/methods.md §6): a cell is ``mean ± h`` where h is the half-width of the 95%
 Student-t interval, h = t_{0.975, n-1} · s / sqrt(n) with the sample standard deviation s (ddof=1);
 a single-seed cell shows the mean alone. Ranks are by mean final accuracy, and every row whose
 difference from the best row is not significant under a two-sided paired t-test over the seeds both

@@ -1,4 +1,4 @@
-"""One training budget (METHODS.md §6): every registered method's measured passes per task equal the
+"""One training budget (docs/methods.md §6): every registered method's measured passes per task equal the
 budget it declares (protocol.epochs; Joint's cumulative schedule is the stated exception)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values (METHODS.md §1)."""
+"""Metrics against hand-computed values (docs/methods.md §1)."""
 
 import numpy as np
 import pytest

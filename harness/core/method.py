@@ -44,7 +44,7 @@ class Method:
     SETTINGS: ClassVar[frozenset[str]] = ALL_SETTINGS
     HParams: ClassVar[type] = HParams
     DESCRIPTION: ClassVar[str] = ""
-    # The training budget (METHODS.md §6): "epochs" = protocol.epochs passes over each task's training
+    # The training budget (docs/methods.md §6): "epochs" = protocol.epochs passes over each task's training
     # data, whatever the schedule; "cumulative" = Joint's stated exception (the union of tasks 0..t).
     BUDGET: ClassVar[str] = "epochs"
     # Method state a resumed run needs beyond the model (and the optimiser when it is kept across

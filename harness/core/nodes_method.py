@@ -45,10 +45,10 @@ class NodesParams(HParams):
     dirichlet_alpha: float = documented(0.5, "Dirichlet concentration of the dirichlet partition (small = non-IID)",
                               "Hsu et al. 2019 / common FL benchmarks: α = 0.5", gt=0)
     rounds: int = documented(3, "R, communication rounds per task",
-                             "ours: 3 rounds per task; R·E = epochs keeps the budget (METHODS.md §6)", ge=1)
+                             "ours: 3 rounds per task; R·E = epochs keeps the budget (docs/methods.md §6)", ge=1)
     local_epochs: float = documented(
         0.0, "E, local epochs per round; 0 = epochs / R (a fraction of an epoch when R > epochs)",
-        "METHODS.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)", ge=0)
+        "docs/methods.md §6: R·E = the protocol's epochs (McMahan et al. 2017 use E in 1..20 without a budget)", ge=0)
     free_budget: bool = documented(False, "allow R·E != the protocol's epochs (an off-budget run)",
                                    "ours: off by default so that every row spends the same budget")
     backend: str = documented("inprocess", "inprocess (one process, deterministic) | distributed (torchrun)",

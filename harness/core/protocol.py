@@ -13,7 +13,7 @@ from harness.core.config import Search, check, documented
 class Protocol:
     """Training protocol shared by every method of a run (the paper's 'experimental setup'); each
     field documents its default and source (``dmkd list --protocol``). ``epochs`` is the one training
-    budget of METHODS.md §6, the same for every method."""
+    budget of docs/methods.md §6, the same for every method."""
 
     epochs: int = documented(1, "passes over each task's training data (the training budget of every method)",
                              "ours: the single-epoch protocol of GEM/A-GEM (Lopez-Paz & Ranzato 2017; "

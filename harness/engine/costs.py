@@ -1,4 +1,4 @@
-"""Cost meters shared by every run (METHODS.md §2): FLOPs, parameters, time, memory.
+"""Cost meters shared by every run (docs/methods.md §2): FLOPs, parameters, time, memory.
 
 FLOPs come from torch's FLOP formulas (``torch.utils.flop_counter``; FLOPs = 2 x MACs, forward and
 backward), totalled by :class:`harness.core.flops.FlopCounter`, which returns FlopCounterMode's totals

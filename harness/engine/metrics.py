@@ -1,4 +1,4 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix (METHODS.md §1).
+"""Continual-learning metrics as pure functions of the accuracy matrix (docs/methods.md §1).
 
 ``R[k][j]`` is the accuracy on task j after training task k (T x T, 0-based). ``b[j]`` is the
 accuracy of the randomly initialised model on task j (needed by FWT only).

@@ -105,7 +105,7 @@ class PerTask(_Model):
 
 
 class SettingMetrics(_Model):
-    """The continual-learning metrics of one accuracy matrix (harness/engine/metrics.py, METHODS.md §1)."""
+    """The continual-learning metrics of one accuracy matrix (harness/engine/metrics.py, docs/methods.md §1)."""
 
     final_avg_acc: Number
     avg_inc_acc: Number | None = None
@@ -115,7 +115,7 @@ class SettingMetrics(_Model):
 
 
 class Costs(_Model):
-    """Costs of the run (METHODS.md §2): parameters, FLOPs, time, memory, communication, energy."""
+    """Costs of the run (docs/methods.md §2): parameters, FLOPs, time, memory, communication, energy."""
 
     params_total: int | None = None
     params_trainable: int | None = None

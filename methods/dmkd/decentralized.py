@@ -1,4 +1,4 @@
-"""DMKD, decentralized mode (METHODS.md §4 "Decentralized mode"), on the nodes API.
+"""DMKD, decentralized mode (docs/methods.md §4 "Decentralized mode"), on the nodes API.
 
 P nodes, each a full DMKD learner (encoder, experts, router, autoencoders, its own teacher, importance
 maps and optimisers) trained with the normal DMKD loss on its shard of every task (``partition`` iid |

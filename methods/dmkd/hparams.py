@@ -1,4 +1,4 @@
-"""DMKD's hyperparameters: one dataclass holding every switch of METHODS.md §4-§5."""
+"""DMKD's hyperparameters: one dataclass holding every switch of docs/methods.md §4-§5."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ class DMKDParams(NodesParams):
     n_nodes: int = documented(
         1, "P, the number of nodes under training=decentralized (>= 2, each a full DMKD learner with one "
         "shard of every task); 1 under training=centralized",
-        "ours: 1 = the centralized default; METHODS.md §4 (Decentralized mode: P nodes)", ge=1)
+        "ours: 1 = the centralized default; docs/methods.md §4 (Decentralized mode: P nodes)", ge=1)
     topology: str = documented(
         "full", "training=decentralized: full (network average) | ring (gossip with the two neighbours)",
-        "METHODS.md §4 (nodes average over the topology); DIMAT (Saadati et al. 2024): fully connected and "
+        "docs/methods.md §4 (nodes average over the topology); DIMAT (Saadati et al. 2024): fully connected and "
         "ring topologies", choices=TOPOLOGIES)
 
     # ---- model ------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class DMKDParams(NodesParams):
         "none", "shared encoder f_enc: none (Flatten only: nothing shared to forget) | linear (Flatten + "
         "Linear(d_in, encoder_dim) + ReLU, trained by every task) | backbone (the scenario backbone's "
         "features)",
-        f"METHODS.md §4 (a shared encoder f_enc); none: ours, on {VAL}: 0.823 / 0.987 with autoencoder "
+        f"docs/methods.md §4 (a shared encoder f_enc); none: ours, on {VAL}: 0.823 / 0.987 with autoencoder "
         "routing, K=3, combine=probs; a trainable linear 256 encoder: 0.816-0.829 / 0.975-0.980 depending on "
         "kd/preservation", choices=ENCODER_KINDS)
     encoder_dim: int = documented(
@@ -71,15 +71,15 @@ class DMKDParams(NodesParams):
     expert_hidden: int = documented(
         100, "h, the hidden width of each expert Linear(d_enc, h) + ReLU + Linear(h, C)",
         "ours: with N=5 experts and their autoencoders the default model on Split Fashion-MNIST has 656,595 "
-        "parameters, 1.37x the MLP 784-400-400-10 (METHODS.md §5's goal: <= 1.5x)", ge=1, role="capacity")
+        "parameters, 1.37x the MLP 784-400-400-10 (docs/methods.md §5's goal: <= 1.5x)", ge=1, role="capacity")
     n_experts: int = documented(
         5, "N, the experts at the start (growth may add experts up to n_max)",
-        "METHODS.md §4 (N experts); 5 = ours: with N >= tasks (5 on Split Fashion-MNIST) every task owns its "
+        "docs/methods.md §4 (N experts); 5 = ours: with N >= tasks (5 on Split Fashion-MNIST) every task owns its "
         "expert under autoencoder routing (configs/dmkd.yaml also runs N=4 and N=8); search 4..8",
         ge=1, search=Search.integers(4, 8, order=5), role="capacity")
     top_k: int = documented(
         3, "K, the experts each sample runs through (top-K gates, renormalised); K <= n_experts",
-        f"METHODS.md §4 (top-K routing); 3 = ours, on {VAL} with combine=probs: K=3 0.823 / 0.987, K=2 "
+        f"docs/methods.md §4 (top-K routing); 3 = ours, on {VAL} with combine=probs: K=3 0.823 / 0.987, K=2 "
         "0.823 / 0.976, K=5 0.823 / 0.989 at more FLOPs (combine=logits, K=1: 0.820 / 0.935); search 1..3 "
         "(K <= N holds for every trial)", ge=1, search=Search.integers(1, 3, order=6))
 
@@ -96,23 +96,23 @@ class DMKDParams(NodesParams):
         "gauss_var_floor); s_i(x) = max_c log N(f_i(x); mu_ic, var_ic), gates = softmax(s_i / "
         "(gauss_temperature · expert_hidden)) over the experts that own Gaussians; the router runs the first "
         "layer of every owning expert, so its FLOPs grow with N; centralized training only)",
-        "static/learned/entropy: PROPOSAL.md §3 and METHODS.md §4 (g(x) = softmax(W f_enc(x) + b), "
+        "static/learned/entropy: docs/proposal.md §3 and docs/methods.md §4 (g(x) = softmax(W f_enc(x) + b), "
         "entropy-guided routing); autoencoder: Expert Gate (Aljundi et al. 2017), gaussian: SEED (Rypeść et "
-        f"al. 2024), both extensions (METHODS.md §5); autoencoder = ours, on {VAL}: 0.823 / 0.987, while the "
+        f"al. 2024), both extensions (docs/methods.md §5); autoencoder = ours, on {VAL}: 0.823 / 0.987, while the "
         "learned router stays near 0.2 class-IL and gaussian reaches 0.531 / 0.937 (a 2-class expert's hidden "
         "features pick the right expert for only ~0.6 of validation inputs)", choices=ROUTING_KINDS)
     beta: float = documented(
         1.0, "routing=entropy: strength β of the bias β·s_i added to expert i's router logit",
-        "METHODS.md §4 (entropy-guided routing: add β·s_i); 1.0 = ours (no validation evidence recorded)", ge=0)
+        "docs/methods.md §4 (entropy-guided routing: add β·s_i); 1.0 = ours (no validation evidence recorded)", ge=0)
     ae_hidden: int = documented(
         64, "routing=autoencoder: hidden width of each expert's tied-weight autoencoder on the raw input",
-        "Expert Gate (Aljundi et al. 2017): one small autoencoder per expert (METHODS.md §5); 64 = ours", ge=1)
+        "Expert Gate (Aljundi et al. 2017): one small autoencoder per expert (docs/methods.md §5); 64 = ours", ge=1)
     ae_lr: float = documented(
         0.003, "learning rate of the autoencoders' Adam optimiser (autoencoders only; experts and router use "
         "the protocol's optimiser)", "ours (no validation evidence recorded)", gt=0)
     ae_temperature: float = documented(
         0.02, "routing=autoencoder: gates = softmax(-err_i / ae_temperature) over the experts that own data",
-        "Expert Gate (Aljundi et al. 2017): softmax over negative reconstruction errors (METHODS.md §5); "
+        "Expert Gate (Aljundi et al. 2017): softmax over negative reconstruction errors (docs/methods.md §5); "
         "0.02 = ours", gt=0)
     ae_relative: bool = documented(
         False, "routing=autoencoder: divide err_i by autoencoder i's mean training error",
@@ -129,7 +129,7 @@ class DMKDParams(NodesParams):
     combine: str = documented(
         "probs", "probs: y = log Σ_{i∈TopK} g̃_i softmax(M_i(x)) (a mixture of the experts' distributions, "
         "so a confident right expert wins a task-IL decision even at a small gate) | logits: y = Σ g̃_i M_i(x)",
-        f"logits: METHODS.md §4; probs = ours, on {VAL} with autoencoder routing, K=3: 0.823 / 0.987 vs "
+        f"logits: docs/methods.md §4; probs = ours, on {VAL} with autoencoder routing, K=3: 0.823 / 0.987 vs "
         "logits 0.819 / 0.981", choices=COMBINE_KINDS)
 
     # ---- loss -------------------------------------------------------------------------------------
@@ -137,79 +137,79 @@ class DMKDParams(NodesParams):
         "module", "none | logits (temperature² KL on the combined logits, over the classes the teacher knows) "
         "| module (each expert from its own snapshot and the router's gates from the snapshot router, "
         "m2mKD-style)",
-        "METHODS.md §4 (KD variants none / logits / module); logits: Hinton et al. 2015; module: m2mKD (Lo et "
+        "docs/methods.md §4 (KD variants none / logits / module); logits: Hinton et al. 2015; module: m2mKD (Lo et "
         "al. 2024); module = ours: kept on, it protects reused experts when N < tasks (inert when every task "
         "owns its expert)", choices=KD_KINDS)
     teacher: str = documented(
         "snapshot", "snapshot (the model at the previous task boundary) | aggregate (the other nodes' models; "
         "training=decentralized only) | external (the model at teacher_path)",
-        "METHODS.md §4 (teacher switch, snapshot the default); PROPOSAL.md §3", choices=TEACHER_KINDS)
+        "docs/methods.md §4 (teacher switch, snapshot the default); docs/proposal.md §3", choices=TEACHER_KINDS)
     teacher_path: str | None = documented(
         None, "teacher=external: a state dict of the run's backbone (torch.save(model.state_dict())), read "
         "with weights_only=True; pickled modules are refused, since unpickling runs code",
-        "METHODS.md §4 (an external pretrained model given by path); the file format: ours (safe loading)")
+        "docs/methods.md §4 (an external pretrained model given by path); the file format: ours (safe loading)")
     temperature: float = documented(
         2.0, "τ, the KD temperature in τ² KL(σ(z_teacher/τ) ‖ σ(z_student/τ))",
-        "Hinton et al. 2015 (softened outputs, τ² scaling; METHODS.md §4); 2.0 = ours, the temperature "
-        "METHODS.md §3 gives LwF; search {1, 2, 4} (Hinton-style KD)",
+        "Hinton et al. 2015 (softened outputs, τ² scaling; docs/methods.md §4); 2.0 = ours, the temperature "
+        "docs/methods.md §3 gives LwF; search {1, 2, 4} (Hinton-style KD)",
         gt=0, search=Search.categorical(1.0, 2.0, 4.0, order=2))
     lambda_kd: float = documented(
         1.0, "λ_KD, the weight of L_KD in L = CE + λ_KD L_KD + λ_reg L_reg",
-        "PROPOSAL.md §3 and METHODS.md §4 (λ_KD); 1.0 = ours (unit weight); search log 0.1..10 "
+        "docs/proposal.md §3 and docs/methods.md §4 (λ_KD); 1.0 = ours (unit weight); search log 0.1..10 "
         "(Hinton-style KD)",
         ge=0, search=Search.log(0.1, 10.0, order=1))
     lambda_balance: float = documented(
         0.01, "weight of the router load-balance term, CV² of expert importance Σ_x g_i(x)",
-        "Shazeer et al. 2017 (CV² importance loss; METHODS.md §4); 0.01 = ours", ge=0)
+        "Shazeer et al. 2017 (CV² importance loss; docs/methods.md §4); 0.01 = ours", ge=0)
     lambda_diversity: float = documented(
         0.0, "weight of the diversity term: mean pairwise cosine similarity of the experts' in-batch class "
         "profiles Σ_{x:y=c} g_i(x)",
-        "METHODS.md §4 (an optional diversity term in L_reg); 0 = ours: off by default", ge=0)
+        "docs/methods.md §4 (an optional diversity term in L_reg); 0 = ours: off by default", ge=0)
 
     # ---- knowledge preservation (at every task boundary) ------------------------------------------
     preservation: str = documented(
         "fisher", "importance Ω: none | magnitude (|θ|) | fisher (diagonal empirical Fisher on fisher_samples "
         "training samples of the task)",
-        "PROPOSAL.md §3 step 4 and METHODS.md §4 (Fisher the default, magnitude a switch); fisher = ours, "
+        "docs/proposal.md §3 step 4 and docs/methods.md §4 (Fisher the default, magnitude a switch); fisher = ours, "
         "kept on: it protects reused experts when N < tasks (inert when every task owns its expert)",
         choices=PRESERVATION_KINDS)
     transfer: str = documented(
         "regularize", "regularize (λ_pres Σ_salient Ω (θ − θ*)² on later tasks) | inject (a new expert gets "
         "its donor's salient parameters, kept fixed) | init (a new expert starts as a copy of its donor)",
-        "METHODS.md §4 (transfer switch, regularize the default)", choices=TRANSFER_KINDS)
+        "docs/methods.md §4 (transfer switch, regularize the default)", choices=TRANSFER_KINDS)
     salient_p: float = documented(
         0.10, "p, the share of each module's parameters in its salient set (top p by Ω)",
-        "METHODS.md §4 (p a hyperparameter, default 10%); search log 0.02..0.5",
+        "docs/methods.md §4 (p a hyperparameter, default 10%); search log 0.02..0.5",
         gt=0, le=1, search=Search.log(0.02, 0.5, order=4))
     lambda_pres: float = documented(
         20.0, "λ_pres, the strength of the preservation penalty, on importances normalised to median 1 over "
         "the salient set and capped at 3",
-        "METHODS.md §4 (λ_pres); 20 = ours; search log 1..100, the EWC-like range (lr·λ_pres·3 >= 2 diverges "
+        "docs/methods.md §4 (λ_pres); 20 = ours; search log 1..100, the EWC-like range (lr·λ_pres·3 >= 2 diverges "
         "and scores 0)", ge=0, search=Search.log(1.0, 100.0, order=3))
     fisher_samples: int = documented(
         512, "preservation=fisher: training samples of the task used for the Fisher importance",
         "ours: a fixed cap on the boundary's Fisher pass (no validation evidence recorded)", ge=1)
     scale_by_specialization: bool = documented(
         False, "scale λ_pres per expert by its specialization: λ_i = λ_pres · (1 − H(M_i)/log C)",
-        "METHODS.md §4 (preservation strength may scale with specialization); off = ours")
+        "docs/methods.md §4 (preservation strength may scale with specialization); off = ours")
 
     # ---- specialization, growth, pruning ------------------------------------------------------------
     log_specialization: bool = documented(
         True, "log the experts' entropy H(M_i), usage and the routing matrix per task, on validation data",
-        "METHODS.md §4 (log H(M_i) and usage per task)")
+        "docs/methods.md §4 (log H(M_i) and usage per task)")
     growth: bool = documented(
         False, "add an expert (up to n_max) when the new task's mean normalised gate entropy exceeds "
-        "growth_threshold", "METHODS.md §4 (module growth up to N_max); off = ours")
+        "growth_threshold", "docs/methods.md §4 (module growth up to N_max); off = ours")
     n_max: int = documented(
         8, "N_max, the most experts growth may reach (>= n_experts)",
-        "METHODS.md §4 (N_max); 8 = ours, the top of the n_experts search range (n_max >= n_experts holds for "
+        "docs/methods.md §4 (N_max); 8 = ours, the top of the n_experts search range (n_max >= n_experts holds for "
         "every trial)", ge=1)
     growth_threshold: float = documented(
         0.9, "growth: the mean normalised gate entropy of the new task's data above which an expert is added",
-        "METHODS.md §4 (grow when the new task is routed with high gate entropy); 0.9 = ours", ge=0, le=1)
+        "docs/methods.md §4 (grow when the new task is routed with high gate entropy); 0.9 = ours", ge=0, le=1)
     prune: str = documented(
         "off", "off | prune | merge the experts whose usage is below prune_usage and whose normalised entropy "
-        "exceeds prune_entropy", "METHODS.md §4 (pruning or merging of unspecialised, rarely selected "
+        "exceeds prune_entropy", "docs/methods.md §4 (pruning or merging of unspecialised, rarely selected "
         "modules); off = ours", choices=PRUNE_KINDS)
     prune_usage: float = documented(
         0.02, "prune/merge: usage below which an expert counts as rarely selected", "ours", ge=0, le=1)
@@ -220,17 +220,17 @@ class DMKDParams(NodesParams):
     # ---- decentralized (methods/dmkd/decentralized.py) ---------------------------------------------
     training: str = documented(
         "centralized", "centralized | decentralized (P = n_nodes >= 2 full DMKD learners, one shard of every "
-        "task each)", "PROPOSAL.md §3 and METHODS.md §4 (training {centralized, decentralized}; "
+        "task each)", "docs/proposal.md §3 and docs/methods.md §4 (training {centralized, decentralized}; "
         "Decentralized mode); centralized = ours: the DMKD rows of configs/dmkd.yaml", choices=TRAINING_KINDS)
     communication: str = documented(
         "full", "training=decentralized: full (module-wise weighted average of the modules routed to since "
         "the last sync) | salient (only the top salient_p share of each such module: values + int32 indices)",
-        "METHODS.md §4 (Decentralized mode: average module parameters, or exchange only the salient ones); "
-        "PROPOSAL.md §3 step 6", choices=COMMUNICATION_KINDS)
+        "docs/methods.md §4 (Decentralized mode: average module parameters, or exchange only the salient ones); "
+        "docs/proposal.md §3 step 6", choices=COMMUNICATION_KINDS)
     salient_by: str = documented(
         "update", "communication=salient: which entries are salient for the exchange: update (|θ − θ at the "
         "last sync|) | importance (the preservation map Ω where it is non-zero, else the update)",
-        "importance: PROPOSAL.md §3 step 6 (exchange the important parameters identified by the preservation "
+        "importance: docs/proposal.md §3 step 6 (exchange the important parameters identified by the preservation "
         "protocol); update = ours: what the node learned since it last synchronised", choices=SALIENT_BY_KINDS)
 
     def validate(self) -> None:

@@ -1,4 +1,4 @@
-"""DMKD, centralized mode (METHODS.md §4, with the autoencoder and Gaussian routers of §5 as extensions).
+"""DMKD, centralized mode (docs/methods.md §4, with the autoencoder and Gaussian routers of §5 as extensions).
 
 Per batch: L = CE + λ_KD·L_KD + λ_balance·CV²(importance) + λ_diversity·D + λ_pres·penalty.
 At every boundary: specialization on the validation data of the tasks so far (logged), optional

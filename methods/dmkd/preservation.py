@@ -1,4 +1,4 @@
-"""Knowledge preservation at task boundaries (METHODS.md §4): importance, salient sets, transfer.
+"""Knowledge preservation at task boundaries (docs/methods.md §4): importance, salient sets, transfer.
 
 Importance Ω per parameter: diagonal Fisher (methods.common.diagonal_fisher, empirical labels, on the
 model's dense-masked forward, which equals the sparse one) accumulated over tasks (Ω ← Ω + Ω_t), or

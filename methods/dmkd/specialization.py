@@ -1,4 +1,4 @@
-"""Specialization of experts (METHODS.md §4): routed-class distributions, entropies, usage.
+"""Specialization of experts (docs/methods.md §4): routed-class distributions, entropies, usage.
 
 p(c | M_i) ∝ Σ_{x: y(x)=c} g_i(x) with g the full softmax gates; H(M_i) = −Σ_c p(c|M_i) log p(c|M_i).
 Computed from a C x N gate-mass matrix accumulated over validation batches, never the test split.
