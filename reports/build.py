@@ -6,6 +6,7 @@ tracking URI is given, else the JSON files) and is what ``dmkd report`` calls.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -50,6 +51,9 @@ LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Av
           "the run itself added), Footprint = analytic bytes of parameters + buffers + the method's own "
           "state (replay buffers, Fisher maps, teachers), bytes sent between nodes, wall time = training + "
           "evaluation seconds.")
+# The page the LEGEND cites ("docs/methods.md §1"); report.html links the citation to it by a relative path.
+METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+METHODS_CITATION = "docs/methods.md"
 ENV_KEYS = ("git_revision", "python", "torch", "torchvision", "numpy", "platform", "processor", "device", "gpu",
             "torch_threads")
 
@@ -126,14 +130,21 @@ def _dmkd_rows(boards: list[Leaderboard]) -> list[tuple[str, str, list[Record]]]
     return out
 
 
+def cite_methods(text_html: str, href: str) -> str:
+    """Escaped text with each "docs/methods.md" citation made a link to ``href``, the relative path from the
+    report to docs/methods.md."""
+    return text_html.replace(METHODS_CITATION, f'<a href="{escape(href)}">{METHODS_CITATION}</a>')
+
+
 def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str],
-                figures: bool = True) -> str:
-    """report.html: every table and figure (figures=False: tables only); images embedded as data URIs."""
+                figures: bool = True, methods_href: str = "../../docs/methods.md") -> str:
+    """report.html: every table and figure (figures=False: tables only); images embedded as data URIs.
+    ``methods_href``: the relative path from report.html to docs/methods.md (default: results/report/)."""
     sections: list[H.Section] = []
     for b in boards:
         s = H.Section(b.anchor, b.title)
         s.body += [f'<div class="proto"><strong>Protocol:</strong> {escape(b.protocol)}</div>',
-                   f'<div class="scroll">{to_html(display_frame(b), ranked=True)}</div>', f'<p class="note">{escape(LEGEND)}</p>']
+                   f'<div class="scroll">{to_html(display_frame(b), ranked=True)}</div>', f'<p class="note">{cite_methods(escape(LEGEND), methods_href)}</p>']
         sections.append(s)
         if not figures:
             continue
@@ -199,7 +210,8 @@ def make_report(records: Iterable[Record], out_dir: str | Path, title: str = "dm
         raise UserError(f"cannot create the report folder {out} ({exc.strerror})", "pass a writable --out") from None
     paths = {"markdown": out / "LEADERBOARD.md", "html": out / "report.html"}
     paths["markdown"].write_text(leaderboard_markdown(title, boards, ablations, failed, meta))
-    paths["html"].write_text(html_report(title, boards, ablations, failed, meta, figures))
+    methods_href = Path(os.path.relpath(METHODS_DOC, out.resolve())).as_posix()
+    paths["html"].write_text(html_report(title, boards, ablations, failed, meta, figures, methods_href))
     return paths
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from harness.core.errors import UserError
 from harness.engine import metrics
-from reports.build import make_report, report_from_results
+from reports.build import METHODS_DOC, make_report, report_from_results
 from reports.load import latest_per_key, load_json_records, load_mlflow_records, load_records
 from reports.plots import pareto_front
 from reports.tables import ablation_tables, display_frame, failed_runs, fmt_si, leaderboards, mean_std
@@ -215,10 +215,12 @@ def test_html_is_self_contained_and_has_every_part(tmp_path, known_runs):
     p = _Refs()
     p.feed(text)
     assert "script" not in p.tags and "link" not in p.tags and "iframe" not in p.tags
+    docs = [ref for ref in p.refs if ref.endswith("docs/methods.md")]  # the legend's citation, a relative link
+    assert docs and all((paths["html"].parent / ref).resolve() == METHODS_DOC for ref in docs), docs
     for ref in p.refs:
         low = ref.strip().lower()
         assert not low.startswith(("http:", "https:", "//", "file:", "ftp:")), ref
-        assert low.startswith(("#", "data:image/png;base64,")), ref
+        assert low.startswith(("#", "data:image/png;base64,")) or ref in docs, ref
     assert "url(" not in text and "@import" not in text
     # 3 boards x 4 figures + DMKD (specialization + importance) = 14 embedded PNGs, each a real PNG.
     assert len(p.imgs) == 3 * 4 + 2
