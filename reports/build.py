@@ -48,9 +48,10 @@ LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Av
           "process RSS sampled every 20 ms where the reset is unavailable; process_rss = older records, "
           "the process RSS including earlier runs; cuda_max_allocated = the GPU allocator peak, reset at "
           "the start of the run), Peak above start = that peak minus the level when the run started (what "
-          "the run itself added), Footprint = analytic bytes of parameters + buffers + the method's own "
-          "state (replay buffers, Fisher maps, teachers), bytes sent between nodes, wall time = training + "
-          "evaluation seconds.")
+          "the run itself added), Persistent memory = the most bytes the method carried from one task to "
+          "the next (parameters and buffers, stored samples as stored, importance maps, snapshots, optimiser "
+          "state kept across tasks; docs/methods.md §2), % of budget = that share of the suite's memory "
+          "budget, bytes sent between nodes, wall time = training + evaluation seconds.")
 # The page the LEGEND cites ("docs/methods.md §1"); report.html links the citation to it by a relative path.
 METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 METHODS_CITATION = "docs/methods.md"
