@@ -127,7 +127,7 @@ def _dmkd_rows(boards: list[Leaderboard]) -> list[tuple[str, str, list[Record]]]
             if key in seen or not any("dmkd" in r.get("artifacts", {}) for r in recs):
                 continue
             seen.add(key)
-            out.append((b.scenario, label + (" (tuned)" if tuned else ""), recs))
+            out.append((b.scenario, label + (" (tuned)" if tuned and "+tuned" not in label else ""), recs))
     return out
 
 

@@ -69,7 +69,7 @@ def mean_matrices(board: Leaderboard) -> dict[str, np.ndarray]:
         mats = [np.asarray(r["acc"][board.setting], dtype=float) for r in recs if r.get("acc", {}).get(board.setting)]
         if mats:
             shape = mats[0].shape
-            out[label + (" (tuned)" if tuned else "")] = np.mean([m for m in mats if m.shape == shape], axis=0)
+            out[label + (" (tuned)" if tuned and "+tuned" not in label else "")] = np.mean([m for m in mats if m.shape == shape], axis=0)
     return out
 
 
@@ -164,7 +164,7 @@ def task_accuracy_over_time(board: Leaderboard) -> bytes:
 def forgetting_bwt_bars(board: Leaderboard) -> bytes:
     """Forgetting and BWT per method, mean with ±1 std error bars over seeds."""
     f = board.frame
-    labels = [m + (" (tuned)" if t else "") for m, t in zip(f["method"], f["tuned"])]
+    labels = [m + (" (tuned)" if t and "+tuned" not in m else "") for m, t in zip(f["method"], f["tuned"])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(labels) + 1.6), sharey=True)
     for ax, m, title, color in ((axes[0], "forgetting", "Forgetting (lower is better)", "#d95f02"),
                                 (axes[1], "bwt", "Backward transfer BWT (higher is better)", "#1b9e77")):
@@ -203,7 +203,7 @@ def pareto_plots(board: Leaderboard) -> bytes:
     process peak is mostly the data set and the runtime, the same for every row) and communication;
     the Pareto front dashed, the memory budget dotted."""
     f = board.frame
-    labels = [m + (" (tuned)" if t else "") for m, t in zip(f["method"], f["tuned"])]
+    labels = [m + (" (tuned)" if t and "+tuned" not in m else "") for m, t in zip(f["method"], f["tuned"])]
     acc = f["final_avg_acc_mean"].to_numpy(float)
     err = f["final_avg_acc_std"].fillna(0).to_numpy(float)
     palette = sns.color_palette("tab10", max(len(labels), 1))
