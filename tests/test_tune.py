@@ -284,7 +284,10 @@ def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp
         prov = e["provenance"]
         assert prov["trials"] == 2 and 0.0 <= prov["best_validation_score"] <= 1.0
         assert prov["study"].startswith("tune-suite.tiny.split-fmnist.") and prov["git_revision"]
-        assert prov["date"][:4].isdigit() and "validation" in prov["objective"]
+        assert "validation" in prov["objective"]
+    timing = yaml.safe_load(path.with_suffix(".run.yaml").read_text())["rows"]  # when and where: beside it
+    assert set(timing) == {"ft", "er-50"} and all(t["date"][:4].isdigit() for t in timing.values())
+    assert doc["tuning"] == {"protocol": "end-of-stream"} and "--protocol end-of-stream" in doc["command"]
         assert "protocol.lr" in e["params"]  # the learning rate is searched for every row
     assert doc["entries"]["er-50"]["fixed"] == {"buffer_size": 50}
     assert doc["entries"]["er-50"]["params"]["buffer_size"] == 50  # the row's set: value stays fixed

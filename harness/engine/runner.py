@@ -27,6 +27,7 @@ from harness.core.data import Scenario, Task
 from harness.core.errors import UserError
 from harness.core.method import METHODS, Method
 from harness.core.protocol import Protocol
+from harness.core.streams import FIRST_TASKS, HELD_OUT_STREAM, TuningProtocol, held_out_seed
 from harness.engine import metrics
 from harness.engine.checkpoints import capture_state, restore_rng
 from harness.engine.costs import (
@@ -61,6 +62,11 @@ class RunSpec:
     eval_split: str = "test"  # "val" during tuning: the test split is never read then
     tuned: bool = False
     tuned_trials: int = 0
+    # A tuning run's stream (harness/core/streams.py): {"protocol": "first-tasks", "first_tasks": K} or
+    # {"protocol": "held-out-stream"}; None: the evaluation stream.
+    stream: dict[str, Any] | None = None
+    # The tuning protocol (and sampler seed) that chose a tuned run's settings: its provenance.
+    tuning: dict[str, Any] | None = None
 
     def method_label(self) -> str:
         if self.label:
@@ -86,9 +92,14 @@ class RunSpec:
         opts = hparams_from(sc.options, self.scenario_set)
         protocol = dataclasses.asdict(self.protocol)
         protocol["backbone"] = self.protocol.backbone or sc.default_backbone
-        return {"method": self.method, "label": self.method_label(), "hparams": dataclasses.asdict(hp),
-                "scenario": self.scenario, "scenario_options": dataclasses.asdict(opts), "protocol": protocol,
-                "seed": int(self.seed), "eval_split": self.eval_split}
+        ident = {"method": self.method, "label": self.method_label(), "hparams": dataclasses.asdict(hp),
+                 "scenario": self.scenario, "scenario_options": dataclasses.asdict(opts), "protocol": protocol,
+                 "seed": int(self.seed), "eval_split": self.eval_split}
+        # Present only when set, so that the identities of runs without them are what they were.
+        for k in ("stream", "tuning"):
+            if getattr(self, k) is not None:
+                ident[k] = dict(getattr(self, k))
+        return ident
 
     def config_hash(self) -> str:
         """Stable hash (12 hex digits of SHA-256) of :meth:`identity`."""
@@ -186,15 +197,30 @@ _SCENARIO_CACHE: dict[str, Scenario] = {}
 
 
 def get_scenario(spec: RunSpec) -> Scenario:
-    """Build (or reuse, within one process) the scenario of a run."""
+    """Build (or reuse, within one process) the scenario of a run: the evaluation stream of its seed,
+    or the tuning stream its ``stream`` names (harness/core/streams.py)."""
     from scenarios.base import build_scenario
 
-    key = json.dumps([spec.scenario, spec.scenario_set, spec.seed, spec.data_root], sort_keys=True, default=str)
+    stream = TuningProtocol.from_dict(spec.stream)
+    if spec.stream is not None and spec.eval_split != "val":
+        raise UserError(f"a tuning stream ({stream.slug}) is evaluated on validation data only",
+                        "run it with eval_split='val'")
+    seed = held_out_seed(spec.seed) if stream.protocol == HELD_OUT_STREAM else spec.seed
+    key = json.dumps([spec.scenario, spec.scenario_set, seed, spec.data_root], sort_keys=True, default=str)
     if key not in _SCENARIO_CACHE:
         if len(_SCENARIO_CACHE) >= 16:  # scenarios share their data source: each holds index tensors
             _SCENARIO_CACHE.clear()
-        _SCENARIO_CACHE[key] = build_scenario(spec.scenario, spec.scenario_set, spec.seed, spec.data_root)
-    return _SCENARIO_CACHE[key]
+        _SCENARIO_CACHE[key] = build_scenario(spec.scenario, spec.scenario_set, seed, spec.data_root)
+    scenario = _SCENARIO_CACHE[key]
+    if stream.protocol == FIRST_TASKS:
+        k = int(stream.first_tasks or 0)
+        if k >= len(scenario.tasks):
+            raise UserError(f"first-tasks K={k} covers the whole {len(scenario.tasks)}-task stream of "
+                            f"{spec.scenario} (that is end-of-stream tuning)",
+                            f"choose K between 1 and {len(scenario.tasks) - 1}")
+        # The stream of the first K tasks only: later tasks do not exist for its runs.
+        scenario = dataclasses.replace(scenario, tasks=scenario.tasks[:k])
+    return scenario
 
 
 def resolve_method(name: str) -> type[Method]:
@@ -308,6 +334,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         method_metrics=[],
         artifacts={},
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **{k: dict(v) for k, v in (("stream", spec.stream), ("tuning", spec.tuning)) if v is not None},
     )
     meter = StepFlopMeter()
     ctx.step_hook = meter

@@ -101,6 +101,10 @@ def worker_argv(args: argparse.Namespace, threads: int | None) -> list[str]:
         argv.append("--defaults")
     if args.tuned_dir is not None:
         argv += ["--tuned-dir", str(Path(args.tuned_dir).resolve())]
+    for opt, val in (("--protocol", getattr(args, "protocol", None)), ("--first-tasks", getattr(args, "first_tasks", None)),
+                     ("--sampler-seed", getattr(args, "sampler_seed", None))):
+        if val is not None:
+            argv += [opt, str(val)]
     if threads is not None:
         argv += ["--threads", str(threads)]
     return argv
@@ -137,9 +141,9 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
     elif not args.defaults:
-        from harness.orchestration.tuned import load_tuned_suite, tuned_dir
+        from harness.orchestration.tuned import load_tuned_suite, tuned_dir, tuning_from_args
 
-        where = tuned_dir(cfg, args.tuned_dir)
+        where = tuned_dir(cfg, args.tuned_dir, tuning_from_args(args, cfg), getattr(args, "sampler_seed", 0) or 0)
         cfg.tuned = load_tuned_suite(cfg, where)
         if cfg.tuned and not args.worker:
             print(f"using tuned settings from {where} for {len(cfg.tuned)} (row, scenario) pairs "

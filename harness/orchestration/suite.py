@@ -47,6 +47,7 @@ class SuiteConfig:
     tuned: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     reference: str = ""  # label of the row the report compares every other row with (component suites)
     source: Path | None = None  # the YAML file (tuned settings live beside it, under tuned/<name>/)
+    tuning: dict[str, Any] = field(default_factory=dict)  # the suite's tuning protocol (harness/core/streams.py)
 
     def specs(self) -> list[RunSpec]:
         """Every run of the suite, seeds innermost so that a method's seeds finish together."""
@@ -59,17 +60,20 @@ class SuiteConfig:
                 m_set = dict(overrides)
                 run_proto = proto
                 trials = 0
+                tuning = None
                 if tuned is not None:
                     t_method, t_proto = split_params(tuned["params"])
                     m_set = {**t_method, **overrides}
                     run_proto = dataclasses.replace(proto, **t_proto)
                     trials = int(tuned.get("n_trials", 0))
+                    tuning = dict(tuned["tuning"]) if tuned.get("tuning") else None
                 for seed in self.seeds:
                     out.append(RunSpec(
                         method=m_name, scenario=sc_name, seed=seed, method_set=m_set, scenario_set=dict(sc_opts),
                         protocol=dataclasses.replace(run_proto),
                         label=(label or m_name if tuned else label) + ("+tuned" if tuned else ""),
-                        device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials))
+                        device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials,
+                        tuning=tuning))
         return out
 
 
@@ -115,6 +119,14 @@ class MethodEntry(Document):
     set: dict[str, Any] | None = None
 
 
+class TuningEntry(Document):
+    """``tuning:`` of a suite file: the protocol `dmkd tune-suite` tunes under and `dmkd suite` reads
+    the tuned files of (docs/tuning.md)."""
+
+    protocol: str = "end-of-stream"
+    first_tasks: int | None = None
+
+
 class SuiteFile(Document):
     """The structure of a suite YAML file (configs/quick.yaml); the values inside are checked by the
     dataclasses they configure (methods' hyperparameters, scenarios' options, the protocol)."""
@@ -129,6 +141,7 @@ class SuiteFile(Document):
     data_root: str | None = None
     description: str | None = None
     reference: str | None = None
+    tuning: TuningEntry | None = None
 
 
 def _names_as_entries(raw: Any) -> Any:
@@ -158,6 +171,13 @@ def load_suite(path: str | Path) -> SuiteConfig:
     cfg = SuiteConfig(name, experiment, seeds, protocol, [(e.name, dict(e.options or {})) for e in doc.scenarios],
                       methods, device=doc.device or "auto", data_root=doc.data_root,
                       description=doc.description or "", reference=doc.reference or "", source=path)
+    if doc.tuning is not None:
+        from harness.core.streams import TuningProtocol
+
+        try:
+            cfg.tuning = TuningProtocol(doc.tuning.protocol, doc.tuning.first_tasks).as_dict()
+        except UserError as e:
+            raise UserError(f"{path}: tuning: {e.problem}", e.fix) from None
     if cfg.reference and cfg.reference not in {lab or m for m, lab, _ in methods}:
         raise UserError(f"{path}: reference {cfg.reference!r} is not the label of any method entry",
                         "set reference: to one of the methods' labels")
