@@ -9,10 +9,12 @@
   permutations, other rotations, another domain order), scored on that stream's validation data; the
   evaluation stream is never read.
 
-A held-out stream is built from a *stream seed* in [2**32, 2**33), and an evaluation stream from a
-run seed in [0, 2**32 - 1] (the run seeds' range), so the two can never be the same draw: every
-random choice a scenario makes (class order, permutations, caps, validation carve) comes from a
-generator seeded with one of them. In every protocol the test split stays sealed.
+A held-out stream is built from a *stream seed* in [2**31, 2**32), and an evaluation stream from a
+run seed in [0, 2**31 - 1] (the run seeds' range, harness/engine/runner.py MAX_SEED), so the two can
+never be the same draw: every random choice a scenario makes (class order, permutations, caps,
+validation carve) comes from a torch generator seeded with one of them plus a fixed offset per
+purpose, and torch's CPU generator keeps only the low 32 bits of its seed, so two streams draw alike
+for a purpose exactly when their seeds agree modulo 2**32, which a stream seed and a run seed never do.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ END_OF_STREAM = "end-of-stream"
 FIRST_TASKS = "first-tasks"
 HELD_OUT_STREAM = "held-out-stream"
 PROTOCOLS = (END_OF_STREAM, FIRST_TASKS, HELD_OUT_STREAM)
-HELD_OUT_BASE = 2**32  # evaluation (run) seeds are < 2**32; held-out stream seeds start here
+HELD_OUT_BASE = 2**31  # evaluation (run) seeds are < 2**31; held-out stream seeds start here
 
 
 def held_out_seed(seed: int) -> int:

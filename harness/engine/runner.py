@@ -127,7 +127,9 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=,[]" else "_" for ch in text)
 
 
-MAX_SEED = 2**32 - 1  # numpy's and most libraries' seed range
+# Run seeds: the lower half of the 32 bits torch's and numpy's generators use; the upper half is kept
+# for the held-out streams of tuning (harness/core/streams.py), so no run can draw one.
+MAX_SEED = 2**31 - 1
 
 
 def validate_seed(seed: Any) -> int:
