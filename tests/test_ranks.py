@@ -153,3 +153,16 @@ def test_report_has_ranks_cd_diagram_and_stability(tmp_path):
     assert "## Ranks across scenarios" in md and "Friedman" in md and "Nemenyi CD" in md
     assert "## Rank stability across tuning protocols" in md and "Kendall τ(end-of-stream, first-tasks K=2)" in md
     assert 'id="ranks"' in page and "Critical-difference diagram" in page and 'id="stability"' in page
+
+
+def test_loading_keeps_one_label_for_a_row_tuned_under_several_protocols():
+    from reports.load import distinct_rows
+
+    eos = {"protocol": "end-of-stream", "sampler_seed": 0}
+    ft2 = {"protocol": "first-tasks", "first_tasks": 2, "sampler_seed": 0}
+    recs = [dict(fake_record("ft+tuned", 0, 0.5, tuned=True, tuning=t, config_group=g), experiment="e")
+            for t, g in ((eos, "aaaaaa1"), (ft2, "bbbbbb2"))]
+    # Another configuration under the same protocol is still told apart by its hash.
+    recs.append(dict(fake_record("ft+tuned", 0, 0.4, tuned=True, tuning=eos, config_group="cccccc3"), experiment="e"))
+    labels = [r["label"] for r in distinct_rows(recs)]
+    assert labels == ["ft+tuned [aaaaaa]", "ft+tuned", "ft+tuned [cccccc]"]

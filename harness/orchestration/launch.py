@@ -143,10 +143,11 @@ def cmd_suite(args: argparse.Namespace) -> int:
     elif not args.defaults:
         from harness.orchestration.tuned import load_tuned_suite, tuned_dir, tuning_from_args
 
-        where = tuned_dir(cfg, args.tuned_dir, tuning_from_args(args, cfg), getattr(args, "sampler_seed", 0) or 0)
+        tuning = tuning_from_args(args, cfg)
+        where = tuned_dir(cfg, args.tuned_dir, tuning, getattr(args, "sampler_seed", 0) or 0)
         cfg.tuned = load_tuned_suite(cfg, where)
         if cfg.tuned and not args.worker:
-            print(f"using tuned settings from {where} for {len(cfg.tuned)} (row, scenario) pairs "
+            print(f"using tuned settings ({tuning.slug}) from {where} for {len(cfg.tuned)} (row, scenario) pairs "
                   "(--defaults runs the documented defaults)", file=sys.stderr)
         elif not cfg.tuned and args.tuned_dir:
             raise UserError(f"no tuned settings for this suite under {where}", "run `dmkd tune-suite` first")
