@@ -252,3 +252,26 @@ def test_tune_suite_files_are_identical_whatever_the_workers_and_rerun_by_their_
     assert files[1].read_bytes() == one[1]
     run_info = yaml.safe_load(files[1].with_suffix(".run.yaml").read_text())
     assert set(run_info["rows"]) == {"ft", "er-50"} and "res3" in run_info["rows"]["ft"]["storage"]
+
+
+def test_held_out_domain_stream_keeps_the_run_seeds_test_split_and_draws_another_order(tmp_path):
+    """PACS draws each domain's train/test split from the seed: the held-out stream keeps the test
+    split of the run seed it derives from (never trains or validates on its test images), in another
+    domain order, and the evaluation stream is built exactly as before."""
+    from scenarios.base import build_scenario
+    from tests.test_scenarios_images import PACS_CLASSES, write_domains
+
+    write_domains(tmp_path / "PACS", ["art_painting", "cartoon", "photo", "sketch"], PACS_CLASSES, 12)
+    opts = {"image_size": 8, "augment": False, "val_fraction": 0.25, "max_train_per_task": 20}
+    for seed in (0, 1):
+        ev = build_scenario("pacs", opts, seed, str(tmp_path))
+        ho = build_scenario("pacs", opts, held_out_seed(seed), str(tmp_path))
+        by_name = {t.name: t for t in ev.tasks}
+        assert sorted(t.name for t in ho.tasks) == sorted(by_name)
+        for t in ho.tasks:
+            e = by_name[t.name]
+            test = set(e.test_idx.tolist())
+            assert set(t.test_idx.tolist()) == test  # the same test images, sealed in tuning
+            assert not (set(t.train_idx.tolist()) | set(t.val_idx.tolist())) & test
+        assert [t.name for t in ho.tasks] != [t.name for t in ev.tasks] or any(
+            not torch.equal(a.val_idx, by_name[a.name].val_idx) for a in ho.tasks)
