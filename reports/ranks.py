@@ -130,33 +130,33 @@ def cd_diagram(s: RankSummary) -> bytes | None:
     from reports.plots import to_png
 
     names, r = list(s.mean_rank.index), list(s.mean_rank.values)
-    k = s.k
+    k, cliques = s.k, s.cliques()
     half = (k + 1) // 2
-    height = 1.6 + 0.32 * half + 0.22 * len(s.cliques())
-    fig, ax = plt.subplots(figsize=(9.0, height))
+    # Vertical layout (data units): the axis at 0, the CD bar above it, the clique bars just below it,
+    # then one line per row, the better half labelled on the left, the other half on the right.
+    first = -0.22 - 0.13 * len(cliques)
+    bottom = first - 0.3 * (half - 1) - 0.25
+    fig, ax = plt.subplots(figsize=(9.0, 0.75 * (1.1 - bottom)))
     ax.set_xlim(0.0, k + 1.0)
-    top = 0.0
-    ax.set_ylim(-(1.0 + 0.32 * half + 0.22 * len(s.cliques())), 1.0)
+    ax.set_ylim(bottom, 1.1)
     ax.axis("off")
-    ax.hlines(top, 1, k, color="black", lw=1.2)
+    ax.hlines(0.0, 1, k, color="black", lw=1.2)
     for t in range(1, k + 1):
-        ax.vlines(t, top, top + 0.12, color="black", lw=1.0)
-        ax.text(t, top + 0.18, str(t), ha="center", va="bottom", fontsize=9)
+        ax.vlines(t, 0.0, 0.1, color="black", lw=1.0)
+        ax.text(t, 0.14, str(t), ha="center", va="bottom", fontsize=9)
     for i, (name, x) in enumerate(zip(names, r)):
         left = i < half
-        row = i if left else k - 1 - i
-        y = -0.35 - 0.32 * row
+        y = first - 0.3 * (i if left else k - 1 - i)
         end = 0.5 if left else k + 0.5
-        ax.plot([x, x, end], [top, y, y], color="#24558f", lw=1.0)
+        ax.plot([x, x, end], [0.0, y, y], color="#24558f", lw=1.0)
         ax.text(end + (-0.08 if left else 0.08), y, f"{name} ({x:.2f})", ha="right" if left else "left",
                 va="center", fontsize=9)
-    for j, (a, b) in enumerate(s.cliques()):
-        y = -0.2 - 0.22 * j
-        ax.hlines(y, r[a] - 0.04, r[b] + 0.04, color="#c0392b", lw=3.0)
+    for j, (a, b) in enumerate(cliques):
+        ax.hlines(-0.12 - 0.13 * j, r[a] - 0.05, r[b] + 0.05, color="#c0392b", lw=3.5)
     if not math.isnan(s.cd):
-        ax.hlines(0.75, 1, 1 + s.cd, color="black", lw=1.5)
-        ax.vlines([1, 1 + s.cd], 0.7, 0.8, color="black", lw=1.0)
-        ax.text(1 + s.cd / 2, 0.83, f"CD = {s.cd:.2f}", ha="center", va="bottom", fontsize=9)
+        ax.hlines(0.62, 1, 1 + s.cd, color="black", lw=1.5)
+        ax.vlines([1, 1 + s.cd], 0.57, 0.67, color="black", lw=1.0)
+        ax.text(1 + s.cd / 2, 0.7, f"CD = {s.cd:.2f}", ha="center", va="bottom", fontsize=9)
     title = (f"Mean rank over {s.n} data set(s), tuned {s.tuning}" if s.tuning else
              f"Mean rank over {s.n} data set(s)")
     if not math.isnan(s.friedman_p):

@@ -504,6 +504,7 @@ def _tune_job(job: dict[str, Any]) -> dict[str, Any]:
 
     _set_threads(job["threads"])
     t0 = time.perf_counter()
+    _warn_if_continued(job)
     out = tune(job["method"], job["scenario"], study_name=job["study"], scenario_set=job["scenario_set"],
                fixed=job["fixed"], **job["kwargs"])
     wall = round(time.perf_counter() - t0, 1)
@@ -511,6 +512,21 @@ def _tune_job(job: dict[str, Any]) -> dict[str, Any]:
           f"best validation {out['value']:.4f} after {out['n_trials']} trials ({wall:.0f} s): "
           + ", ".join(f"{k}={v}" for k, v in out["params"].items()), file=sys.stderr, flush=True)
     return {"out": out, "wall_s": wall, "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _warn_if_continued(job: dict[str, Any]) -> None:
+    """A study that already holds trials is read back or continued, not made afresh: its file is what
+    that study gives, which a fresh run reproduces only if the study ran start to end in one process."""
+    import optuna
+
+    kw = job["kwargs"]
+    try:
+        old = optuna.load_study(study_name=job["study"], storage=make_storage(kw["storage_url"], kw["results_dir"]))
+    except KeyError:
+        return
+    if old.trials:
+        print(f"note: study {job['study']} already holds {len(old.trials)} trial(s) in this storage; they are "
+              "reused (a fresh --results folder tunes afresh)", file=sys.stderr)
 
 
 def _run_jobs(jobs: list[dict[str, Any]], workers: int, threads: int | None) -> list[dict[str, Any]]:
