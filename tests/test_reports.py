@@ -223,8 +223,9 @@ def test_html_is_self_contained_and_has_every_part(tmp_path, known_runs):
         assert not low.startswith(("http:", "https:", "//", "file:", "ftp:")), ref
         assert low.startswith(("#", "data:image/png;base64,")), ref
     assert "url(" not in text and "@import" not in text
-    # 3 boards x 4 figures + DMKD (specialization + importance) = 14 embedded PNGs, each a real PNG.
-    assert len(p.imgs) == 3 * 4 + 2
+    # 3 boards x 4 figures + DMKD (specialization + importance) + the critical-difference diagram of the
+    # mean ranks over the 3 boards = 15 embedded PNGs, each a real PNG.
+    assert len(p.imgs) == 3 * 4 + 2 + 1
     for src in p.imgs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
     for needle in ("DMKD: specialization, routing and importance", "Ablation &#x27;kd&#x27;", "Failed runs",
