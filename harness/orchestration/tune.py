@@ -414,6 +414,11 @@ def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path | None = No
     protocol_from(cfg.protocol)  # validate early
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}", "e.g. --workers 2")
+    from harness.engine.runner import get_scenario
+
+    for sc_name, sc_opts in cfg.scenarios:  # every tuning stream builds here, before any worker starts
+        check_splits(get_scenario(RunSpec(cfg.methods[0][0], sc_name, seeds[0], scenario_set=dict(sc_opts),
+                                          data_root=data_root, eval_split="val", stream=tuning.stream())), "val")
     revision = git_revision()  # the code the trials ran, read once (HEAD may move while tuning runs)
     jobs = []
     for ss in sampler_seeds:
