@@ -38,7 +38,10 @@ from reports.tables import (
 LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Avg. incr. acc. = mean of the "
           "average accuracy after each task; Forgetting (Chaudhry 2018), BWT, FWT as in docs/methods.md §1 "
           f"(divided by T−1). Each cell is {INTERVAL_NOTE}; 'Seeds' counts them. Rank by mean final accuracy "
-          f"(1 = best); {TEST_NOTE}; 'p vs best' is that test's p-value. A 'Δ … vs' column (suites with a "
+          f"(1 = best); {TEST_NOTE}; 'p vs best (Holm)' is that test's Holm-adjusted p-value. 'Tuning spread' (rows "
+          "tuned with several sampler seeds) is the sample std, over tuning sampler seeds, of the row's mean final "
+          "accuracy: the variance tuning adds (Bouthillier et al., MLSys 2021), beside the seed interval. 'Final "
+          "acc. on tasks unseen in tuning' (first-tasks K) averages the final accuracy over tasks K+1..T. A 'Δ … vs' column (suites with a "
           "reference row) is the mean paired-by-seed difference from the reference row with its 95% t-interval "
           "and the paired t-test's p. Passes/task = training samples drawn ÷ the task's training-set size, "
           "measured by the runner (? = not recorded); † marks a row whose measured passes differ from the "
@@ -110,6 +113,7 @@ def leaderboard_markdown(title: str, boards: list[Leaderboard], ablations: list,
         out += ["_No finished test-split runs yet._", ""]
     for b in boards:
         out += [f"## {e(b.title)}", "", f"**Protocol:** {e(b.protocol)}", "", to_markdown(display_frame(b)), ""]
+    out += rank_markdown(boards)
     for a in ablations:
         out += [f"## {e(a.title)}", "", to_markdown(a.frame), ""]
     if len(failed):
@@ -135,6 +139,57 @@ def cite_methods(text_html: str, href: str) -> str:
     """Escaped text with each "docs/methods.md" citation made a link to ``href``, the relative path from the
     report to docs/methods.md."""
     return text_html.replace(METHODS_CITATION, f'<a href="{escape(href)}">{METHODS_CITATION}</a>')
+RANKS_NOTE = ("Each leaderboard (scenario × setting) of one tuning protocol is a data set; the rows every one of "
+              "them holds are ranked in each by mean final accuracy (average ranks for equal means). Mean rank: "
+              "their mean (1 = best). Friedman test (scipy.stats.friedmanchisquare): do the rows differ at all? "
+              "Nemenyi critical difference CD = q_α·sqrt(k(k+1)/(6N)) (Demšar, JMLR 2006; q_α from scipy's "
+              "studentized range): in the diagram a bar joins rows whose mean ranks differ by less than CD, i.e. "
+              "rows the test cannot tell apart.")
+STABILITY_NOTE = ("The same rows tuned under each tuning protocol (docs/tuning.md): each row's rank (by mean final "
+                  "accuracy) under each protocol, Kendall's τ between the protocols' orders (scipy.stats.kendalltau; "
+                  "1 = the same order), and the final accuracy each row gains (+) or loses (−) under a realistic "
+                  "protocol against end-of-stream tuning, the optimistic bound.")
+
+
+def rank_markdown(boards: list[Leaderboard]) -> list[str]:
+    """LEADERBOARD.md's mean ranks, Friedman tests and rank stability (the diagrams are in the HTML)."""
+    from reports.ranks import rank_stability, rank_summaries
+
+    out: list[str] = []
+    summaries = [s for s in rank_summaries(boards) if s.k >= 2]
+    if summaries:
+        out += ["## Ranks across scenarios", "", RANKS_NOTE, ""]
+        for s in summaries:
+            out += [f"**{md_text(s.text())}**", "", to_markdown(s.display()), ""]
+    stab = rank_stability(boards)
+    if stab:
+        out += ["## Rank stability across tuning protocols", "", STABILITY_NOTE, ""]
+        for st in stab:
+            out += [f"### {md_text(st.title)}", "", md_text(st.tau_text()), "", to_markdown(st.frame), ""]
+    return out
+
+
+def rank_sections(boards: list[Leaderboard], figures: bool) -> list[H.Section]:
+    """report.html's mean ranks with Friedman tests and critical-difference diagrams, and rank stability."""
+    from reports.ranks import cd_diagram, rank_stability, rank_summaries
+
+    out = []
+    summaries = [s for s in rank_summaries(boards) if s.k >= 2]
+    if summaries:
+        sec = H.Section("ranks", "Ranks across scenarios", [f'<p class="note">{escape(RANKS_NOTE)}</p>'])
+        for s in summaries:
+            sec.body += [f"<h3>{escape(s.text())}</h3>", f'<div class="scroll">{to_html(s.display())}</div>']
+            if figures:
+                sec.body.append(H.figure(cd_diagram(s), f"Critical-difference diagram, {s.text()}."))
+        out.append(sec)
+    stab = rank_stability(boards)
+    if stab:
+        sec = H.Section("stability", "Rank stability across tuning protocols", [f'<p class="note">{escape(STABILITY_NOTE)}</p>'])
+        for st in stab:
+            sec.body += [f"<h3>{escape(st.title)}</h3>", f"<p>{escape(st.tau_text())}</p>",
+                         f'<div class="scroll">{to_html(st.frame)}</div>']
+        out.append(sec)
+    return out
 
 
 def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str],
@@ -159,6 +214,7 @@ def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, 
                                "training FLOPs, persistent memory (the bytes a method carries from task to task; "
                                "dotted: the memory budget) and bytes communicated; the dashed line joins the "
                                "Pareto-optimal configurations (no other is both cheaper and more accurate)."))
+    sections += rank_sections(boards, figures)
     dmkd = _dmkd_rows(boards) if figures else []
     if dmkd:
         s = H.Section("dmkd", "DMKD: specialization, routing and importance")

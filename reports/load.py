@@ -142,14 +142,20 @@ def load_records(results_dir: str | Path = "results", experiment: str | None = N
 def distinct_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records of one label and scenario but different configurations (two suites of one experiment
     that differ in a protocol field, say) must not be averaged as seeds of one row: each such
-    configuration gets its own label, suffixed with its configuration hash."""
-    groups: dict[tuple[str, str, str], set[str]] = {}
+    configuration gets its own label, suffixed with its configuration hash. Runs whose settings were
+    tuned under different tuning protocols or sampler seeds (``tuning``) keep their label: the tables
+    keep them apart (a table per protocol, sampler seeds in the tuning-spread column)."""
+    groups: dict[tuple[str, str, str, str], set[str]] = {}
+
+    def key(r: dict[str, Any]) -> tuple[str, str, str, str]:
+        return (str(r.get("experiment")), str(r.get("scenario")), str(r.get("label")),
+                json.dumps(r.get("tuning"), sort_keys=True))
+
     for r in records:
-        groups.setdefault((str(r.get("experiment")), str(r.get("scenario")), str(r.get("label"))),
-                          set()).add(str(r.get("config_group", "")))
+        groups.setdefault(key(r), set()).add(str(r.get("config_group", "")))
     out = []
     for r in records:
-        k = (str(r.get("experiment")), str(r.get("scenario")), str(r.get("label")))
+        k = key(r)
         if len(groups[k]) > 1:
             r = dict(r, label=f"{r.get('label')} [{str(r.get('config_group', ''))[:6] or 'old'}]")
         out.append(r)

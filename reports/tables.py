@@ -2,11 +2,12 @@
 
 Statistics over seeds (docs/methods.md §6): a cell is ``mean ± h`` where h is the half-width of the 95%
 Student-t interval, h = t_{0.975, n-1} · s / sqrt(n) with the sample standard deviation s (ddof=1);
-a single-seed cell shows the mean alone. Ranks are by mean final accuracy, and every row whose
-difference from the best row is not significant under a two-sided paired t-test over the seeds both
-rows share (alpha = 0.05) shares the best row's rank 1. Rows are method configurations (record
-``label``); a table is one (scenario, scenario options, backbone, epochs, batch size) protocol and one
-evaluation setting.
+a single-seed cell shows the mean alone. Ranks are by mean final accuracy alone (a rank never
+contradicts the order of the means); statistical ties are shown apart from the rank: a row is "tied
+with the best" when its difference from the best row is not significant under a two-sided paired
+t-test over the seeds both rows share, Holm-corrected over the rows compared (family-wise alpha =
+0.05). Rows are method configurations (record ``label``); a table is one (scenario, scenario options,
+backbone, epochs, batch size) protocol, one tuning protocol and one evaluation setting.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ CONFIDENCE = 0.95
 ALPHA = 0.05
 INTERVAL_NOTE = ("mean ± half-width of the 95% Student-t interval over seeds (t_{0.975,n−1}·s/√n, s the "
                  "sample std); one seed: the mean alone")
-TEST_NOTE = ("rows not significantly different from the best row under a two-sided paired t-test over the "
-             "seeds both share (α = 0.05) share its rank 1; with fewer than 2 shared seeds there is no test "
-             "and the rank is by mean")
+TEST_NOTE = ("the rank is by the mean alone (equal means share a rank), so it never contradicts the order of "
+             "the means; '≈ best' marks the rows tied with the best row: their difference from it is not "
+             "significant under a two-sided paired t-test over the seeds both share, Holm-corrected over the "
+             "rows compared (family-wise α = 0.05); with fewer than 2 shared seeds there is no test and no mark")
 
 
 def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
@@ -110,6 +112,18 @@ def paired_diff(a: dict[Any, float], b: dict[Any, float]) -> PairedDiff:
     else:
         p = float(stats.ttest_rel([float(a[k]) for k in keys], [float(b[k]) for k in keys]).pvalue)
     return PairedDiff(float(d.mean()), std, int(d.size), p)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN entries stay NaN and are not counted): the i-th smallest
+    of m p-values is multiplied by m − i + 1, made non-decreasing, and capped at 1."""
+    idx = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    out = [float("nan")] * len(p_values)
+    running = 0.0
+    for k, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - k) * float(p_values[i])))
+        out[i] = running
+    return out
 
 
 def mean_std(values: Iterable[float | None]) -> MeanStd:
@@ -237,12 +251,78 @@ def tuning_note(recs: Sequence[Record]) -> str:
     tuned = {row_label(r) for r in recs if r.get("tuned")}
     default = {row_label(r) for r in recs if not r.get("tuned")}
     trials = sorted({int(r.get("tuned_trials", 0) or 0) for r in recs if r.get("tuned")})
-    t_text = f"tuned ({'/'.join(map(str, trials))} trials per row on the validation split)"
+    protocols = sorted({tuning_label(r) for r in recs if r.get("tuned")})
+    t_text = (f"tuned under {' | '.join(protocols)} ({'/'.join(map(str, trials))} trials per row on the "
+              "validation split)")
     if tuned and not default:
         return t_text
     if default and not tuned:
         return "defaults (each method's documented defaults, untuned)"
     return f"mixed: {len(tuned)} rows {t_text}, {len(default)} rows defaults"
+
+
+def tuning_of(rec: Record) -> dict[str, Any] | None:
+    """The tuning protocol (and sampler seed) that chose a tuned run's settings; tuned runs recorded
+    before protocols existed were tuned end-of-stream with sampler seed 0. None: an untuned run."""
+    if not rec.get("tuned"):
+        return None
+    return {"protocol": "end-of-stream", "sampler_seed": 0, **dict(rec.get("tuning") or {})}
+
+
+def tuning_label(rec: Record) -> str:
+    """'end-of-stream', 'first-tasks K=2', 'held-out-stream', or '' for an untuned run."""
+    t = tuning_of(rec)
+    if t is None:
+        return ""
+    return f"first-tasks K={t.get('first_tasks')}" if t["protocol"] == "first-tasks" else str(t["protocol"])
+
+
+def sampler_seed_of(rec: Record) -> int | None:
+    t = tuning_of(rec)
+    return None if t is None else int(t.get("sampler_seed", 0) or 0)
+
+
+def split_by_tuning(recs: Sequence[Record]) -> list[tuple[str, list[Record], list[Record]]]:
+    """(tuning protocol, the table's runs, every sampler seed's runs) of one table key.
+
+    Runs tuned under different protocols go to different tables; untuned rows join each (their
+    settings do not depend on a protocol). In a table, a tuned row shows the runs of its lowest
+    sampler seed; the runs of its other sampler seeds measure the spread tuning adds."""
+    labels = sorted({tuning_label(r) for r in recs if r.get("tuned")})
+    untuned = [r for r in recs if not r.get("tuned")]
+    out = []
+    for lab in labels or [""]:
+        tuned = [r for r in recs if r.get("tuned") and tuning_label(r) == lab]
+        first: dict[str, int] = {}
+        for r in tuned:
+            first[row_label(r)] = min(first.get(row_label(r), 1 << 62), sampler_seed_of(r) or 0)
+        shown = [r for r in tuned if sampler_seed_of(r) == first[row_label(r)]]
+        out.append((lab, shown + untuned, tuned))
+    return out
+
+
+def unseen_accuracy(rec: Record, setting: str) -> float | None:
+    """First-tasks K runs: the final accuracy averaged over tasks K+1..T, the tasks tuning never saw."""
+    t = tuning_of(rec)
+    if t is None or t.get("protocol") != "first-tasks":
+        return None
+    rows = rec.get("acc", {}).get(setting) or []
+    k = int(t.get("first_tasks") or 0)
+    if not rows or k >= len(rows[-1]):
+        return None
+    return float(np.mean(rows[-1][k:]))
+
+
+def tuning_spread(recs: Sequence[Record], setting: str) -> tuple[float, int]:
+    """(sample std over tuning sampler seeds of the row's mean final accuracy over run seeds, number of
+    sampler seeds): the variance tuning itself adds (Bouthillier et al., MLSys 2021)."""
+    by_ss: dict[int, list[float]] = defaultdict(list)
+    for r in recs:
+        v = r.get("metrics", {}).get(setting, {}).get("final_avg_acc")
+        if v is not None and sampler_seed_of(r) is not None:
+            by_ss[int(sampler_seed_of(r))].append(float(v))
+    means = [float(np.mean(v)) for v in by_ss.values()]
+    return (float(np.std(means, ddof=1)) if len(means) > 1 else float("nan")), len(means)
 
 
 def _numerics(p: dict[str, Any]) -> str:
@@ -264,11 +344,13 @@ class Leaderboard:
     protocol: str
     frame: pd.DataFrame
     records: list[Record] = field(default_factory=list, repr=False)
+    tuning: str = ""  # the tuning protocol of its tuned rows ('' when none is tuned)
 
     @property
     def title(self) -> str:
         synthetic = " [synthetic data]" if any(is_synthetic(r) for r in self.records) else ""
-        return f"{self.scenario}{synthetic} — {SETTING_NAMES.get(self.setting, self.setting)}"
+        tuned = f" — tuned {self.tuning}" if self.tuning else ""
+        return f"{self.scenario}{synthetic} — {SETTING_NAMES.get(self.setting, self.setting)}{tuned}"
 
     @property
     def anchor(self) -> str:
@@ -343,16 +425,33 @@ def leaderboards(records: Iterable[Record]) -> list[Leaderboard]:
         recs = groups[key]
         settings = sorted({s for r in recs for s in r.get("settings", [])},
                           key=lambda s: list(SETTING_NAMES).index(s) if s in SETTING_NAMES else 9)
-        for setting in settings:
-            srecs = [r for r in recs if setting in r.get("settings", [])]
-            rows = []
-            grouped = sorted(group_rows(srecs).items())
-            for (label, tuned), rr in grouped:
-                rows.append({"method": label, "tuned": tuned} | row_stats(rr, setting))
-            frame = pd.DataFrame(rows)
-            frame = _rank_and_compare(frame, [final_by_seed(rr, setting) for _, rr in grouped],
-                                      _reference_label(srecs))
-            boards.append(Leaderboard(key[0], setting, protocol_line(srecs), frame, srecs))
+        for tuning, trecs, all_tuned in split_by_tuning(recs):
+            for setting in settings:
+                srecs = [r for r in trecs if setting in r.get("settings", [])]
+                if not srecs:
+                    continue
+                rows = []
+                grouped = sorted(group_rows(srecs).items())
+                for (label, tuned), rr in grouped:
+                    row = {"method": label, "tuned": tuned} | row_stats(rr, setting)
+                    sd, n = tuning_spread([r for r in all_tuned if row_label(r) == label], setting) if tuned \
+                        else (float("nan"), 0)
+                    unseen = mean_std(unseen_accuracy(r, setting) for r in rr)
+                    row |= {"tuning_sd": sd, "tuning_n": n, "unseen_mean": unseen.mean, "unseen_std": unseen.std,
+                            "unseen_n": unseen.n}
+                    rows.append(row)
+                frame = pd.DataFrame(rows)
+                frame = _rank_and_compare(frame, [final_by_seed(rr, setting) for _, rr in grouped],
+                                          _reference_label(srecs))
+                caption = protocol_line(srecs)
+                if setting == "task_il" and any(r.get("tuned") for r in srecs):
+                    caption += ("; tuned rows' settings were chosen on class-IL validation accuracy (the tuning "
+                                "objective of class-incremental scenarios), not tuned for task-IL")
+                if len({sampler_seed_of(r) for r in all_tuned}) > 1:
+                    seeds = sorted({sampler_seed_of(r) for r in all_tuned})
+                    caption += (f"; tuned rows shown with their lowest tuning sampler seed; 'Tuning spread' over "
+                                f"sampler seeds {', '.join(map(str, seeds))}")
+                boards.append(Leaderboard(key[0], setting, caption, frame, srecs, tuning))
     return boards
 
 
@@ -366,20 +465,24 @@ def _rank_and_compare(frame: pd.DataFrame, by_seed: list[dict[Any, float]], refe
     """Ranks with ties to the best (paired t-test, see the module docstring) and, when a reference
     row exists, each row's paired difference from it."""
     means = frame["final_avg_acc_mean"]
-    plain = means.rank(ascending=False, method="min")
-    ranks, p_best, tied = plain.copy(), [math.nan] * len(frame), [False] * len(frame)
+    ranks = means.rank(ascending=False, method="min")  # by the mean alone: never against their order
+    p_best, tested = [math.nan] * len(frame), [False] * len(frame)
     if means.notna().any():
         best = int(means.idxmax())
         for i in range(len(frame)):
-            if math.isnan(means.iloc[i]):
+            if math.isnan(means.iloc[i]) or i == best:
                 continue
             d = paired_diff(by_seed[best], by_seed[i])
-            p_best[i] = d.p_value if i != best else math.nan
-            tied[i] = i == best or (d.n >= 2 and not d.significant)
-            if tied[i]:
-                ranks.iloc[i] = 1
+            tested[i] = d.n >= 2
+            p_best[i] = d.p_value if tested[i] else math.nan
+    p_holm = holm(p_best)
+    tied = [False] * len(frame)
+    if means.notna().any():
+        best = int(means.idxmax())
+        tied = [i == best or (tested[i] and p_holm[i] >= ALPHA) for i in range(len(frame))]
     frame["rank"] = ranks.astype("Int64")
     frame["p_vs_best"] = p_best
+    frame["p_vs_best_holm"] = p_holm
     frame["tied_with_best"] = tied
     labels = list(frame["method"])
     if reference is not None and reference in labels:
@@ -390,7 +493,7 @@ def _rank_and_compare(frame: pd.DataFrame, by_seed: list[dict[Any, float]], refe
         frame["delta_ref_n"] = [d.n for d in diffs]
         frame["delta_ref_p"] = [d.p_value for d in diffs]
         frame.attrs["reference"] = reference
-    return frame.sort_values(["rank", "final_avg_acc_mean", "method"], ascending=[True, False, True],
+    return frame.sort_values(["final_avg_acc_mean", "method"], ascending=[False, True],
                              na_position="last").reset_index(drop=True)
 
 
@@ -405,7 +508,16 @@ def display_frame(board: Leaderboard) -> pd.DataFrame:
         m = c.name
         out[c.title] = [MeanStd(a, b, int(n)).fmt(c.kind.digits)
                         for a, b, n in zip(f[f"{m}_mean"], f[f"{m}_std"], f[f"{m}_n"])]
-    out["p vs best"] = [_fmt_p(p) for p in f["p_vs_best"]]
+    out["≈ best"] = ["≈ best" if t and i > 0 else ("best" if i == 0 and t else "")
+                     for i, t in enumerate(f["tied_with_best"])]
+    out["p vs best (Holm)"] = [_fmt_p(p) for p in f["p_vs_best_holm"]]
+    if "tuning_n" in f and (f["tuning_n"] > 1).any():
+        out["Tuning spread (sd over sampler seeds)"] = [
+            f"± {sd:.3f} ({int(n)})" if n > 1 else "–" for sd, n in zip(f["tuning_sd"], f["tuning_n"])]
+    if "unseen_n" in f and (f["unseen_n"] > 0).any():
+        out["Final acc. on tasks unseen in tuning"] = [MeanStd(a, b, int(n)).fmt()
+                                                        for a, b, n in zip(f["unseen_mean"], f["unseen_std"],
+                                                                           f["unseen_n"])]
     if "delta_ref_mean" in f:
         out[f"Δ final acc. vs {f.attrs.get('reference', 'reference')}"] = [
             PairedDiff(a, b, int(n), p).fmt() if m != f.attrs.get("reference") else "(reference)"

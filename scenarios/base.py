@@ -16,6 +16,7 @@ from harness.core.config import hparams_from
 from harness.core.data import DataSource, Scenario, Task
 from harness.core.defaults import documented
 from harness.core.errors import UserError
+from harness.core.streams import is_held_out
 
 
 @dataclass
@@ -93,6 +94,15 @@ def scenario_option_names(name: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------------------------
+def class_order(n_classes: int, shuffle: bool, seed: int) -> list[int]:
+    """The order classes enter a class-incremental stream: 0..n-1, or drawn from the seed when
+    ``shuffle`` is set or the stream is a held-out tuning stream (harness/core/streams.py: another
+    class order than the evaluation stream's)."""
+    if shuffle or is_held_out(seed):
+        return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    return list(range(n_classes))
+
+
 def split_train_val(
     indices: Tensor, targets: Tensor, val_fraction: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:

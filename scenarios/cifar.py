@@ -23,7 +23,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from harness.core.data import Scenario
 from harness.core.defaults import documented
 from harness.core.errors import UserError
-from scenarios.base import ScenarioOptions, candidate_roots, class_split_tasks, register_scenario
+from scenarios.base import ScenarioOptions, candidate_roots, class_order, class_split_tasks, register_scenario
 from scenarios.streaming import ImageTensorSource
 from scenarios.synth import synthetic_marker
 
@@ -224,9 +224,7 @@ def _build(name: str, num_classes: int, opts: CifarOptions, seed: int, data_root
     data, targets, n_train, names, synthetic = load_cifar(num_classes, data_root, opts.check_md5, opts.download)
     fam = FAMILIES[num_classes]
     source = ImageTensorSource(data, targets, mean=fam.mean, std=fam.std, augment=opts.augment, pad=4)
-    order = list(range(num_classes))
-    if opts.shuffle_classes:
-        order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = class_order(num_classes, opts.shuffle_classes, seed)
     tasks = class_split_tasks(
         source, targets[:n_train], targets[n_train:], n_train, order, opts.n_tasks, opts, seed
     )

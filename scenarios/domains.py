@@ -22,6 +22,7 @@ import torch
 from harness.core.data import Scenario, Task
 from harness.core.defaults import documented
 from harness.core.errors import UserError
+from harness.core.streams import base_seed, is_held_out
 from scenarios.base import ImageFileOptions, candidate_roots, cap, register_scenario, split_train_val
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
 from scenarios.synth import synthetic_marker
@@ -199,18 +200,49 @@ def build_domain_scenario(
     )
     g = torch.Generator().manual_seed(seed + 2_750_159)
     tasks, start = [], 0
+    spans = {}
     for t, d in enumerate(order):
         idx = torch.arange(start, start + len(files[d]))
+        spans[d] = idx
         start += len(files[d])
+        if is_held_out(seed):
+            continue
         train, test = split_train_val(idx, targets, opts.test_fraction, g)
         train = cap(train, opts.max_train_per_task, g)
         test = cap(test, opts.max_test_per_task, g)
         train, val = split_train_val(train, targets, opts.val_fraction, g)
         tasks.append(Task(t, list(range(len(classes))), source, train, val, test, name=d))
+    if is_held_out(seed):
+        tasks = _held_out_tasks(spans, order, targets, opts, seed, source, len(classes))
     if opts.in_memory:
         source.preload(torch.cat([torch.cat([t.train_idx, t.val_idx, t.test_idx]) for t in tasks]))
     return Scenario(name, "domain", tasks, len(classes), source.input_shape, "resnet18", classes,
                     synthetic=synthetic)
+
+
+def _held_out_tasks(spans, order, targets, opts, seed: int, source, n_classes: int) -> list[Task]:
+    """A held-out tuning stream (harness/core/streams.py): another domain order and another carve of
+    the training data, from the stream seed. Each domain's train/test split is the one of the run seed
+    the stream seed derives from, drawn as that evaluation stream draws it, so that the held-out stream
+    never trains or validates on that evaluation stream's test images."""
+    g_eval = torch.Generator().manual_seed(base_seed(seed) + 2_750_159)
+    trains = {}
+    for d in order:  # the evaluation stream's draws, in its order (caps and carve included)
+        train, test = split_train_val(spans[d], targets, opts.test_fraction, g_eval)
+        capped = cap(train, opts.max_train_per_task, g_eval)
+        cap(test, opts.max_test_per_task, g_eval)
+        split_train_val(capped, targets, opts.val_fraction, g_eval)
+        trains[d] = (train, test)
+    g = torch.Generator().manual_seed(seed + 2_750_159)
+    tasks = []
+    for t, i in enumerate(torch.randperm(len(order), generator=g).tolist()):
+        d = order[i]
+        train, test = trains[d]
+        train = cap(train, opts.max_train_per_task, g)
+        test = cap(test, opts.max_test_per_task, g)
+        train, val = split_train_val(train, targets, opts.val_fraction, g)
+        tasks.append(Task(t, list(range(n_classes)), source, train, val, test, name=d))
+    return tasks
 
 
 @register_scenario(

@@ -22,10 +22,12 @@ from torch import Tensor
 from harness.core.data import Scenario, Task, TensorSource
 from harness.core.defaults import documented
 from harness.core.errors import UserError
+from harness.core.streams import is_held_out
 from scenarios.base import (
     ScenarioOptions,
     candidate_roots,
     cap,
+    class_order,
     class_split_tasks,
     register_scenario,
     split_train_val,
@@ -154,9 +156,7 @@ class SplitOptions(ScenarioOptions):
 @register_scenario("split-fmnist", SplitOptions, "mlp", "Split Fashion-MNIST, 5 tasks x 2 classes (class-IL and task-IL)")
 def split_fmnist(opts: SplitOptions, seed: int, data_root: str | None) -> Scenario:
     source, n_train, ty, vy = _source(data_root)
-    order = list(range(10))
-    if opts.shuffle_classes:
-        order = torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = class_order(10, opts.shuffle_classes, seed)
     tasks = class_split_tasks(source, ty, vy, n_train, order, opts.n_tasks, opts, seed)
     return Scenario("split-fmnist", "class", tasks, 10, (1, 28, 28), "mlp", CLASS_NAMES)
 
@@ -250,6 +250,12 @@ def rotated_fmnist(opts: RotatedOptions, seed: int, data_root: str | None) -> Sc
     source, n_train, ty, vy = _source(data_root)
     background = (0.0 - MEAN) / STD
     step = opts.max_angle / opts.n_tasks
-    transforms = [(f"rotation {t * step:g} deg", Rotate(t * step, background)) for t in range(opts.n_tasks)]
+    # A held-out tuning stream: the same spacing, every angle shifted by an offset in (0, step) drawn
+    # from its stream seed, so that none of its rotations is one of the evaluation stream's.
+    offset = 0.0
+    if is_held_out(seed):
+        offset = step * (0.05 + 0.9 * float(torch.rand(1, generator=torch.Generator().manual_seed(seed + 3571))))
+    transforms = [(f"rotation {offset + t * step:g} deg", Rotate(offset + t * step, background))
+                  for t in range(opts.n_tasks)]
     tasks = _domain_tasks(source, n_train, ty, vy, opts, seed, transforms)
     return Scenario("rotated-fmnist", "domain", tasks, 10, (1, 28, 28), "mlp", CLASS_NAMES)

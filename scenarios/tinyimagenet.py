@@ -18,7 +18,14 @@ import torch
 from harness.core.data import Scenario
 from harness.core.defaults import documented
 from harness.core.errors import UserError
-from scenarios.base import ImageFileOptions, candidate_roots, class_split_tasks, find_dir, register_scenario
+from scenarios.base import (
+    ImageFileOptions,
+    candidate_roots,
+    class_order,
+    class_split_tasks,
+    find_dir,
+    register_scenario,
+)
 from scenarios.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamingSource, is_image_file
 from scenarios.synth import synthetic_marker
 
@@ -135,9 +142,7 @@ def split_tinyimagenet(opts: TinyImageNetOptions, seed: int, data_root: str | No
         augment=opts.augment,
         num_workers=opts.num_workers,
     )
-    order = list(range(n_classes))
-    if opts.shuffle_classes:
-        order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = class_order(n_classes, opts.shuffle_classes, seed)
     ty, vy = files.targets[: files.n_train], files.targets[files.n_train :]
     tasks = class_split_tasks(source, ty, vy, files.n_train, order, opts.n_tasks, opts, seed)
     if opts.in_memory:

@@ -114,9 +114,12 @@ def test_leaderboard_numbers_match_hand_computation(known_runs):
     assert f.loc["ft", "final_avg_acc_std"] == pytest.approx(0.1)
     assert f.loc["ft", "seeds"] == 3 and f.loc["er[buffer_size=200]", "seeds"] == 2
     # Paired over seeds 0, 1: er - ft = 0.3, 0.4 -> t = 0.35 / (0.0707 / sqrt 2) = 7 with 1 df; two-sided
-    # p = 1 - (2/pi) atan(7) = 0.0903 >= 0.05, so ft is not significantly worse and shares rank 1.
-    assert f.loc["er[buffer_size=200]", "rank"] == 1 and f.loc["ft", "rank"] == 1
+    # p = 1 - (2/pi) atan(7) = 0.0903 >= 0.05 (one comparison: Holm leaves it), so ft is tied with the
+    # best; its rank stays 2, the order of the means.
+    assert f.loc["er[buffer_size=200]", "rank"] == 1 and f.loc["ft", "rank"] == 2
+    assert bool(f.loc["ft", "tied_with_best"])
     assert f.loc["ft", "p_vs_best"] == pytest.approx(1 - 2 / math.pi * math.atan(7.0))
+    assert f.loc["ft", "p_vs_best_holm"] == pytest.approx(1 - 2 / math.pi * math.atan(7.0))
     assert f.loc["ft", "final_avg_acc_half"] == pytest.approx(4.302652730 * 0.1 / math.sqrt(3))
     # Forgetting by hand: every task peaks at 0.9 then ends at `final` -> 0.9 - final; BWT the negative.
     assert f.loc["ft", "forgetting_mean"] == pytest.approx(np.mean([0.7, 0.6, 0.5]))
@@ -143,7 +146,7 @@ def test_display_and_markdown_show_mean_std_seeds_and_failures(known_runs, tmp_p
     paths = make_report(known_runs, tmp_path / "rep", title="known", figures=False)
     md = paths["markdown"].read_text()
     assert "| 1 | er[buffer_size=200] | 2 | 0.600 ± 1.271 |" in md
-    assert "| 1 | ft | 3 | 0.300 ± 0.248 |" in md
+    assert "| 2 | ft | 3 | 0.300 ± 0.248 |" in md  # ranked by the mean; its tie is marked apart
     assert md.count("**Protocol:** backbone mlp; epochs/task 1; batch 128") == 2
     assert "## Failed runs" in md and "TrainingDiverged: loss is nan at task 2" in md and "trace" not in md
     assert "| ewc |" not in md  # running runs are not ranked
@@ -222,8 +225,9 @@ def test_html_is_self_contained_and_has_every_part(tmp_path, known_runs):
         assert not low.startswith(("http:", "https:", "//", "file:", "ftp:")), ref
         assert low.startswith(("#", "data:image/png;base64,")) or ref in docs, ref
     assert "url(" not in text and "@import" not in text
-    # 3 boards x 4 figures + DMKD (specialization + importance) = 14 embedded PNGs, each a real PNG.
-    assert len(p.imgs) == 3 * 4 + 2
+    # 3 boards x 4 figures + DMKD (specialization + importance) + the critical-difference diagram of the
+    # mean ranks over the 3 boards = 15 embedded PNGs, each a real PNG.
+    assert len(p.imgs) == 3 * 4 + 2 + 1
     for src in p.imgs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
     for needle in ("DMKD: specialization, routing and importance", "Ablation &#x27;kd&#x27;", "Failed runs",
@@ -339,14 +343,20 @@ def test_t_interval_and_paired_test_by_hand():
     assert paired_diff({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6}).p_value == 1.0
 
 
-def test_rows_not_significantly_worse_than_the_best_share_its_rank():
+def test_rows_not_significantly_worse_than_the_best_are_marked_tied_and_keep_their_rank():
     board = leaderboards(_three_rows())[0]
     f = board.frame.set_index("method")
-    # b is 0.02 below a but p = 0.074 >= 0.05: rank 1 with a; c is significantly worse: plain rank 3.
-    assert (f.loc["a", "rank"], f.loc["b", "rank"], f.loc["c", "rank"]) == (1, 1, 3)
+    # Ranks follow the means (0.82 > 0.80 > 0.71). b is 0.02 below a, p = 0.0742; c: p = 0.00816.
+    # Holm over the two comparisons: c 2 x 0.00816 = 0.0163 < 0.05 (worse); b max(0.0163, 0.0742) = 0.0742
+    # >= 0.05: tied with the best, shown apart from its rank 2.
+    assert (f.loc["a", "rank"], f.loc["b", "rank"], f.loc["c", "rank"]) == (1, 2, 3)
+    assert [bool(f.loc[m, "tied_with_best"]) for m in "abc"] == [True, True, False]
     assert math.isnan(f.loc["a", "p_vs_best"]) and f.loc["b", "p_vs_best"] == pytest.approx(0.0742, abs=1e-4)
+    assert f.loc["c", "p_vs_best_holm"] == pytest.approx(2 * (1 - 11 / math.sqrt(123)))
+    assert f.loc["b", "p_vs_best_holm"] == pytest.approx(f.loc["b", "p_vs_best"])
     shown = display_frame(board).set_index("Method")
-    assert shown.loc["a", "Final acc. A_T"] == "0.820 ± 0.050" and shown.loc["b", "p vs best"] == "0.074"
+    assert shown.loc["a", "Final acc. A_T"] == "0.820 ± 0.050" and shown.loc["b", "p vs best (Holm)"] == "0.074"
+    assert [shown.loc[m, "≈ best"] for m in "abc"] == ["best", "≈ best", ""]
     assert "seeds 0, 1, 2 (3)" in board.protocol and "95% t-interval" in board.protocol
     assert "evaluated on the test split" in board.protocol and "defaults" in board.protocol
     # One seed per row: no test, ranks by mean, cells without ±.

@@ -275,7 +275,7 @@ def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp
     assert main(["tune-suite", str(suite), "--trials", "2", "--results", str(res), "--tracking-uri", "none"]) == 0
     assert "val" in calls and "test" not in calls  # tuning read validation data only
     monkeypatch.setattr(Task, "split_indices", orig)
-    path = tmp_path / "tuned" / "tiny" / "split-fmnist.yaml"
+    path = tmp_path / "tuned" / "tiny" / "end-of-stream" / "seed0" / "split-fmnist.yaml"
     doc = yaml.safe_load(path.read_text())
     assert doc["trials"] == 2 and doc["sampler_seed"] == 0 and doc["seeds"] == [0]
     assert doc["scenario_options"] == {"max_train_per_task": 200, "max_test_per_task": 60}
@@ -284,8 +284,11 @@ def test_tune_suite_writes_provenance_never_reads_test_and_the_suite_runs_it(tmp
         prov = e["provenance"]
         assert prov["trials"] == 2 and 0.0 <= prov["best_validation_score"] <= 1.0
         assert prov["study"].startswith("tune-suite.tiny.split-fmnist.") and prov["git_revision"]
-        assert prov["date"][:4].isdigit() and "validation" in prov["objective"]
+        assert "validation" in prov["objective"]
         assert "protocol.lr" in e["params"]  # the learning rate is searched for every row
+    timing = yaml.safe_load(path.with_suffix(".run.yaml").read_text())["rows"]  # when and where: beside it
+    assert set(timing) == {"ft", "er-50"} and all(t["date"][:4].isdigit() for t in timing.values())
+    assert doc["tuning"] == {"protocol": "end-of-stream"} and "--protocol end-of-stream" in doc["command"]
     assert doc["entries"]["er-50"]["fixed"] == {"buffer_size": 50}
     assert doc["entries"]["er-50"]["params"]["buffer_size"] == 50  # the row's set: value stays fixed
     # The same sampler seed gives every row the same first learning rate (TPE starts at random).

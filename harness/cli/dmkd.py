@@ -63,6 +63,15 @@ def add_suite_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _tuning_options(p: argparse.ArgumentParser, what: str) -> None:
+    from harness.core.streams import PROTOCOLS
+
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                   help=f"tuning protocol: {what}; see docs/tuning.md")
+    p.add_argument("--first-tasks", type=int, default=None, metavar="K",
+                   help="first-tasks: the number K of tasks tuning may read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="dmkd", description="dmkd-bench: continual-learning benchmark harness")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -96,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", default=None, metavar="MEMORY",
                    help="persistent-memory budget instead of the file's: none, aligned or a size such as 8MiB "
                         "(its own experiment and tuned settings)")
+    _tuning_options(s, "which tuned files to run: those of tuning protocol P (default: the suite file's "
+                    "tuning:, else end-of-stream)")
+    s.add_argument("--sampler-seed", type=int, default=0,
+                   help="run the tuned files of this TPE sampler seed (default 0)")
     add_suite_options(s)
     _common(s)
 
@@ -116,12 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="setting whose validation accuracy is maximised (auto: class-IL, or domain-IL)")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _tuning_options(t, "the stream the trials learn and are scored on (default end-of-stream)")
     _common(t)
 
     ts = sub.add_parser("tune-suite", help="tune every method of a suite with one budget; write configs/tuned/")
     ts.add_argument("config")
     ts.add_argument("--trials", type=int, default=20, help="trials per (method row, scenario), the same for all")
-    ts.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler, the same for all")
+    ts.add_argument("--sampler-seed", default="0",
+                    help="seed(s) of the TPE sampler, the same for all rows; 0,1,2 tunes once per seed, each into "
+                         "its own folder (<protocol>/seed<S>/)")
+    _tuning_options(ts, "the stream every row is tuned on (default: the suite file's tuning:, else end-of-stream)")
+    ts.add_argument("--workers", default="1",
+                    help="processes that share the rows (each row's study runs whole in one; the files do not "
+                         "depend on it)")
+    ts.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker (default 1; part of the recorded command: float rounding "
+                         "depends on it)")
     ts.add_argument("--seeds", default=None, help="comma-separated run seeds per trial (default: the suite's first)")
     ts.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     ts.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results)")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from harness.core.config import hparams_from
-from harness.core.data import Scenario
+from harness.core.data import Scenario, TensorSource
 from harness.core.errors import UserError
 from harness.core.memory import format_bytes
 from harness.engine.costs import persistent_memory
@@ -116,10 +116,40 @@ def _probe_key(spec: RunSpec) -> str:
 
 
 def miniature(scenario: Scenario, n: int = PROBE_SAMPLES) -> Scenario:
-    """The same stream with ``n`` training and validation samples a task and no test samples."""
-    tasks = [dataclasses.replace(t, train_idx=t.train_idx[:n], val_idx=t.val_idx[:n], test_idx=t.test_idx[:0],
-                                 test_sealed=True) for t in scenario.tasks]
+    """The stream's structure with synthetic data: the same tasks, classes, transforms and input format
+    (a uint8 data set stays uint8 with the same normalisation, so stored samples cost what they cost),
+    ``n`` random training and validation samples a task, no test samples. What a method carries between
+    tasks depends on this structure, not on the pixels; and no sample of the real stream is read, so a
+    tuning protocol's reach (first tasks only, a held-out stream) is never crossed by planning."""
+    gen = torch.Generator().manual_seed(0)
+    tasks, data, targets = [], [], []
+    first = scenario.tasks[0].source
+    raw = getattr(first, "data", None)
+    uint8 = isinstance(raw, torch.Tensor) and raw.dtype == torch.uint8 and first.codec() is not None
+    shape = tuple(raw.shape[1:]) if uint8 else tuple(scenario.input_shape)
+    for k, t in enumerate(scenario.tasks):
+        classes = torch.as_tensor(list(t.classes) or [0], dtype=torch.long)
+        targets.append(classes[torch.arange(2 * n) % len(classes)])
+        if uint8:
+            data.append(torch.randint(0, 256, (2 * n, *shape), generator=gen, dtype=torch.uint8))
+        else:
+            data.append(torch.randn((2 * n, *shape), generator=gen))
+    if uint8:
+        source = TensorSource(torch.cat(data), torch.cat(targets), scale=first.scale)
+        source.mean, source.std = first.mean, first.std
+    else:
+        source = TensorSource(torch.cat(data), torch.cat(targets))
+    for k, t in enumerate(scenario.tasks):
+        base = 2 * n * k
+        tasks.append(dataclasses.replace(t, source=source, train_idx=torch.arange(base, base + n),
+                                         val_idx=torch.arange(base + n, base + 2 * n),
+                                         test_idx=torch.arange(0), test_sealed=True))
     return dataclasses.replace(scenario, tasks=tasks)
+
+
+def _evaluation(spec: RunSpec) -> RunSpec:
+    """The run on the evaluation stream: budgets are planned on its structure, whatever stream tunes."""
+    return dataclasses.replace(spec, stream=None) if getattr(spec, "stream", None) is not None else spec
 
 
 def probe(spec: RunSpec) -> dict[str, int]:
@@ -134,7 +164,7 @@ def probe(spec: RunSpec) -> dict[str, int]:
         return dict(cached)
     cls = resolve_method(spec.method)
     hp = hparams_from(cls.HParams, spec.method_set)
-    scenario = miniature(get_scenario(spec))
+    scenario = miniature(get_scenario(_evaluation(spec)))
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -164,7 +194,8 @@ def total(kinds: dict[str, int]) -> int:
 
 
 def stream_samples(spec: RunSpec) -> int:
-    return int(sum(len(t.train_idx) for t in get_scenario(spec).tasks))
+    """Training samples of the evaluation stream (a count: no sample is read)."""
+    return int(sum(len(t.train_idx) for t in get_scenario(_evaluation(spec)).tasks))
 
 
 def _with(spec: RunSpec, **values: Any) -> RunSpec:
@@ -221,7 +252,7 @@ def plain_step_flops_per_sample(spec: RunSpec) -> float:
     from harness.core.backbones import build_backbone
     from harness.core.flops import FlopCounter
 
-    scenario = get_scenario(spec)
+    scenario = miniature(get_scenario(_evaluation(spec)), spec.protocol.batch_size)
     task = scenario.tasks[0]
     x, y = next(task.batches("train", spec.protocol.batch_size))
     backbone = spec.protocol.backbone or scenario.default_backbone

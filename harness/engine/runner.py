@@ -27,6 +27,7 @@ from harness.core.data import Scenario, Task
 from harness.core.errors import UserError
 from harness.core.method import METHODS, Method
 from harness.core.protocol import Protocol
+from harness.core.streams import FIRST_TASKS, HELD_OUT_STREAM, TuningProtocol, held_out_seed
 from harness.engine import metrics
 from harness.engine.checkpoints import capture_state, restore_rng
 from harness.engine.costs import (
@@ -68,6 +69,11 @@ class RunSpec:
     # The compute budget (Prabhu et al., CVPR 2023): training FLOPs each task may spend, as
     # {"per_task": N} or {"per_sample": x} (x FLOPs per training sample and epoch of the task); None: none.
     compute_budget: dict[str, float] | None = None
+    # A tuning run's stream (harness/core/streams.py): {"protocol": "first-tasks", "first_tasks": K} or
+    # {"protocol": "held-out-stream"}; None: the evaluation stream.
+    stream: dict[str, Any] | None = None
+    # The tuning protocol (and sampler seed) that chose a tuned run's settings: its provenance.
+    tuning: dict[str, Any] | None = None
 
     def method_label(self) -> str:
         if self.label:
@@ -100,6 +106,10 @@ class RunSpec:
             ident["budget_bytes"] = int(self.budget_bytes)
         if self.compute_budget is not None:
             ident["compute_budget"] = dict(self.compute_budget)
+        # Present only when set, so that the identities of runs without them are what they were.
+        for k in ("stream", "tuning"):
+            if getattr(self, k) is not None:
+                ident[k] = dict(getattr(self, k))
         return ident
 
     def config_hash(self) -> str:
@@ -128,7 +138,9 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=,[]" else "_" for ch in text)
 
 
-MAX_SEED = 2**32 - 1  # numpy's and most libraries' seed range
+# Run seeds: the lower half of the 32 bits torch's and numpy's generators use; the upper half is kept
+# for the held-out streams of tuning (harness/core/streams.py), so no run can draw one.
+MAX_SEED = 2**31 - 1
 
 
 def validate_seed(seed: Any) -> int:
@@ -198,15 +210,30 @@ _SCENARIO_CACHE: dict[str, Scenario] = {}
 
 
 def get_scenario(spec: RunSpec) -> Scenario:
-    """Build (or reuse, within one process) the scenario of a run."""
+    """Build (or reuse, within one process) the scenario of a run: the evaluation stream of its seed,
+    or the tuning stream its ``stream`` names (harness/core/streams.py)."""
     from scenarios.base import build_scenario
 
-    key = json.dumps([spec.scenario, spec.scenario_set, spec.seed, spec.data_root], sort_keys=True, default=str)
+    stream = TuningProtocol.from_dict(spec.stream)
+    if spec.stream is not None and spec.eval_split != "val":
+        raise UserError(f"a tuning stream ({stream.slug}) is evaluated on validation data only",
+                        "run it with eval_split='val'")
+    seed = held_out_seed(spec.seed) if stream.protocol == HELD_OUT_STREAM else spec.seed
+    key = json.dumps([spec.scenario, spec.scenario_set, seed, spec.data_root], sort_keys=True, default=str)
     if key not in _SCENARIO_CACHE:
         if len(_SCENARIO_CACHE) >= 16:  # scenarios share their data source: each holds index tensors
             _SCENARIO_CACHE.clear()
-        _SCENARIO_CACHE[key] = build_scenario(spec.scenario, spec.scenario_set, spec.seed, spec.data_root)
-    return _SCENARIO_CACHE[key]
+        _SCENARIO_CACHE[key] = build_scenario(spec.scenario, spec.scenario_set, seed, spec.data_root)
+    scenario = _SCENARIO_CACHE[key]
+    if stream.protocol == FIRST_TASKS:
+        k = int(stream.first_tasks or 0)
+        if k >= len(scenario.tasks):
+            raise UserError(f"first-tasks K={k} covers the whole {len(scenario.tasks)}-task stream of "
+                            f"{spec.scenario} (that is end-of-stream tuning)",
+                            f"choose K between 1 and {len(scenario.tasks) - 1}")
+        # The stream of the first K tasks only: later tasks do not exist for its runs.
+        scenario = dataclasses.replace(scenario, tasks=scenario.tasks[:k])
+    return scenario
 
 
 def resolve_method(name: str) -> type[Method]:
@@ -320,6 +347,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         method_metrics=[],
         artifacts={},
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **{k: dict(v) for k, v in (("stream", spec.stream), ("tuning", spec.tuning)) if v is not None},
     )
     meter = StepFlopMeter()
     ctx.step_hook = meter

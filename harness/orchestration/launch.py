@@ -103,6 +103,10 @@ def worker_argv(args: argparse.Namespace, threads: int | None) -> list[str]:
         argv += ["--tuned-dir", str(Path(args.tuned_dir).resolve())]
     if getattr(args, "budget", None) is not None:
         argv += ["--budget", args.budget]
+    for opt, val in (("--protocol", getattr(args, "protocol", None)), ("--first-tasks", getattr(args, "first_tasks", None)),
+                     ("--sampler-seed", getattr(args, "sampler_seed", None))):
+        if val is not None:
+            argv += [opt, str(val)]
     if threads is not None:
         argv += ["--threads", str(threads)]
     return argv
@@ -142,12 +146,13 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
         cfg.tuned = load_best_params(Path(args.results), cfg)
     elif not args.defaults:
-        from harness.orchestration.tuned import load_tuned_suite, tuned_dir
+        from harness.orchestration.tuned import load_tuned_suite, tuned_dir, tuning_from_args
 
-        where = tuned_dir(cfg, args.tuned_dir)
+        tuning = tuning_from_args(args, cfg)
+        where = tuned_dir(cfg, args.tuned_dir, tuning, getattr(args, "sampler_seed", 0) or 0)
         cfg.tuned = load_tuned_suite(cfg, where)
         if cfg.tuned and not args.worker:
-            print(f"using tuned settings from {where} for {len(cfg.tuned)} (row, scenario) pairs "
+            print(f"using tuned settings ({tuning.slug}) from {where} for {len(cfg.tuned)} (row, scenario) pairs "
                   "(--defaults runs the documented defaults)", file=sys.stderr)
         elif not cfg.tuned and args.tuned_dir:
             raise UserError(f"no tuned settings for this suite under {where}", "run `dmkd tune-suite` first")

@@ -54,6 +54,7 @@ class SuiteConfig:
     # The compute budget: None, {"per_task": N} or "aligned" (resolved per scenario to {"per_sample": x}).
     budget_compute: str | dict[str, float] | None = None
     _budgets: dict[str, int] = field(default_factory=dict, repr=False)
+    tuning: dict[str, Any] = field(default_factory=dict)  # the suite's tuning protocol (harness/core/streams.py)
 
     def specs(self) -> list[RunSpec]:
         """Every run of the suite, seeds innermost so that a method's seeds finish together."""
@@ -66,16 +67,19 @@ class SuiteConfig:
                 m_set = dict(overrides)
                 run_proto = proto
                 trials = 0
+                tuning = None
                 if tuned is not None:
                     t_method, t_proto = split_params(tuned["params"])
                     m_set = {**t_method, **overrides}
                     run_proto = dataclasses.replace(proto, **t_proto)
                     trials = int(tuned.get("n_trials", 0))
+                    tuning = dict(tuned["tuning"]) if tuned.get("tuning") else None
                 row = [RunSpec(
                     method=m_name, scenario=sc_name, seed=seed, method_set=m_set, scenario_set=dict(sc_opts),
                     protocol=dataclasses.replace(run_proto),
                     label=(label or m_name if tuned else label) + ("+tuned" if tuned else ""),
-                    device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials)
+                    device=self.device, data_root=self.data_root, tuned=tuned is not None, tuned_trials=trials,
+                    tuning=tuning)
                     for seed in self.seeds]
                 out += self.fit_row(row, sc_name, sc_opts, overrides)
         return out
@@ -187,6 +191,14 @@ class BudgetEntry(Document):
     train_flops_per_task: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
+class TuningEntry(Document):
+    """``tuning:`` of a suite file: the protocol `dmkd tune-suite` tunes under and `dmkd suite` reads
+    the tuned files of (docs/tuning.md)."""
+
+    protocol: str = "end-of-stream"
+    first_tasks: int | None = None
+
+
 class SuiteFile(Document):
     """The structure of a suite YAML file (configs/quick.yaml); the values inside are checked by the
     dataclasses they configure (methods' hyperparameters, scenarios' options, the protocol)."""
@@ -202,6 +214,7 @@ class SuiteFile(Document):
     description: str | None = None
     reference: str | None = None
     budget: BudgetEntry | None = None
+    tuning: TuningEntry | None = None
 
 
 def _names_as_entries(raw: Any) -> Any:
@@ -255,6 +268,13 @@ def load_suite(path: str | Path, budget: str | None = None) -> SuiteConfig:
         cfg.budget_compute = {"per_task": float(doc.budget.train_flops_per_task)}
     elif doc.budget is not None and doc.budget.compute == "aligned":
         cfg.budget_compute = "aligned"
+    if doc.tuning is not None:
+        from harness.core.streams import TuningProtocol
+
+        try:
+            cfg.tuning = TuningProtocol(doc.tuning.protocol, doc.tuning.first_tasks).as_dict()
+        except UserError as e:
+            raise UserError(f"{path}: tuning: {e.problem}", e.fix) from None
     if cfg.reference and cfg.reference not in {lab or m for m, lab, _ in methods}:
         raise UserError(f"{path}: reference {cfg.reference!r} is not the label of any method entry",
                         "set reference: to one of the methods' labels")

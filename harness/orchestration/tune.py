@@ -26,6 +26,7 @@ from harness.core.config import Document, hparams_from, split_params, validate_d
 from harness.core.context import TrainingDiverged
 from harness.core.errors import UserError
 from harness.core.protocol import Protocol
+from harness.core.streams import FIRST_TASKS, HELD_OUT_STREAM, TuningProtocol
 from harness.engine.runner import RunObserver, RunSpec, check_splits, resolve_method, run
 from harness.orchestration.storage import create_study, is_surplus, make_storage
 from harness.orchestration.tracking import Store, atomic_write_json
@@ -35,6 +36,7 @@ from harness.orchestration.tuned import (
     load_tuned_suite,
     tuned_dir,
     tuned_file,
+    tuning_from_args,
 )
 
 SETTING_FOR = {"class": "class_il", "domain": "domain_il"}
@@ -73,12 +75,14 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
          protocol: Protocol | None = None, scenario_set: dict | None = None, fixed: dict | None = None,
          data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
          show_progress: bool = True, objective: str = "auto", sampler_seed: int | None = None,
-         wait_poll_s: float = 2.0, budget: int | None = None) -> dict[str, Any]:
+         wait_poll_s: float = 2.0, tuning: TuningProtocol | None = None,
+         budget: int | None = None) -> dict[str, Any]:
     """Run (this worker's share of) a study with exactly ``trials`` finished trials in total.
 
     ``objective``: the setting whose validation final accuracy is maximised; ``auto`` is class-IL
     for class-incremental scenarios and domain-IL otherwise. ``sampler_seed``: seeds Optuna's TPE
-    sampler (None: Optuna's unseeded default).
+    sampler (None: Optuna's unseeded default). ``tuning``: the tuning protocol, i.e. the stream the
+    trials learn and are scored on (harness/core/streams.py; default end-of-stream).
     """
     import optuna
     from optuna.trial import TrialState
@@ -88,11 +92,14 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
         raise UserError(f"--trials must be >= 1, got {trials}", "ask for at least one trial")
     seeds = seeds or [0]
     protocol = protocol or Protocol()
+    tuning = tuning or TuningProtocol()
+    stream = tuning.stream()
     fixed = dict(fixed or {})
     hparams_from(cls.HParams, split_params(fixed)[0])  # validate early
     from harness.engine.runner import get_scenario
 
-    probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root)
+    probe = RunSpec(method, scenario, seeds[0], scenario_set=dict(scenario_set or {}), data_root=data_root,
+                    eval_split="val", stream=stream)
     # The objective's setting: class-IL for class-incremental scenarios, domain-IL otherwise.
     probe_scenario = get_scenario(probe)
     check_splits(probe_scenario, "val")  # tuning reads validation data only: it must exist
@@ -111,7 +118,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
         study_name = f"{method}__{scenario}__" + _digest({
             "method": method, "scenario": scenario, "scenario_set": dict(scenario_set or {}),
             "protocol": dataclasses.asdict(protocol), "fixed": fixed, "seeds": seeds, "objective": setting,
-            "pruner": pruner})
+            "pruner": pruner, **({"tuning": tuning.as_dict()} if stream is not None else {})})
     storage = make_storage(storage_url, results_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed) if sampler_seed is not None else None
@@ -146,7 +153,7 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
             trial_protocol.validate()
             for i, seed in enumerate(seeds):
                 spec = RunSpec(method, scenario, seed, m_params, dict(scenario_set or {}), trial_protocol,
-                               device=device, data_root=data_root, eval_split="val")
+                               device=device, data_root=data_root, eval_split="val", stream=stream)
                 if budget is not None:
                     spec = fit_to_budget(spec, budget, split_params(fixed)[0])
                 try:
@@ -218,9 +225,12 @@ def tune(method: str, scenario: str, *, trials: int, results_dir: Path, storage_
                  for t in study.get_trials(deepcopy=False))
     trial_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.get_trials(deepcopy=False)
                   if t.datetime_complete and t.datetime_start and not is_surplus(t))
+    reach = {FIRST_TASKS: f" of the first {tuning.first_tasks} task(s)",
+             HELD_OUT_STREAM: " of a held-out stream"}.get(tuning.protocol, "")
     out = {"method": method, "scenario": scenario, "study": study_name, "params": dict(best.user_attrs["params"]),
-           "value": best.value, "objective": f"final average accuracy ({setting}) on the validation split",
-           "n_trials": n_done, "seeds": seeds, "best_trial": best.number, "trial_s": round(trial_s, 1)}
+           "value": best.value, "objective": f"final average accuracy ({setting}) on the validation split{reach}",
+           "n_trials": n_done, "seeds": seeds, "best_trial": best.number, "trial_s": round(trial_s, 1),
+           "tuning": tuning.as_dict()}
     atomic_write_json(best_params_path(results_dir, method, scenario), out)
     if sink and study_run:
         sink.log_params(study_run, {f"best.{k}": v for k, v in out["params"].items()})
@@ -246,11 +256,13 @@ def cmd_tune(args) -> int:
     from harness.orchestration.suite import parse_seeds
 
     seeds = parse_seeds(seeds, "--seeds")
+    tuning = tuning_from_args(args, None)
     out = tune(args.method, args.scenario, trials=args.trials, results_dir=Path(args.results),
                storage_url=args.storage, study_name=args.study, seeds=seeds, pruner=args.pruner, protocol=protocol,
                scenario_set=s_set, fixed=m_set, data_root=args.data_root, device=args.device,
-               tracking_uri=args.tracking_uri, objective=args.objective)
-    print(f"study {out['study']}: {out['n_trials']} trials, best validation final avg acc {out['value']:.4f}")
+               tracking_uri=args.tracking_uri, objective=args.objective, tuning=tuning)
+    print(f"study {out['study']} (tuning protocol {tuning.slug}): {out['n_trials']} trials, "
+          f"best validation final avg acc {out['value']:.4f}")
     print("best parameters: " + ", ".join(f"{k}={v}" for k, v in out["params"].items()))
     print(f"saved: {best_params_path(Path(args.results), args.method, args.scenario)}")
     return 0
@@ -380,75 +392,189 @@ def _study_name(suite: str, scenario: str, row: str, trials: int, sampler_seed: 
     return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in raw) + "." + _digest(shared)
 
 
-def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path, seeds: list[int] | None = None,
-               sampler_seed: int = 0, pruner: str = "median", storage_url: str | None = None,
+def tune_suite(cfg, *, trials: int, results_dir: Path, out_dir: Path | None = None, seeds: list[int] | None = None,
+               sampler_seed: int | list[int] = 0, pruner: str = "median", storage_url: str | None = None,
                data_root: str | None = None, device: str = "auto", tracking_uri: str | None = None,
-               show_progress: bool = True) -> list[Path]:
-    """Tune every method row of a suite on every scenario with one budget; write one file per scenario.
+               show_progress: bool = True, tuning: TuningProtocol | None = None, workers: int = 1,
+               threads: int | None = 1, config_arg: str | None = None,
+               scenario_arg: str | None = None) -> list[Path]:
+    """Tune every method row of a suite on every scenario with one budget; write one file per scenario
+    (and per sampler seed).
 
     Every row gets the same number of trials, the same sampler (TPE) with the same seed, the same
-    pruner, the same seeds, the suite's protocol and the validation split only (tuning runs seal the
+    pruner, the same seeds, the suite's protocol, the same tuning protocol (``tuning``, default the
+    suite file's ``tuning:``, else end-of-stream) and the validation split only (tuning runs seal the
     test split); the search space is the method's own plus the learning rate (``Method.search_space``),
-    and the row's ``set:`` values stay fixed. Returns the written files.
-    """
-    from datetime import UTC, datetime
+    and the row's ``set:`` values stay fixed.
 
+    Reproducible: each (sampler seed, scenario, row) is one study run start to end by one process, its
+    trials one after another, so TPE and the pruner see the same history on every rerun. ``workers``
+    processes share the rows (never a study); ``threads`` torch threads each (float rounding depends on
+    it, so it is part of the recorded command). The written files hold no time or place: rerunning the
+    ``command:`` a file records, in a fresh results folder, writes the identical file. When and where it
+    ran (date, wall time, storage) go to ``<scenario>.run.yaml`` beside it. Returns the written files.
+    """
     from harness.engine.runner import git_revision
     from harness.orchestration.suite import protocol_from
 
     seeds = list(seeds if seeds else cfg.seeds[:1])
-    protocol = protocol_from(cfg.protocol)
-    revision = git_revision()  # the code the trials ran, read once (HEAD may move while tuning runs)
-    out_dir = Path(out_dir)
-    written = []
-    only_one = len(cfg.scenarios) == 1  # one scenario of the suite: its file says so in its command
-    for sc_name, sc_opts in cfg.scenarios:
-        entries: dict[str, Any] = {}
-        objective_text = ""
-        budget = cfg.budget_bytes(sc_name, dict(sc_opts))
-        for m_name, label, overrides in cfg.methods:
-            row = label or m_name
-            study = _study_name(cfg.name, sc_name, row, trials, sampler_seed, {
-                "method": m_name, "scenario_set": dict(sc_opts), "protocol": dict(cfg.protocol),
-                "fixed": dict(overrides), "seeds": seeds, "pruner": pruner,
-                **({"budget_bytes": budget} if budget is not None else {})})
-            t0 = time.perf_counter()
-            out = tune(m_name, sc_name, trials=trials, results_dir=results_dir, storage_url=storage_url,
-                       study_name=study, seeds=seeds, pruner=pruner, protocol=protocol, scenario_set=dict(sc_opts),
-                       fixed=dict(overrides), data_root=data_root, device=device, tracking_uri=tracking_uri,
-                       show_progress=show_progress, sampler_seed=sampler_seed, budget=budget)
-            wall = time.perf_counter() - t0
-            objective_text = out["objective"]
-            entries[row] = {
-                "method": m_name, "fixed": dict(overrides), "params": _plain(out["params"]),
-                "provenance": {"trials": int(out["n_trials"]), "best_validation_score": float(out["value"]),
-                               "best_trial": int(out["best_trial"]), "study": study,
-                               "storage": storage_url or str(Path(results_dir) / "optuna.db"),
-                               "objective": out["objective"], "date": datetime.now(UTC).isoformat(
-                                   timespec="seconds"), "git_revision": revision, "wall_s": round(wall, 1),
-                               "trial_s": out["trial_s"]}}
-            print(f"{sc_name} / {row}: best validation {out['value']:.4f} after {out['n_trials']} trials "
-                  f"({wall:.0f} s): " + ", ".join(f"{k}={v}" for k, v in out["params"].items()), file=sys.stderr)
-        doc = {"suite": cfg.name, "scenario": sc_name, "scenario_options": dict(sc_opts),
-               "protocol": dict(cfg.protocol), "trials": trials, "sampler": SAMPLER, "sampler_seed": sampler_seed,
-               "pruner": pruner, "seeds": seeds, "split": "validation (test split sealed)",
-               "budget_memory": cfg.budget_memory, "budget_bytes": budget,
-               "objective": objective_text, "search": "each method's search_space plus protocol.lr",
-               "command": f"dmkd tune-suite {cfg.source or cfg.name} --trials {trials} --sampler-seed {sampler_seed}"
-                          f" --seeds {','.join(map(str, seeds))} --pruner {pruner}"
-                          + (f" --budget {cfg.budget_memory or 'none'}" if cfg.budget_overridden else "")
-                          + (f" --scenario {sc_name}" if only_one else ""),
-               "entries": entries}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = tuned_file(out_dir, sc_name)
-        tmp = path.with_suffix(".yaml.tmp")
-        import yaml
+    sampler_seeds = [sampler_seed] if isinstance(sampler_seed, int) else list(sampler_seed)
+    if not sampler_seeds or len(set(sampler_seeds)) != len(sampler_seeds):
+        raise UserError(f"--sampler-seed {sampler_seeds} must list distinct seeds", "e.g. --sampler-seed 0,1,2")
+    tuning = tuning or TuningProtocol.from_dict(getattr(cfg, "tuning", None))
+    protocol_from(cfg.protocol)  # validate early
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}", "e.g. --workers 2")
+    from harness.engine.runner import get_scenario
 
-        tmp.write_text("# Written by `dmkd tune-suite`; do not edit by hand (re-run the command instead).\n"
-                       + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-        tmp.replace(path)
-        written.append(path)
+    for sc_name, sc_opts in cfg.scenarios:  # every tuning stream builds here, before any worker starts
+        check_splits(get_scenario(RunSpec(cfg.methods[0][0], sc_name, seeds[0], scenario_set=dict(sc_opts),
+                                          data_root=data_root, eval_split="val", stream=tuning.stream())), "val")
+    revision = git_revision()  # the code the trials ran, read once (HEAD may move while tuning runs)
+    # The memory budget of each scenario (planned on the evaluation stream's structure; None: none).
+    budgets = {sc_name: cfg.budget_bytes(sc_name, dict(sc_opts)) for sc_name, sc_opts in cfg.scenarios}
+    jobs = []
+    for ss in sampler_seeds:
+        for sc_name, sc_opts in cfg.scenarios:
+            for m_name, label, overrides in cfg.methods:
+                row = label or m_name
+                shared = {"method": m_name, "scenario_set": dict(sc_opts), "protocol": dict(cfg.protocol),
+                          "fixed": dict(overrides), "seeds": seeds, "pruner": pruner}
+                if budgets[sc_name] is not None:
+                    shared["budget_bytes"] = budgets[sc_name]
+                if tuning.stream() is not None:  # end-of-stream studies keep the names they always had
+                    shared["tuning"] = tuning.as_dict()
+                jobs.append({"sampler_seed": ss, "scenario": sc_name, "scenario_set": dict(sc_opts), "method": m_name,
+                             "row": row, "fixed": dict(overrides),
+                             "study": _study_name(cfg.name, sc_name, row, trials, ss, shared),
+                             "kwargs": {"trials": trials, "results_dir": Path(results_dir), "storage_url": storage_url,
+                                        "seeds": seeds, "pruner": pruner, "protocol": protocol_from(cfg.protocol),
+                                        "data_root": data_root, "device": device, "tracking_uri": tracking_uri,
+                                        "show_progress": show_progress and workers == 1, "sampler_seed": ss,
+                                        "tuning": tuning, "budget": budgets[sc_name]}, "threads": threads})
+    results = _run_jobs(jobs, workers, threads)
+    written = []
+    for ss in sampler_seeds:
+        where = Path(out_dir) / f"seed{ss}" if out_dir is not None and len(sampler_seeds) > 1 else (
+            Path(out_dir) if out_dir is not None else tuned_dir(cfg, None, tuning, ss))
+        for sc_name, sc_opts in cfg.scenarios:
+            entries: dict[str, Any] = {}
+            timing: dict[str, Any] = {}
+            objective_text = ""
+            for job, res in zip(jobs, results):
+                if job["sampler_seed"] != ss or job["scenario"] != sc_name:
+                    continue
+                out = res["out"]
+                objective_text = out["objective"]
+                entries[job["row"]] = {
+                    "method": job["method"], "fixed": dict(job["fixed"]), "params": _plain(out["params"]),
+                    "provenance": {"trials": int(out["n_trials"]), "best_validation_score": float(out["value"]),
+                                   "best_trial": int(out["best_trial"]), "study": job["study"],
+                                   "objective": out["objective"], "git_revision": revision}}
+                timing[job["row"]] = {"date": res["date"], "wall_s": res["wall_s"], "trial_s": out["trial_s"],
+                                      "storage": storage_url or str(Path(results_dir) / "optuna.db")}
+            command = (f"dmkd tune-suite {config_arg or cfg.source or cfg.name} --protocol {tuning.protocol}"
+                       + (f" --first-tasks {tuning.first_tasks}" if tuning.protocol == FIRST_TASKS else "")
+                       + f" --trials {trials} --sampler-seed {ss} --seeds {','.join(map(str, seeds))}"
+                       f" --pruner {pruner} --threads {threads}" + (f" --out {where}" if out_dir is not None else "")
+                       + (f" --budget {cfg.budget_memory or 'none'}" if getattr(cfg, "budget_overridden", False)
+                          else "")
+                       + (f" --scenario {scenario_arg}" if scenario_arg else ""))
+            doc = {"suite": cfg.name, "scenario": sc_name, "scenario_options": dict(sc_opts),
+                   "protocol": dict(cfg.protocol), "tuning": tuning.as_dict(),
+                   "tuning_note": tuning.describe(), "trials": trials, "sampler": SAMPLER,
+                   "sampler_seed": ss, "pruner": pruner, "seeds": seeds, "torch_threads": threads,
+                   "split": "validation (test split sealed)", "objective": objective_text,
+                   "budget_memory": getattr(cfg, "budget_memory", None), "budget_bytes": budgets[sc_name],
+                   "search": "each method's search_space plus protocol.lr",
+                   "reproduce": "one study per row, its trials in sequence; rerun the command in a fresh results "
+                                "folder (any --workers) and the same code writes this file again, byte for byte",
+                   "command": command, "entries": entries}
+            written.append(_write_yaml(tuned_file(where, sc_name), doc,
+                                       "# Written by `dmkd tune-suite`; do not edit by hand (re-run the command "
+                                       "instead).\n"))
+            _write_yaml(tuned_file(where, sc_name).with_suffix(".run.yaml"),
+                        {"tuned_file": tuned_file(where, sc_name).name, "workers": workers, "rows": timing},
+                        "# When and where `dmkd tune-suite` made the tuned file beside this one (not part of "
+                        "the result).\n")
     return written
+
+
+def _write_yaml(path: Path, doc: dict[str, Any], header: str) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    tmp.replace(path)
+    return path
+
+
+def _set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    import os
+
+    import torch
+
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[k] = str(n)
+    torch.set_num_threads(n)
+
+
+def _tune_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One row's whole study, in this process (a worker of tune_suite or the caller itself)."""
+    from datetime import UTC, datetime
+
+    _set_threads(job["threads"])
+    t0 = time.perf_counter()
+    _warn_if_continued(job)
+    out = tune(job["method"], job["scenario"], study_name=job["study"], scenario_set=job["scenario_set"],
+               fixed=job["fixed"], **job["kwargs"])
+    wall = round(time.perf_counter() - t0, 1)
+    print(f"{job['scenario']} / {job['row']} (sampler seed {job['sampler_seed']}, {job['kwargs']['tuning'].slug}): "
+          f"best validation {out['value']:.4f} after {out['n_trials']} trials ({wall:.0f} s): "
+          + ", ".join(f"{k}={v}" for k, v in out["params"].items()), file=sys.stderr, flush=True)
+    return {"out": out, "wall_s": wall, "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _warn_if_continued(job: dict[str, Any]) -> None:
+    """A study that already holds trials is read back or continued, not made afresh: its file is what
+    that study gives, which a fresh run reproduces only if the study ran start to end in one process."""
+    import optuna
+
+    kw = job["kwargs"]
+    try:
+        old = optuna.load_study(study_name=job["study"], storage=make_storage(kw["storage_url"], kw["results_dir"]))
+    except KeyError:
+        return
+    if old.trials:
+        print(f"note: study {job['study']} already holds {len(old.trials)} trial(s) in this storage; they are "
+              "reused (a fresh --results folder tunes afresh)", file=sys.stderr)
+
+
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, threads: int | None) -> list[dict[str, Any]]:
+    """Every job's result, in job order: in this process, or spread over ``workers`` processes (each
+    job, i.e. each study, runs whole in one of them)."""
+    if workers == 1 or len(jobs) <= 1:
+        previous = None
+        if threads is not None:
+            import torch
+
+            previous = torch.get_num_threads()
+        try:
+            return [_tune_job(j) for j in jobs]
+        finally:
+            if previous is not None:
+                import torch
+
+                torch.set_num_threads(previous)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_threads, initargs=(threads,)) as pool:
+        return list(pool.map(_tune_job, jobs))
 
 
 def _plain(params: dict[str, Any]) -> dict[str, Any]:
@@ -456,6 +582,16 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in params.items():
         out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of integers", f"e.g. {flag} 0,1,2") from None
+    if not out or any(v < 0 for v in out):
+        raise UserError(f"{flag} {text!r} must list integers >= 0", f"e.g. {flag} 0,1,2")
     return out
 
 
@@ -480,12 +616,22 @@ def cmd_tune_suite(args) -> int:
         if args.scenario not in names:
             raise UserError(f"--scenario {args.scenario!r} is not in {args.config}", f"choose one of: {', '.join(names)}")
         cfg.scenarios = [(n, o) for n, o in cfg.scenarios if n == args.scenario]
-    out = tuned_dir(cfg, args.out)
-    paths = tune_suite(cfg, trials=args.trials, results_dir=Path(args.results), out_dir=out, seeds=seeds,
-                       sampler_seed=args.sampler_seed, pruner=args.pruner, storage_url=args.storage,
-                       data_root=cfg.data_root, device=args.device, tracking_uri=args.tracking_uri)
+    sampler_seeds = parse_int_list(args.sampler_seed, "--sampler-seed")
+    tuning = tuning_from_args(args, cfg)
+    threads = getattr(args, "threads", 1)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}", "e.g. --threads 1")
+    try:
+        workers = int(getattr(args, "workers", 1))
+    except ValueError:
+        raise UserError(f"--workers {args.workers!r} is not a whole number", "e.g. --workers 2") from None
+    paths = tune_suite(cfg, trials=args.trials, results_dir=Path(args.results), out_dir=args.out, seeds=seeds,
+                       sampler_seed=sampler_seeds, pruner=args.pruner, storage_url=args.storage,
+                       data_root=cfg.data_root, device=args.device, tracking_uri=args.tracking_uri, tuning=tuning,
+                       workers=workers, threads=threads, config_arg=args.config,
+                       scenario_arg=getattr(args, "scenario", None))
     for p in paths:
-        print(f"tuned settings: {p}")
+        print(f"tuned settings ({tuning.slug}): {p}")
     return 0
 
 

@@ -35,6 +35,21 @@ class TunedFile(Document):
     budget_memory: str | int | None = None  # the suite's memory budget it was tuned under (None: none)
 
 
+def tuning_from_args(args, cfg):
+    """The tuning protocol of a command: ``--protocol``/``--first-tasks``, else the suite file's ``tuning:``,
+    else end-of-stream."""
+    from harness.core.streams import FIRST_TASKS, TuningProtocol
+
+    proto = getattr(args, "protocol", None)
+    k = getattr(args, "first_tasks", None)
+    if proto is None:
+        base = TuningProtocol.from_dict(getattr(cfg, "tuning", None) if cfg is not None else None)
+        if k is not None and base.protocol != FIRST_TASKS:
+            raise UserError("--first-tasks needs --protocol first-tasks", "e.g. --protocol first-tasks --first-tasks 2")
+        return TuningProtocol(FIRST_TASKS, k) if k is not None else base
+    return TuningProtocol(proto, k)
+
+
 def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
     return Path(results_dir) / "tuned" / f"{method}__{scenario}.json"
 
@@ -61,15 +76,24 @@ def load_best_params(results_dir: Path, cfg) -> dict[tuple[str, str], dict[str, 
     return out
 
 
-def tuned_dir(cfg, override: str | Path | None = None) -> Path:
-    """Where a suite's tuned settings live: ``<suite file's folder>/tuned/<suite name>/`` by default."""
+def tuned_dir(cfg, override: str | Path | None = None, tuning=None, sampler_seed: int = 0) -> Path:
+    """Where a suite's tuned settings live: ``<suite file's folder>/tuned/<suite name>/<protocol>/seed<S>/``
+    (protocol: end-of-stream, first-tasks-K or held-out-stream; S: the TPE sampler seed). End-of-stream
+    files of sampler seed 0 made before protocols existed lie in ``<suite name>/`` itself; they are read
+    when the new folder holds none. ``tuning``: a TuningProtocol (default: the suite's ``tuning:``)."""
     if override is not None:
         return Path(override)
-    base = Path(cfg.source).parent if getattr(cfg, "source", None) else Path("configs")
-    if getattr(cfg, "budget_overridden", False):  # settings tuned under another budget live apart
+    from harness.core.streams import END_OF_STREAM, TuningProtocol
+
+    tuning = tuning or TuningProtocol.from_dict(getattr(cfg, "tuning", None))
+    base = (Path(cfg.source).parent if getattr(cfg, "source", None) else Path("configs")) / "tuned" / cfg.name
+    if getattr(cfg, "budget_overridden", False):  # settings tuned under another memory budget live apart
         budget = cfg.budget_memory
-        return base / "tuned" / cfg.name / f"budget-{'none' if budget is None else budget}"
-    return base / "tuned" / cfg.name
+        base = base / f"budget-{'none' if budget is None else budget}"
+    where = base / tuning.slug / f"seed{sampler_seed}"
+    legacy = tuning.protocol == END_OF_STREAM and sampler_seed == 0 and not where.is_dir() and any(
+        base.glob("*.yaml"))
+    return base if legacy else where
 
 
 def tuned_file(directory: Path, scenario: str) -> Path:
@@ -94,6 +118,9 @@ def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, An
             raise UserError(f"{path} is not a tuned-settings file (no 'entries:')", "re-run `dmkd tune-suite`")
         doc = validate_document(TunedFile, raw, str(path), "re-run `dmkd tune-suite`").model_dump()
         budget = getattr(cfg, "budget_memory", None)
+        # The tuning protocol that chose these settings (files without one were tuned end-of-stream).
+        tuning = {"protocol": "end-of-stream", **dict(raw.get("tuning") or {}),
+                  "sampler_seed": int(raw.get("sampler_seed", 0) or 0)}
         for what, have, want in (("scenario options", doc.get("scenario_options") or {}, dict(sc_opts)),
                                  ("protocol", doc.get("protocol") or {}, dict(cfg.protocol)),
                                  ("memory budget", doc.get("budget_memory"), budget)):
@@ -112,5 +139,5 @@ def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, An
                                 "re-run `dmkd tune-suite` for this suite, or pass --defaults")
             prov = e.get("provenance") or {}
             out[(row, sc_name)] = {"params": dict(e.get("params") or {}), "n_trials": int(prov.get("trials", 0)),
-                                   "provenance": prov, "file": str(path)}
+                                   "provenance": prov, "file": str(path), "tuning": dict(tuning)}
     return out
