@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from harness.core.errors import UserError
+from harness.core.errors import UserError, redact
 from reports import html as H
 from reports import plots
 from reports.load import load_records
@@ -246,7 +246,8 @@ def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, 
 
 
 def make_report(records: Iterable[Record], out_dir: str | Path, title: str = "dmkd-bench report",
-                ablation: Iterable[Record] | None = None, figures: bool = True) -> dict[str, Path]:
+                ablation: Iterable[Record] | None = None, figures: bool = True,
+                notes: dict[str, str] | None = None) -> dict[str, Path]:
     """Write LEADERBOARD.md and report.html into ``out_dir``; return their paths.
 
     ``figures=False`` leaves the plots out of the HTML (fast; for tests and quick looks).
@@ -260,6 +261,7 @@ def make_report(records: Iterable[Record], out_dir: str | Path, title: str = "dm
     ablations = ablation_tables(abl)
     failed = failed_runs(records + list(ablation or []))
     meta = run_metadata(records + list(ablation or []))
+    meta.update(notes or {})
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -279,9 +281,18 @@ def report_from_results(results_dir: str | Path = "results", experiment: str | N
     ``out`` defaults to ``<results_dir>/report``. Records come from MLflow when ``tracking_uri`` is
     given (falling back to the JSON files when it holds none), else from the JSON files.
     """
-    records = load_records(results_dir, experiment, tracking_uri)
+    missing: list[str] = []
+    records = load_records(results_dir, experiment, tracking_uri, missing)
     title = f"dmkd-bench report — {experiment}" if experiment else "dmkd-bench report"
-    return make_report(records, Path(out) if out is not None else Path(results_dir) / "report", title=title)
+    notes = {}
+    if missing:
+        notes["missing from MLflow"] = (f"{len(missing)} recorded run(s): {', '.join(missing)} "
+                                        "(`dmkd sync` copies them from the JSON records)")
+        print(f"warning: MLflow at {redact(str(tracking_uri))} lacks {len(missing)} of the recorded runs: {', '.join(missing)}; "
+              "the report uses the JSON records for them, and `dmkd sync` copies them into MLflow",
+              file=sys.stderr)
+    return make_report(records, Path(out) if out is not None else Path(results_dir) / "report", title=title,
+                       notes=notes)
 
 
 __all__ = ["make_report", "report_from_results"]

@@ -115,10 +115,11 @@ def latest_per_key(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load_records(results_dir: str | Path = "results", experiment: str | None = None,
-                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
+                 tracking_uri: str | None = None, missing: list[str] | None = None) -> list[dict[str, Any]]:
     """Records from the JSON files and, when ``tracking_uri`` is given, from MLflow too (runs made
     with tracking off are in the JSON files only; runs of other machines may be in MLflow only);
-    one record per run."""
+    one record per run. ``missing``, when given, receives the keys (``experiment/key``) of the
+    finished or failed JSON records that MLflow lacks."""
     records: list[dict[str, Any]] = []
     mlflow_error: UserError | None = None
     if tracking_uri:
@@ -126,13 +127,20 @@ def load_records(results_dir: str | Path = "results", experiment: str | None = N
             records = load_mlflow_records(tracking_uri, experiment)
         except UserError as e:  # the JSON records may still hold the runs
             mlflow_error = e
+    in_mlflow = {(str(r.get("experiment")), str(r["key"])) for r in records}
     try:
-        records += load_json_records(results_dir, experiment)
+        json_records = load_json_records(results_dir, experiment)
     except UserError:
         if not records:
             if mlflow_error is not None:
                 raise mlflow_error from None
             raise
+        json_records = []
+    if tracking_uri and missing is not None and mlflow_error is None:
+        missing += sorted(f"{r['experiment']}/{r['key']}" for r in json_records
+                          if r.get("status") in ("finished", "failed")
+                          and (str(r["experiment"]), str(r["key"])) not in in_mlflow)
+    records += json_records
     if not records:
         where = f"experiment {experiment!r}" if experiment else str(results_dir)
         raise UserError(f"no run records found in {where}", "run a suite first (dmkd suite configs/quick.yaml)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks: the Fashion-MNIST Debian package (plus, with --test, the
-# browser and database the tests use) and this project with its Python dependencies.
+# browser, the databases and the single-host Slurm cluster the tests use) and this project with its
+# Python dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
@@ -8,7 +9,7 @@ if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 PKGS="dataset-fashion-mnist"
 EXTRAS="[energy]"
 if [ "${1:-}" = "--test" ]; then
-  PKGS="$PKGS chromium postgresql"
+  PKGS="$PKGS chromium postgresql slurm-wlm slurmdbd munge mariadb-server"
   EXTRAS="[dev,avalanche,energy]"
 fi
 missing=""

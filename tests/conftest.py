@@ -35,3 +35,51 @@ def results_dir(tmp_path):
     d = tmp_path / "results"
     d.mkdir()
     return d
+
+
+# ---- real engines, started once per session (tests/engines.py) -----------------------------------
+@pytest.fixture(scope="session")
+def engines_postgres():
+    """A PostgreSQL server for the session; tests make their own databases with ``create_db``."""
+    from tests.engines import Missing, start_postgres
+
+    try:
+        pg = start_postgres()
+    except Missing as e:
+        pytest.skip(str(e))
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A single-host Slurm cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd with this machine's
+    CPUs); SLURM_CONF points the clients (sbatch, sacct, submitit) at it while the session runs."""
+    from tests.engines import Missing, start_slurm
+
+    try:
+        cluster = start_slurm()
+    except Missing as e:
+        pytest.skip(str(e))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    cluster.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(engines_postgres, tmp_path_factory):
+    """`mlflow server` on loopback with a PostgreSQL backend store and a local artifact root."""
+    from tests.engines import Missing, start_mlflow
+
+    backend = engines_postgres.create_db("mlflow").replace("postgresql://", "postgresql+psycopg://")
+    try:
+        server = start_mlflow(backend, tmp_path_factory.mktemp("mlflow-server"))
+    except Missing as e:
+        pytest.skip(str(e))
+    yield server
+    server.stop()

@@ -187,7 +187,7 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path):
     done = [t.user_attrs["dmkd_cell"] for t in _trials(journal, res) if t.state == TrialState.COMPLETE]
     assert sorted(done) == sorted(recs)
     logs = list((res / "submitit" / "tiny").glob("*_log.out"))
-    assert len(logs) == 2  # two jobs ran, each through harness.orchestration.launch.submitit_worker
+    assert len(logs) == 2  # two jobs ran, each through harness.orchestration.launch.SuiteWorker
 
 
 @needs_fmnist

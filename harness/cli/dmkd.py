@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None)
     _common(rep)
 
+    sy = sub.add_parser("sync", help="copy into MLflow the recorded runs it lacks (a tracking server that was down)")
+    sy.add_argument("--experiment", default=None, help="one experiment (default: every one under --results)")
+    _common(sy)
+
     t = sub.add_parser("tune", help="Optuna study on the validation split")
     t.add_argument("--method", required=True)
     t.add_argument("--scenario", required=True)
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     # An unreachable tracking server must cost seconds, not minutes of MLflow's retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # A tracking server's client would print a "View run" link for every run it ends; the table is the output.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -202,6 +208,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_suite(args)
     if args.cmd == "report":
         return cmd_report(args)
+    if args.cmd == "sync":
+        return cmd_sync(args)
     if args.cmd == "tune":
         from harness.orchestration.tune import cmd_tune
 
@@ -334,6 +342,35 @@ def cmd_suite(args) -> int:
 
 def cmd_report(args) -> int:
     write_report(args, args.experiment, args.out)
+    return 0
+
+
+def cmd_sync(args) -> int:
+    """`dmkd sync`: MLflow ends up holding every finished or failed run of the JSON records."""
+    from harness.core.errors import redact
+    from harness.orchestration.suite import backfill_mlflow, mlflow_gaps
+    from harness.orchestration.tracking import NO_MLFLOW, Store, tracking_reachable
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{(Path(args.results) / 'mlflow.db').resolve()}"
+    if uri in NO_MLFLOW:
+        raise UserError("dmkd sync needs an MLflow store to fill", "pass --tracking-uri http://HOST:PORT")
+    if not tracking_reachable(uri):
+        raise UserError(f"the MLflow server {redact(uri)} does not answer", "start it, or check --tracking-uri")
+    from reports.load import experiment_dirs
+
+    for d in experiment_dirs(Path(args.results), args.experiment):
+        store = Store(Path(args.results), d.name, uri)
+        records = store.records()
+        copied = backfill_mlflow(store, records)
+        left = mlflow_gaps(store, records)
+        print(f"{d.name}: copied {len(copied)} run(s) into MLflow at {redact(uri)}"
+              + (f" ({', '.join(copied)})" if copied else "")
+              + (f"; {len(left)} still missing: {', '.join(left)}" if left else
+                 f"; MLflow holds all {sum(r.get('status') in ('finished', 'failed') for r in records)} "
+                 "finished or failed runs"))
+        if left:
+            return 1
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -307,6 +308,9 @@ def _execute(execute, study, trial, key, spec, cfg, store, group_ids, suite_id, 
 
     try:
         extra = {"suite": cfg.name, "worker": store.worker_id}
+        job = slurm_job()
+        if job:
+            extra["slurm_job"] = job
         if cfg.reference:
             extra["reference"] = cfg.reference
         return execute(spec, store, group_ids.get(gkey), progress=prog, extra=extra)
@@ -320,6 +324,14 @@ def _execute(execute, study, trial, key, spec, cfg, store, group_ids, suite_id, 
         raise
     finally:
         task_bar.close()
+
+
+def slurm_job() -> str | None:
+    """The Slurm job this worker runs in (``<array job>_<task>`` for an array task), else None."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def close_mlflow(store: Store, cfg: SuiteConfig, keys: list[str]) -> None:

@@ -252,14 +252,37 @@ def _finish(args, cfg, specs, t0: float, how: str, codes: list[int] | None = Non
 # ---------------------------------------------------------------------------------------------
 # Slurm through submitit
 # ---------------------------------------------------------------------------------------------
-def submitit_worker(argv: list[str], cpus: int) -> int:
-    """One Slurm (or submitit-local) job: a suite worker using the CPUs the job was given."""
-    threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or cpus)
-    rc = subprocess.run([sys.executable, "-m", "harness.cli", *argv, "--threads", str(max(1, threads))],
-                        check=False).returncode
-    if rc != 0:
-        raise RuntimeError(f"suite worker exited with status {rc}")
-    return rc
+class SuiteWorker:
+    """One Slurm (or submitit-local) job: a suite worker using the CPUs the job was given.
+
+    submitit calls ``checkpoint`` when Slurm warns that the job's time limit is near (or that it is
+    preempted) and then requeues the job: the worker process is ended, its cell is taken over from
+    its last task checkpoint (by the other workers, or by this job when it starts again), and the
+    requeued job works on whatever cells are left. Nothing else needs saving: the storage holds the
+    queue, the results folder the checkpoints."""
+
+    def __init__(self, argv: list[str], cpus: int) -> None:
+        self.argv, self.cpus = list(argv), cpus
+
+    def __call__(self) -> int:
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or self.cpus)
+        rc = subprocess.run([sys.executable, "-m", "harness.cli", *self.argv, "--threads", str(max(1, threads))],
+                            check=False).returncode
+        if rc != 0:
+            raise RuntimeError(f"suite worker exited with status {rc}")
+        return rc
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(SuiteWorker(self.argv, self.cpus))
+
+
+def signal_delay_s(time_min: int) -> int:
+    """Seconds before the time limit at which Slurm tells a job to requeue itself: submitit's 90 s,
+    or half of a limit under 3 minutes (Slurm acts on time limits about every 30 s, so the warning
+    then still comes before the end)."""
+    return max(5, min(90, time_min * 30))
 
 
 def _slurm(args, cfg, specs, t0: float) -> int:
@@ -277,6 +300,8 @@ def _slurm(args, cfg, specs, t0: float) -> int:
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict[str, Any] = {"timeout_min": args.time, "cpus_per_task": args.cpus_per_worker,
                               "name": f"dmkd-{cfg.name}"[:60]}
+    if cluster == "slurm":
+        params["slurm_signal_delay_s"] = signal_delay_s(args.time)
     if args.gpus_per_worker:
         params["gpus_per_node"] = args.gpus_per_worker
     if args.partition:
@@ -287,17 +312,43 @@ def _slurm(args, cfg, specs, t0: float) -> int:
     base = worker_argv(args, None)
     if args.workers_per_gpu:
         base += ["--workers-per-gpu", str(args.workers_per_gpu)]
-    jobs = ex.map_array(submitit_worker, [base] * workers, [args.cpus_per_worker] * workers)
+    jobs = ex.submit_array([SuiteWorker(base, args.cpus_per_worker) for _ in range(workers)])
     print(f"submitted {len(jobs)} worker job(s) through submitit ({cluster}): "
           f"{', '.join(j.job_id for j in jobs)}; logs under {folder}", file=sys.stderr)
     if args.no_wait:
         print("the workers run on; `dmkd report` (or this command again) collects the suite", file=sys.stderr)
         return 0
+    idle = _wait_jobs(jobs, cfg, specs, args) if cluster == "slurm" else set()
     codes = []
     for j in jobs:
+        if j.job_id in idle:
+            codes.append(0)
+            continue
         try:
             codes.append(j.result())
         except Exception as e:  # noqa: BLE001 - a worker failed; the others may have done its runs
             print(f"worker job {j.job_id} failed: {str(e).strip().splitlines()[-1][:300]}", file=sys.stderr)
             codes.append(1)
     return _finish(args, cfg, specs, t0, f"{len(jobs)} {cluster} worker job(s)", codes)
+
+
+def _wait_jobs(jobs, cfg, specs, args, poll_s: float = 5.0) -> set[str]:
+    """Wait for the Slurm jobs. Once every cell is done, a job still waiting in the queue (one that
+    requeued itself at its time limit, say) would only start to find nothing left: it is cancelled.
+    Returns the ids of the jobs cancelled so."""
+    from harness.orchestration.suite import records_done
+    from harness.orchestration.tracking import Store
+
+    store = Store(Path(args.results), cfg.experiment, "none")
+    cancelled: set[str] = set()
+    while not all(j.job_id in cancelled or j.done(force_check=True) for j in jobs):
+        time.sleep(poll_s)
+        if records_done(store, specs)[1]:
+            continue
+        for j in jobs:
+            if j.job_id not in cancelled and j.get_info(mode="force").get("State") in ("PENDING", "REQUEUED"):
+                j.cancel(check=False)
+                cancelled.add(j.job_id)
+                print(f"worker job {j.job_id} was queued to start again with no cell left to run: cancelled",
+                      file=sys.stderr)
+    return cancelled

@@ -362,27 +362,13 @@ class TrackingObserver(RunObserver):
             self.run_id = (prev or {}).get("mlflow_run_id") or ml.find_or_create(
                 {"dmkd.kind": "run", "dmkd.key": record["key"]}, f"seed {record['seed']}", self.parent_id)
             record["mlflow_run_id"] = self.run_id
-            params = flatten("", {k: v for k, v in record["config"].items()})
-            params.update({"label": record["label"], "tuned": record["tuned"], "eval_split": record["eval_split"]})
-            ml.log_params(self.run_id, params)
-            ml.set_tags(self.run_id, {"dmkd.method": record["method"], "dmkd.label": record["label"],
-                                      "dmkd.scenario": record["scenario"], "dmkd.seed": str(record["seed"])})
+            _log_run_params(ml, self.run_id, record)
         self.store.save_record(record)
 
     def on_task_end(self, record: dict[str, Any], task_id: int, state_fn) -> None:
         ml = self.store.mlflow
         if ml is not None and self.run_id:
-            vals: dict[str, float] = {}
-            pt = record["per_task"][-1]
-            for s, rows in record["acc"].items():
-                row = rows[-1]
-                vals[f"{s}/avg_acc"] = pt["avg_acc"][s]
-                for j, a in enumerate(row):
-                    vals[f"{s}/acc_task_{j}"] = a
-            for k in ("train_s", "eval_s", "samples_per_s", "params_total", "state_bytes", "comm_bytes",
-                      "train_flops_per_sample"):
-                vals[f"cost/{k}"] = pt[k]
-            ml.log_metrics(self.run_id, vals, step=task_id)
+            ml.log_metrics(self.run_id, _task_metrics(record, -1), step=task_id)
             for name, value, step in record["method_metrics"][self._logged_method_metrics:]:
                 ml.log_metrics(self.run_id, {name: value}, step=step)
             self._logged_method_metrics = len(record["method_metrics"])
@@ -396,14 +382,7 @@ class TrackingObserver(RunObserver):
     def on_end(self, record: dict[str, Any]) -> None:
         ml = self.store.mlflow
         if ml is not None and self.run_id:
-            final = {f"{s}/{k}": v for s, m in record["metrics"].items() for k, v in m.items()}
-            final.update({f"cost/{k}": v for k, v in record["costs"].items() if isinstance(v, (int, float))})
-            ml.log_metrics(self.run_id, final, step=record["n_tasks"])
-            for s, R in record["acc"].items():
-                ml.log_dict(self.run_id, {"R": R, "b": record["random_init_acc"][s]}, f"acc_matrix_{s}.json")
-            if record.get("artifacts"):
-                ml.log_dict(self.run_id, record["artifacts"], "method_artifacts.json")
-            ml.log_dict(self.run_id, record, "record.json")
+            _log_run_end(ml, self.run_id, record)
         # The record is written before MLflow hears 'FINISHED', so a crash in between is safe (the
         # next suite or run of this configuration sets MLflow's status from the record).
         self.store.save_record(record)
@@ -412,6 +391,41 @@ class TrackingObserver(RunObserver):
         if ml is not None and self.run_id:
             ml.set_status(self.run_id, "FINISHED")
         self.store.drop_checkpoint(record["key"])
+
+
+def _log_run_params(ml, run_id: str | None, record: dict[str, Any]) -> None:
+    """A seed run's parameters (its resolved configuration) and its identifying tags."""
+    params = flatten("", {k: v for k, v in record["config"].items()})
+    params.update({"label": record["label"], "tuned": record["tuned"], "eval_split": record["eval_split"]})
+    ml.log_params(run_id, params)
+    ml.set_tags(run_id, {"dmkd.method": record["method"], "dmkd.label": record["label"],
+                         "dmkd.scenario": record["scenario"], "dmkd.seed": str(record["seed"])})
+
+
+def _task_metrics(record: dict[str, Any], i: int) -> dict[str, float]:
+    """The metrics logged after the record's ``i``-th task: average and per-task accuracies, costs."""
+    vals: dict[str, float] = {}
+    pt = record["per_task"][i]
+    for s, rows in record["acc"].items():
+        vals[f"{s}/avg_acc"] = pt["avg_acc"][s]
+        for j, a in enumerate(rows[i]):
+            vals[f"{s}/acc_task_{j}"] = a
+    for k in ("train_s", "eval_s", "samples_per_s", "params_total", "state_bytes", "comm_bytes",
+              "train_flops_per_sample"):
+        vals[f"cost/{k}"] = pt[k]
+    return vals
+
+
+def _log_run_end(ml, run_id: str | None, record: dict[str, Any]) -> None:
+    """A finished run's final metrics, accuracy matrices, method artifacts and the record itself."""
+    final = {f"{s}/{k}": v for s, m in record["metrics"].items() for k, v in m.items()}
+    final.update({f"cost/{k}": v for k, v in record["costs"].items() if isinstance(v, (int, float))})
+    ml.log_metrics(run_id, final, step=record["n_tasks"])
+    for s, R in record["acc"].items():
+        ml.log_dict(run_id, {"R": R, "b": record["random_init_acc"][s]}, f"acc_matrix_{s}.json")
+    if record.get("artifacts"):
+        ml.log_dict(run_id, record["artifacts"], "method_artifacts.json")
+    ml.log_dict(run_id, record, "record.json")
 
 
 def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume: bool = True,
@@ -465,6 +479,104 @@ def reconcile_mlflow(store: Store, records: list[dict[str, Any]]) -> None:
         status = {"finished": "FINISHED", "failed": "FAILED"}.get(str(rec.get("status")))
         if run_id and status:
             ml.ensure_terminated(run_id, status)
+
+
+def mlflow_gaps(store: Store, records: list[dict[str, Any]]) -> list[str]:
+    """Keys of the finished or failed records whose MLflow run is missing or incomplete (no
+    ``record.json``, or not ended): what a tracking server that was down while they ran lacks."""
+    ml = store.mlflow
+    if ml is None or ml.experiment_id() is None:
+        return [r["key"] for r in records if r.get("status") in DONE]
+    by_key = _seed_runs(store)
+    gaps = []
+    for rec in records:
+        if rec.get("status") not in DONE:
+            continue
+        run = by_key.get(rec["key"])
+        if run is None or run.info.status in ("RUNNING", "SCHEDULED") or not _has_record(ml, run.info.run_id):
+            gaps.append(rec["key"])
+    if ml.disabled:
+        raise UserError(f"the MLflow server at {ml.uri} cannot be read", "check --tracking-uri and that it runs")
+    return gaps
+
+
+def _seed_runs(store: Store) -> dict[str, Any]:
+    """The experiment's seed runs in MLflow (not deleted), by record key."""
+    ml = store.mlflow
+    exp = ml.experiment_id()
+    runs = ml._guard(lambda: ml.client.search_runs([exp], filter_string="tags.`dmkd.kind` = 'run'",
+                                                   max_results=50000)) or []
+    return {r.data.tags.get("dmkd.key"): r for r in runs}
+
+
+def _has_record(ml, run_id: str) -> bool:
+    arts = ml._guard(lambda: ml.client.list_artifacts(run_id)) or []
+    return any(a.path == "record.json" for a in arts)
+
+
+def backfill_mlflow(store: Store, records: list[dict[str, Any]]) -> list[str]:
+    """Copy into MLflow, from their JSON records, the finished or failed runs it lacks or holds only in
+    part (:func:`mlflow_gaps`): the same nested runs, parameters, per-task and final metrics and
+    artifacts a worker logs as it runs. A partial run is deleted and logged anew, and the record then
+    names the new run. Suite and group runs whose recorded seeds are all done are marked FINISHED.
+    Returns the keys copied."""
+    ml = store.mlflow
+    if ml is None:
+        raise UserError("MLflow tracking is off ('none')", "pass --tracking-uri to the store to fill")
+    gaps = set(mlflow_gaps(store, records))
+    partial = _seed_runs(store) if gaps else {}
+    suites: dict[str, str | None] = {}
+    groups: dict[tuple[str, str, str, str], str | None] = {}
+    copied = []
+    for rec in records:
+        if rec["key"] not in gaps:
+            continue
+        suite = str(rec.get("suite") or store.experiment)
+        if suite not in suites:
+            suites[suite] = ml.find_or_create({"dmkd.kind": "suite", "dmkd.suite": suite}, f"suite {suite}")
+        gkey = (suite, str(rec["label"]), str(rec["scenario"]), str(rec.get("config_group")))
+        if gkey not in groups:
+            groups[gkey] = ml.find_or_create(
+                {"dmkd.kind": "group", "dmkd.suite": suite, "dmkd.group": f"{gkey[1]}|{gkey[2]}",
+                 "dmkd.config_group": gkey[3]}, f"{gkey[1]} on {gkey[2]}", suites[suite])
+        if rec["key"] in partial:  # logged in part before the server went away: replaced by a full copy
+            ml._guard(ml.client.delete_run, partial[rec["key"]].info.run_id)
+        run_id = ml.find_or_create({"dmkd.kind": "run", "dmkd.key": rec["key"]}, f"seed {rec['seed']}",
+                                   groups[gkey])
+        if run_id is None:
+            break  # the server went away again; a later sync carries on
+        rec = dict(rec, mlflow_run_id=run_id)
+        _log_run_params(ml, run_id, rec)
+        for i, pt in enumerate(rec["per_task"]):
+            ml.log_metrics(run_id, _task_metrics(rec, i), step=int(pt.get("task", i)))
+        for name, value, step in rec.get("method_metrics") or []:
+            ml.log_metrics(run_id, {name: value}, step=step)
+        if rec["status"] == "finished":
+            _log_run_end(ml, run_id, rec)
+        else:
+            ml.set_tags(run_id, {"dmkd.error": str(rec.get("error", ""))[:500]})
+            ml.log_dict(run_id, rec, "record.json")
+        if ml.disabled:
+            break
+        ml.set_status(run_id, "FINISHED" if rec["status"] == "finished" else "FAILED")
+        store.save_record(rec)
+        copied.append(rec["key"])
+    _close_parents(store, records)
+    return copied
+
+
+def _close_parents(store: Store, records: list[dict[str, Any]]) -> None:
+    """Mark FINISHED the suite and group runs every recorded seed of which is done."""
+    ml = store.mlflow
+    exp = ml.experiment_id() if ml is not None else None
+    if exp is None:
+        return
+    open_suites = {str(r.get("suite") or store.experiment) for r in records if r.get("status") not in DONE}
+    running = ml._guard(lambda: ml.client.search_runs([exp], filter_string="attributes.status = 'RUNNING'",
+                                                     max_results=50000)) or []
+    for r in running:
+        if r.data.tags.get("dmkd.kind") in ("suite", "group") and r.data.tags.get("dmkd.suite") not in open_suites:
+            ml.set_status(r.info.run_id, "FINISHED")
 
 
 def group_run(store: Store, cfg: SuiteConfig, spec: RunSpec, suite_id: str | None) -> str | None:

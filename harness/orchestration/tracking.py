@@ -34,6 +34,9 @@ import torch
 from harness.core.errors import UserError, one_line, redact
 
 NO_MLFLOW = ("none", "off", "false", "")
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses "GenAI apps & agents"
+# and shows a traces overview; with it, the experiment opens on its training runs.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -271,10 +274,16 @@ class MlflowSink:
             def get_or_create():
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is not None:
+                    if EXPERIMENT_KIND not in exp.tags:
+                        self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
                     return exp.experiment_id
-                art = (self.results_dir.resolve() / "mlartifacts").as_uri()
+                # A tracking server keeps artifacts where it was told to (its artifact root, served to
+                # every client); a local store keeps them under the results folder.
+                art = None if self.uri.startswith(("http://", "https://")) else (
+                    self.results_dir.resolve() / "mlartifacts").as_uri()
                 try:
-                    return self.client.create_experiment(self.experiment, artifact_location=art)
+                    return self.client.create_experiment(self.experiment, artifact_location=art,
+                                                         tags={EXPERIMENT_KIND: TRAINING_KIND})
                 except Exception:  # noqa: BLE001 - created meanwhile by another worker
                     return self.client.get_experiment_by_name(self.experiment).experiment_id
 
@@ -291,16 +300,25 @@ class MlflowSink:
         # may hold quotes or anything else that an MLflow filter string cannot carry.
         ident = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()[:32]
 
+        def first(runs):  # the earliest created; every worker picks the same one
+            return min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id
+
         def go():
-            found = self.client.search_runs([exp], filter_string=f"tags.`dmkd.id` = '{ident}'", max_results=1)
+            query = f"tags.`dmkd.id` = '{ident}'"
+            found = self.client.search_runs([exp], filter_string=query, max_results=50)
             if found:
-                return found[0].info.run_id
+                return first(found)
             all_tags = dict(tags)
             all_tags["dmkd.id"] = ident
             all_tags["mlflow.runName"] = name
             if parent:
                 all_tags["mlflow.parentRunId"] = parent
-            return self.client.create_run(exp, tags=all_tags, run_name=name).info.run_id
+            mine = self.client.create_run(exp, tags=all_tags, run_name=name).info.run_id
+            # Two workers that looked at once both created the run: the later copy is deleted.
+            winner = first(self.client.search_runs([exp], filter_string=query, max_results=50))
+            if winner != mine:
+                self.client.delete_run(mine)
+            return winner
 
         return self._guard(go)
 
