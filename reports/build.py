@@ -29,6 +29,7 @@ from reports.tables import (
     group_rows,
     is_ablation,
     leaderboards,
+    md_escape,
     table_key,
     to_html,
     to_markdown,
@@ -49,7 +50,9 @@ LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Av
           "the start of the run), Peak above start = that peak minus the level when the run started (what "
           "the run itself added), Footprint = analytic bytes of parameters + buffers + the method's own "
           "state (replay buffers, Fisher maps, teachers), bytes sent between nodes, wall time = training + "
-          "evaluation seconds.")
+          "evaluation seconds. ‡ marks a row whose tasks ran under different code (a run resumed after the "
+          "code changed, or seeds run at different revisions; each task's code is in its record): its numbers "
+          "mix those versions.")
 ENV_KEYS = ("git_revision", "python", "torch", "torchvision", "numpy", "platform", "processor", "device", "gpu",
             "torch_threads")
 
@@ -94,7 +97,7 @@ def md_text(text: object) -> str:
     """Text from records and suite files as markdown text: HTML escaped, one line."""
     import html
 
-    return html.escape(" ".join(str(text).split()), quote=False)
+    return md_escape(html.escape(" ".join(str(text).split()), quote=False))
 
 
 def leaderboard_markdown(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str]) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from harness.engine.record import COLUMNS, columns, fmt_fixed, fmt_si, passes_of
+from harness.engine.record import COLUMNS, codes_of, columns, fmt_fixed, fmt_si, passes_of
 
 # The metrics and costs shown (record paths, headers, kinds and formats) are harness/engine/record.py's COLUMNS.
 ABLATION_COSTS = ("params", "train_flops", "comm_bytes")  # the cost columns of an ablation table
@@ -289,6 +289,7 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     kinds = {str(r.get("costs", {}).get("energy_kind", "")).split(" ")[0] for r in recs}
     out["energy_kind"] = "/".join(sorted(k for k in kinds if k)) or "unavailable"
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
+    out["code_versions"] = len(codes_of(recs))  # > 1: the row's tasks ran under different code
     return out
 
 
@@ -359,7 +360,8 @@ def _rank_and_compare(frame: pd.DataFrame, by_seed: list[dict[Any, float]], refe
 def display_frame(board: Leaderboard) -> pd.DataFrame:
     """The leaderboard as strings with units, the columns shown in markdown and HTML."""
     f = board.frame
-    out = pd.DataFrame({"Rank": f["rank"].astype(str), "Method": f["method"], "Seeds": f["seeds"]})
+    methods = [m + (f" ‡ ({n} code versions)" if n > 1 else "") for m, n in zip(f["method"], f["code_versions"])]
+    out = pd.DataFrame({"Rank": f["rank"].astype(str), "Method": methods, "Seeds": f["seeds"]})
     for c in columns("metrics"):
         m = c.name
         out[c.title] = [MeanStd(a, b, int(n)).fmt(c.kind.digits)
@@ -457,12 +459,17 @@ def to_markdown(frame: pd.DataFrame) -> str:
     """GitHub markdown table of a frame of display values (HTML and pipes escaped: a label from a
     suite file is text, never markup)."""
     def cell(v: Any) -> str:
-        return html.escape(str(v), quote=False).replace("|", "\\|").replace("\n", " ")
+        return md_escape(html.escape(str(v), quote=False)).replace("|", "\\|").replace("\n", " ")
 
     cols = [cell(c) for c in frame.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def md_escape(text: str) -> str:
+    """Markdown link and image syntax made literal: ``[x](javascript:…)`` stays text, never a link."""
+    return text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
 
 
 def to_html(frame: pd.DataFrame, ranked: bool = False) -> str:

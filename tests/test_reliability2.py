@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,96 @@ def _one_error(capsys, argv: list[str], expect: str) -> str:
     assert len(lines) == 1 and expect in lines[0], err
     assert "Traceback" not in err and "—" in lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The code that produced each task
+# ---------------------------------------------------------------------------------------------
+def _copy_code(dst: Path) -> Path:
+    """A copy of the packages outside git: its code state is the digest of its sources."""
+    for pkg in ("harness", "methods", "scenarios", "reports"):
+        shutil.copytree(REPO / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_code_state_names_the_git_revision_and_a_dirty_tree(tmp_path):
+    from harness.engine.codestate import read_code_state
+
+    root = tmp_path / "repo"
+    (root / "methods").mkdir(parents=True)
+    (root / "methods" / "m.py").write_text("LOSS = 1\n")
+    outside = read_code_state(root)
+    assert outside.git == "" and not outside.dirty and "no git" in outside.describe()
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    clean = read_code_state(root)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert clean.git == head[:12] and not clean.dirty and clean.digest == outside.digest
+    (root / "README.md").write_text("docs only\n")  # not code: neither dirty nor another digest
+    assert read_code_state(root) == clean
+    (root / "methods" / "m.py").write_text("LOSS = 2\n")
+    edited = read_code_state(root)
+    assert edited.dirty and edited.git == clean.git and edited.digest != clean.digest
+    assert "+dirty" in edited.describe()
+    (root / "methods" / "new.py").write_text("")  # an untracked new module is code too
+    (root / "methods" / "m.py").write_text("LOSS = 1\n")
+    assert read_code_state(root).dirty and read_code_state(root).digest != clean.digest
+
+
+@needs_fmnist
+def test_a_resume_under_other_code_is_refused_or_restarted_or_resumed_with_the_mix_recorded(tmp_path):
+    code = _copy_code(tmp_path / "code")
+    res = tmp_path / "res"
+    env = _env(PYTHONPATH=str(code))
+    base = [*FT, "--results", str(res), "--tracking-uri", "none", *CAPS]
+    for seed in ("0", "1"):  # two runs killed after task 1 by the old code
+        killed = _cli(*base, "--seed", seed, env=dict(env, DMKD_TEST_KILL_AFTER_TASK="1"), cwd=code)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    old = {r["seed"]: r for r in _records(res)}
+    assert {r["status"] for r in old.values()} == {"running"}
+    (old_code,) = {p["code"] for r in old.values() for p in r["per_task"]}
+    with open(code / "methods" / "ft.py", "a") as f:  # the code changes (a git pull, an edited loss)
+        f.write("\n# changed\n")
+    checkpoints = sorted((res / "adhoc" / "checkpoints").glob("*.pt"))
+    before = {p: p.read_bytes() for p in checkpoints}
+
+    # 1. Refused, in one line that offers both choices; nothing recorded changes.
+    refused = _cli(*base, "--seed", "0", env=env, cwd=code)
+    lines = _error_lines(refused.stderr)
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "written by other code" in lines[0] and "--on-code-change restart" in lines[0]
+    assert "--on-code-change resume" in lines[0] and "Traceback" not in refused.stderr
+    assert {p: p.read_bytes() for p in checkpoints} == before
+    assert {r["seed"]: r for r in _records(res)}[0] == old[0]
+
+    # 2. Resumed with the mix recorded: tasks 0-1 by the old code, 2-4 by the new, and the table says so.
+    resumed = _cli(*base, "--seed", "0", "--on-code-change", "resume", env=env, cwd=code)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "written by other code" in resumed.stderr and "‡" in resumed.stdout
+    rec0 = {r["seed"]: r for r in _records(res)}[0]
+    codes = [p["code"] for p in rec0["per_task"]]
+    assert rec0["status"] == "finished" and rec0["resumed_from_task"] == 2
+    assert codes[:2] == [old_code] * 2 and len(set(codes[2:])) == 1 and codes[2] != old_code
+    assert set(rec0["code"]) == {old_code, codes[2]} and "no git" in rec0["code"][codes[2]]
+
+    # 3. Restarted from task 0 under the new code, and said so.
+    restarted = _cli(*base, "--seed", "1", "--on-code-change", "restart", env=env, cwd=code)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "restarting from task 0" in restarted.stderr and "‡" not in restarted.stdout
+    rec1 = {r["seed"]: r for r in _records(res)}[1]
+    assert rec1["status"] == "finished" and "resumed_from_task" not in rec1
+    assert {p["code"] for p in rec1["per_task"]} == {codes[2]}
+    assert not list((res / "adhoc" / "checkpoints").glob("*.pt"))
+
+    # The report never averages the mixed row silently: its row is marked, a single-code row is not.
+    from reports.build import make_report
+
+    md = make_report([rec0, rec1], tmp_path / "rep", figures=False)["markdown"].read_text()
+    assert "ft ‡ (2 code versions)" in md and "‡ marks a row whose tasks ran under different code" in md
+    md1 = make_report([rec1], tmp_path / "rep1", figures=False)["markdown"].read_text()
+    assert "| ft |" in md1 and "code versions)" not in md1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,3 +246,84 @@ def test_best_params_json_with_a_key_twice_or_bad_trials_is_refused(tmp_path):
     (tmp_path / "tuned" / "ft__split-fmnist.json").write_text('{"params": {"lr": 0.1}, "n_trials": "abc"}')
     with pytest.raises(UserError, match="n_trials must be a whole number"):
         load_best_params(tmp_path, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run key, whoever starts it
+# ---------------------------------------------------------------------------------------------
+def _wait_for(cond, what: str, timeout: float = 300.0, procs=()) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        for p in procs:
+            assert p.poll() is None, f"a process ended while waiting for {what}: {p.communicate()}"
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _start(args: list[str], env: dict[str, str], err: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=err.open("w"))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("holder_ends", ["finishes", "is killed"])
+def test_two_runs_of_one_key_at_once_train_it_once(tmp_path, holder_ends):
+    res, gate = tmp_path / "res", tmp_path / "go"
+    args = [*FT, "--results", str(res), "--tracking-uri", "none", *CAPS]
+    a = _start(args, _env(DMKD_TEST_HOLD_AFTER_TASK=f"0:{gate}"), tmp_path / "a.err")
+    _wait_for(lambda: any(len(r["per_task"]) == 1 for r in _records(res)) if (res / "adhoc" / "runs").is_dir()
+              else False, "the first run's task 0", procs=[a])
+    b = _start(args, _env(), tmp_path / "b.err")
+    _wait_for(lambda: "running in another process" in (tmp_path / "b.err").read_text(), "the second run to wait",
+              procs=[b])
+    if holder_ends == "finishes":
+        gate.touch()
+        assert a.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()
+    else:
+        a.kill()
+        a.wait(timeout=60)
+    b.communicate(timeout=300)
+    b_err = (tmp_path / "b.err").read_text()
+    assert b.returncode == 0 and "Traceback" not in b_err + (tmp_path / "a.err").read_text(), b_err
+    (rec,) = _records(res)
+    assert rec["status"] == "finished" and [p["task"] for p in rec["per_task"]] == [0, 1, 2, 3, 4]
+    if holder_ends == "finishes":  # the second comer reused the first one's record, trained nothing
+        assert "already run to the end" in b_err and "resumed_from_task" not in rec
+    else:  # the holder died: the waiter took the key over from its checkpoint after task 0
+        assert rec["resumed_from_task"] == 1
+    assert not list((res / "adhoc" / "checkpoints").glob("*"))  # no stale checkpoint beside the record
+
+
+@needs_fmnist
+def test_two_suites_sharing_a_cell_run_it_once_and_both_finish(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    res, gate, journal = tmp_path / "res", tmp_path / "go", tmp_path / "optuna.log"
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text(SUITE.replace("name: tiny", "name: one"))
+    two.write_text(SUITE.replace("name: tiny", "name: two").replace("  - ft\n", "  - ft\n  - ewc\n"))
+    common = ["--results", str(res), "--storage", f"journal:{journal}", "--tracking-uri", "none", "--no-report"]
+    a = _start(["suite", str(one), *common], _env(DMKD_TEST_HOLD_AFTER_TASK=f"0:{gate}"), tmp_path / "a.err")
+    _wait_for(lambda: (res / "tiny" / "runs").is_dir() and len(_records(res, "tiny")) == 1, "suite one's ft cell",
+              procs=[a])
+    b = _start(["suite", str(two), *common], _env(), tmp_path / "b.err")
+    _wait_for(lambda: "running in another process" in (tmp_path / "b.err").read_text(), "suite two to wait",
+              procs=[b])
+    gate.touch()
+    assert a.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()
+    b.communicate(timeout=600)
+    errs = (tmp_path / "a.err").read_text() + (tmp_path / "b.err").read_text()
+    assert b.returncode == 0 and "Traceback" not in errs, errs
+    recs = {r["method"]: r for r in _records(res, "tiny")}
+    assert set(recs) == {"ft", "ewc"} and all(r["status"] == "finished" for r in recs.values())
+    assert recs["ft"]["suite"] == "one" and "resumed_from_task" not in recs["ft"]  # trained once, by suite one
+    # Neither study is left half-done: every cell's trial completed, none failed or waiting.
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    for s in optuna.get_all_study_summaries(storage):
+        states = [t.state for t in optuna.load_study(study_name=s.study_name, storage=storage).trials]
+        assert states and all(st == TrialState.COMPLETE for st in states), (s.study_name, states)

@@ -99,6 +99,7 @@ class PerTask(_Model):
     passes: Number | None = None
     budget_passes: Number | None = None
     avg_acc: dict[str, Number] | None = None  # mean accuracy on tasks 0..k per setting
+    code: str | None = None  # digest of the code that trained and evaluated this task (engine/codestate.py)
 
 
 class SettingMetrics(_Model):
@@ -194,6 +195,7 @@ class RunRecord(_Model):
     per_task: list[PerTask] = []
     method_metrics: list[list[Any]] = []  # [name, value, step]
     artifacts: dict[str, Any] = {}
+    code: dict[str, str] | None = None  # every code digest of per_task -> its git revision, for people
     started_at: str | None = None
     resumed_from_task: int | None = None
     random_init_eval_s: Number | None = None
@@ -361,6 +363,16 @@ def columns(where: str) -> list[Column]:
     raise ValueError(f"unknown place {where!r}")
 
 
+def codes_of(records: Iterable[Any]) -> set[str | None]:
+    """The code digests that produced the tasks of these records (None: a task recorded before
+    code was recorded). More than one: their numbers come from different code."""
+    out: set[str | None] = set()
+    for rec in records:
+        for p in lookup(rec, ("per_task",)) or []:
+            out.add(lookup(p, ("code",)))
+    return out
+
+
 def passes_of(rec: Any) -> list[float] | None:
     """Measured passes over each task's training data (``costs.passes_per_task``); None if unknown."""
     v = lookup(rec, ("costs", "passes_per_task"))
@@ -403,4 +415,4 @@ for _c in (
 del _c
 
 __all__ = ["COLUMNS", "Column", "Costs", "Kind", "PerTask", "RunConfig", "RunRecord", "SettingMetrics", "TaskInfo",
-           "columns", "fmt_si", "lookup", "passes_of", "register", "unregister"]
+           "codes_of", "columns", "fmt_si", "lookup", "passes_of", "register", "unregister"]

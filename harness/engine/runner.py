@@ -28,7 +28,8 @@ from harness.core.errors import UserError
 from harness.core.method import METHODS, Method
 from harness.core.protocol import Protocol
 from harness.engine import metrics
-from harness.engine.checkpoints import capture_state, restore_rng
+from harness.engine.checkpoints import RESUMED_RECORD_KEYS, capture_state, restore_rng
+from harness.engine.codestate import code_state
 from harness.engine.costs import (
     PeakMemory,
     StepFlopMeter,
@@ -271,6 +272,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     ctx = build_context(spec, scenario, device)
     method = cls(hp, ctx)
     T = len(scenario.tasks)
+    code = code_state()
 
     record = RunRecord(
         key=spec.key(),
@@ -307,6 +309,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         per_task=[],
         method_metrics=[],
         artifacts={},
+        code={code.digest: code.describe()},
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     meter = StepFlopMeter()
@@ -317,8 +320,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     if resume_state is not None:
         method.load_state_dict(resume_state["method"])
         restore_rng(resume_state["rng"], ctx)
-        record = RunRecord.from_dict(record.to_dict() | {k: resume_state["record"][k] for k in (
-            "acc", "random_init_acc", "per_task", "method_metrics", "artifacts")}, "in the checkpoint")
+        record = RunRecord.from_dict(record.to_dict() | {k: resume_state["record"][k] for k in RESUMED_RECORD_KEYS
+                                                         if k in resume_state["record"]}, "in the checkpoint")
         meter.total = resume_state["flops_total"]
         boundary_flops = resume_state["boundary_flops"]
         ctx.comm_bytes, ctx.comm_rounds = resume_state["comm"]
@@ -326,6 +329,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         ctx.extra_flops = resume_state.get("extra_flops", 0)
         start_task = resume_state["next_task"]
         record.resumed_from_task = start_task
+        record.code = (record.code or {}) | {code.digest: code.describe()}  # the tasks to come
     record = _notify(observer.on_start, record)
 
     sources = _data_sources(scenario)
@@ -376,6 +380,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 passes=samples / max(len(task.train_idx), 1),
                 budget_passes=method.budget_passes(task),
                 avg_acc={s: float(np.mean(accs[s][: k + 1])) for s in settings},
+                code=code.digest,
             ))
             record.method_metrics = [list(m) for m in ctx.metrics]
             record.artifacts = ctx.artifacts

@@ -90,7 +90,8 @@ def plan_workers(workers: str, per_gpu: int | None, n_cells: int, cores: int | N
 def worker_argv(args: argparse.Namespace, threads: int | None) -> list[str]:
     """The `dmkd suite` arguments of one launched worker (paths made absolute)."""
     argv = ["suite", str(Path(args.config).resolve()), "--results", str(Path(args.results).resolve()), "--worker",
-            "--heartbeat", str(args.heartbeat), "--grace", str(args.grace), "--device", args.device]
+            "--heartbeat", str(args.heartbeat), "--grace", str(args.grace), "--device", args.device,
+            "--on-code-change", args.on_code_change]
     for opt, val in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri),
                      ("--data-root", args.data_root)):
         if val is not None:
@@ -126,6 +127,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     heartbeat, grace = check_heartbeat(args.heartbeat, args.grace)
     cfg = load_suite(args.config)
+    cfg.on_code_change = args.on_code_change
     if args.data_root:
         cfg.data_root = args.data_root
     if args.device != "auto":
