@@ -327,3 +327,94 @@ def test_two_suites_sharing_a_cell_run_it_once_and_both_finish(tmp_path):
     for s in optuna.get_all_study_summaries(storage):
         states = [t.state for t in optuna.load_study(study_name=s.study_name, storage=storage).trials]
         assert states and all(st == TrialState.COMPLETE for st in states), (s.study_name, states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Write failures: one line, exit 2, nothing recorded lost or marked finished
+# ---------------------------------------------------------------------------------------------
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    """A small tmpfs (root only); False where it cannot be mounted."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                          check=False).returncode == 0
+
+
+@needs_fmnist
+def test_a_full_disk_under_torch_save_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as RuntimeError, not OSError; simulated at the write."""
+    import torch
+
+    res = tmp_path / "res"
+    real_save, calls = torch.save, []
+
+    def full_on_second(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) >= 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear: iostream error")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_on_second)
+    line = _one_error(capsys, [*FT, "--results", str(res), "--tracking-uri", "none", *CAPS], "failed (RuntimeError")
+    assert "stays 'running'" in line
+    (rec,) = _records(res)
+    assert rec["status"] == "running" and len(rec["per_task"]) == 1  # as written after task 0
+    (ck,) = (res / "adhoc" / "checkpoints").glob("*")  # the checkpoint after task 0, no temporary file
+    assert ck.suffix == ".pt" and torch.load(ck, weights_only=True)["state"]["next_task"] == 1
+    monkeypatch.undo()
+    assert main([*FT, "--results", str(res), "--tracking-uri", "none", *CAPS]) == 0
+    (rec,) = _records(res)
+    assert rec["status"] == "finished" and rec["resumed_from_task"] == 1
+
+
+@needs_fmnist
+def test_a_real_3mb_filesystem_is_one_line_exit_2_then_resumes(tmp_path):
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "size=3m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        res = small / "res"
+        args = [*FT, "--results", str(res), "--tracking-uri", "none", *CAPS]
+        full = _cli(*args)
+        lines = _error_lines(full.stderr)
+        assert full.returncode == 2 and len(lines) == 1 and "Traceback" not in full.stderr, full.stderr
+        (rec,) = _records(res)
+        written = len(rec["per_task"])
+        assert rec["status"] == "running" and 1 <= written < 5
+        assert not [p for p in (res / "adhoc").rglob("*") if "tmp" in p.name]  # no temporary file left
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+        again = _cli(*args)
+        assert again.returncode == 0, again.stderr
+        (rec,) = _records(res)
+        assert rec["status"] == "finished" and rec["resumed_from_task"] == written
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# dmkd synth
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "2"])
+def test_synth_scale_out_of_range_exits_2(tmp_path, capsys, scale):
+    _one_error(capsys, ["synth", "cifar10", "--out", str(tmp_path / "d"), "--scale", scale], "--scale must be in")
+    assert not (tmp_path / "d").exists()
+
+
+def test_synth_onto_a_file_or_a_read_only_folder_exits_2(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    _one_error(capsys, ["synth", "cifar10", "--out", str(f), "--scale", "0.001"], "is a file, not a folder")
+    _one_error(capsys, ["synth", "cifar10", "--out", str(f / "sub"), "--scale", "0.001"], "cannot write")
+    assert f.read_text() == "keep"
+    ro = tmp_path / "ro"
+    if _mount_tmpfs(ro, "size=1m,ro"):
+        try:
+            _one_error(capsys, ["synth", "cifar10", "--out", str(ro), "--scale", "0.001"], "Read-only file system")
+            _one_error(capsys, ["synth", "cifar10", "--out", str(ro / "x"), "--scale", "0.001"], "cannot write")
+        finally:
+            subprocess.run(["umount", str(ro)], check=False)
+    elif os.geteuid() != 0:  # without root, permissions make a folder read-only
+        ro.mkdir()
+        ro.chmod(0o555)
+        _one_error(capsys, ["synth", "cifar10", "--out", str(ro), "--scale", "0.001"], "cannot write")
