@@ -418,3 +418,90 @@ def test_synth_onto_a_file_or_a_read_only_folder_exits_2(tmp_path, capsys):
         ro.mkdir()
         ro.chmod(0o555)
         _one_error(capsys, ["synth", "cifar10", "--out", str(ro), "--scale", "0.001"], "cannot write")
+
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeats judged by the reader's clock
+# ---------------------------------------------------------------------------------------------
+def _shift_heartbeat(db: Path, tid: int, delta_s: float) -> None:
+    """Move a trial's stored heartbeat date as a writer with a skewed clock would have written it."""
+    import datetime as dt
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        (value,) = con.execute("select heartbeat from trial_heartbeats where trial_id = ?", (tid,)).fetchone()
+        moved = dt.datetime.fromisoformat(value) + dt.timedelta(seconds=delta_s)
+        con.execute("update trial_heartbeats set heartbeat = ? where trial_id = ?", (str(moved), tid))
+        con.commit()
+    finally:
+        con.close()
+
+
+WORKER = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+import optuna
+from pathlib import Path
+from harness.orchestration.storage import make_storage
+st = make_storage(sys.argv[1], Path(sys.argv[2]), heartbeat_interval=1, grace_period=2)
+trial = optuna.load_study(study_name="s", storage=st).ask()
+print(trial._trial_id, flush=True)
+while True:
+    st.record_heartbeat(trial._trial_id)
+    time.sleep(0.3)
+"""
+
+
+def test_a_dead_workers_heartbeat_dated_in_the_future_is_taken_over(tmp_path):
+    import time
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.orchestration.storage import make_storage
+
+    warnings.simplefilter("ignore")
+    db = tmp_path / "optuna.db"
+    url = f"sqlite:///{db}"
+    reader = make_storage(url, tmp_path, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=reader)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, url, str(tmp_path)], env=_env(), text=True,
+                              stdout=subprocess.PIPE)
+    tid = int(worker.stdout.readline())
+    time.sleep(1.0)
+    assert reader._get_stale_trial_ids(study._study_id) == []  # alive
+    worker.kill()  # kill -9
+    worker.wait()
+    _shift_heartbeat(db, tid, 3600)  # its clock ran an hour ahead (or the reader's stepped back)
+    end = time.monotonic() + 30
+    while study.trials[0].state == TrialState.RUNNING:
+        assert time.monotonic() < end, "a dead worker with a heartbeat from the future was never taken over"
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(0.5)
+    assert study.trials[0].state == TrialState.FAIL
+
+
+def test_a_live_worker_with_a_clock_behind_is_not_taken_for_dead(tmp_path):
+    import time
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.orchestration.storage import make_storage
+
+    warnings.simplefilter("ignore")
+    db = tmp_path / "optuna.db"
+    st = make_storage(f"sqlite:///{db}", tmp_path, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=st)
+    tid = study.ask()._trial_id
+    end = time.monotonic() + 5  # 2.5 grace periods of beats, each written by a clock an hour behind
+    while time.monotonic() < end:
+        st.record_heartbeat(tid)
+        _shift_heartbeat(db, tid, -3600)
+        assert st._get_stale_trial_ids(study._study_id) == []
+        time.sleep(0.5)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.RUNNING
