@@ -505,3 +505,33 @@ def test_a_live_worker_with_a_clock_behind_is_not_taken_for_dead(tmp_path):
         time.sleep(0.5)
     optuna.storages.fail_stale_trials(study)
     assert study.trials[0].state == TrialState.RUNNING
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes bounded by the data and the machine, checked before training
+# ---------------------------------------------------------------------------------------------
+@needs_fmnist
+def test_a_replay_buffer_larger_than_the_stream_allocates_only_the_stream():
+    """A reservoir of M >= N slots fed N samples is the same reservoir as one of N slots: the same
+    numbers, and an allocation bounded by the stream (1e12 slots used to allocate 3.1 PB)."""
+    from harness.engine.runner import RunSpec, run
+
+    small = {"max_train_per_task": 100, "max_test_per_task": 50}  # 5 tasks x 90 training samples
+    exact = run(RunSpec("er", "split-fmnist", 0, {"buffer_size": 450}, dict(small)))
+    huge = run(RunSpec("er", "split-fmnist", 0, {"buffer_size": 10**12}, dict(small)))
+    assert huge["acc"] == exact["acc"] and huge["costs"]["buffer_samples"] == 10**12
+    assert huge["costs"]["method_state_bytes"] == exact["costs"]["method_state_bytes"] < 450 * (784 * 4 + 8) * 1.1
+
+
+@needs_fmnist
+def test_allocations_beyond_the_machine_or_the_data_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from harness.core import memory
+
+    res = tmp_path / "res"
+    base = ["run", "--scenario", "split-fmnist", "--results", str(res), "--tracking-uri", "none", *CAPS]
+    _one_error(capsys, [*base, "--method", "fedavg", "--set", "n_nodes=100000"],
+               "n_nodes=100000 is more nodes than the 90 training samples")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)  # a machine with 1 MiB free
+    _one_error(capsys, [*base, "--method", "fedavg", "--set", "n_nodes=80"], "GiB on cpu")
+    _one_error(capsys, [*base, "--method", "er", "--set", "buffer_size=1000000000000"], "er's replay buffer")
+    assert not list(res.rglob("*.json")) and not list(res.rglob("*.pt"))  # nothing recorded
