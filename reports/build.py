@@ -190,7 +190,15 @@ def make_report(records: Iterable[Record], out_dir: str | Path, title: str = "dm
     records = list(records)
     abl = [r for r in records if is_ablation(r)] + list(ablation or [])
     main = [r for r in records if not is_ablation(r)]
+    from reports.load import PROGRESS_FROM
+
+    loud = len(records) >= PROGRESS_FROM  # a long report says what it is doing
+    if loud:
+        print(f"report: {len(records):,} records; building the tables", file=sys.stderr)
     boards = leaderboards(main)
+    if loud:
+        print(f"report: {len(boards)} tables; writing LEADERBOARD.md and report.html"
+              f"{' with figures' if figures else ''}", file=sys.stderr)
     ablations = ablation_tables(abl)
     failed = failed_runs(records + list(ablation or []))
     meta = run_metadata(records + list(ablation or []))

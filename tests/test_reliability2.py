@@ -535,3 +535,39 @@ def test_allocations_beyond_the_machine_or_the_data_are_one_line_exit_2(tmp_path
     _one_error(capsys, [*base, "--method", "fedavg", "--set", "n_nodes=80"], "GiB on cpu")
     _one_error(capsys, [*base, "--method", "er", "--set", "buffer_size=1000000000000"], "er's replay buffer")
     assert not list(res.rglob("*.json")) and not list(res.rglob("*.pt"))  # nothing recorded
+
+
+# ---------------------------------------------------------------------------------------------
+# Report inputs: bounded labels, progress, no live links
+# ---------------------------------------------------------------------------------------------
+def _write_records(res: Path, recs: list[dict]) -> None:
+    runs = res / "e" / "runs"
+    runs.mkdir(parents=True)
+    for i, r in enumerate(recs):
+        (runs / f"r{i}.json").write_text(json.dumps(r))
+
+
+def test_a_suite_label_longer_than_the_bound_is_one_line(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text(SUITE.replace("  - ft\n", "  - {name: ft, label: " + "x" * 20_000 + "}\n"))
+    _one_error(capsys, ["suite", str(f), "--results", str(tmp_path / "res"), "--tracking-uri", "none", "--no-report"],
+               "20,000 characters long; a label is at most 100")
+
+
+def test_report_bounds_old_long_labels_escapes_links_and_shows_progress(tmp_path, capsys, monkeypatch):
+    from reports import load
+    from reports.build import report_from_results
+    from tests.test_reports import fake_record
+
+    long_a, long_b = "a" * 20_000 + "1", "a" * 20_000 + "2"  # records written before labels were bounded
+    link = "[click](javascript:alert(1))"
+    _write_records(tmp_path, [fake_record(lbl, s, 0.5 + 0.01 * s) for lbl in (long_a, long_b, link)
+                              for s in (0, 1)])
+    monkeypatch.setattr(load, "PROGRESS_FROM", 1)
+    md = report_from_results(tmp_path, "e", out=tmp_path / "rep")["markdown"].read_text()
+    err = capsys.readouterr().err
+    assert "report: reading records" in err and "report: 6 records; building the tables" in err
+    rows = [line for line in md.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    labels = {line.split(" | ")[1] for line in rows}
+    assert len(labels) == 3 and max(len(lbl) for lbl in labels) < 120  # two long rows stay two, each bounded
+    assert "[click](javascript" not in md and "\\[click\\](javascript:alert(1))" in md

@@ -363,6 +363,19 @@ def columns(where: str) -> list[Column]:
     raise ValueError(f"unknown place {where!r}")
 
 
+MAX_LABEL = 100  # characters of a row's label: suite files refuse longer ones, reports shorten older ones
+
+
+def bounded_label(label: str) -> str:
+    """A label of at most MAX_LABEL characters: a longer one keeps its start and ends with a digest of
+    the whole, so two long labels never become one row."""
+    import hashlib
+
+    if len(label) <= MAX_LABEL:
+        return label
+    return label[: MAX_LABEL - 10] + "…" + hashlib.sha256(label.encode()).hexdigest()[:8]
+
+
 def codes_of(records: Iterable[Any]) -> set[str | None]:
     """The code digests that produced the tasks of these records (None: a task recorded before
     code was recorded). More than one: their numbers come from different code."""
@@ -414,5 +427,5 @@ for _c in (
     register(_c)
 del _c
 
-__all__ = ["COLUMNS", "Column", "Costs", "Kind", "PerTask", "RunConfig", "RunRecord", "SettingMetrics", "TaskInfo",
-           "codes_of", "columns", "fmt_si", "lookup", "passes_of", "register", "unregister"]
+__all__ = ["COLUMNS", "MAX_LABEL", "Column", "Costs", "Kind", "PerTask", "RunConfig", "RunRecord", "SettingMetrics", "TaskInfo",
+           "bounded_label", "codes_of", "columns", "fmt_si", "lookup", "passes_of", "register", "unregister"]

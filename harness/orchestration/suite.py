@@ -154,6 +154,12 @@ def load_suite(path: str | Path) -> SuiteConfig:
     seeds = parse_seeds(doc.seeds, str(path))
     protocol = doc.protocol or {}
     protocol_from(protocol)  # validate early
+    from harness.engine.record import MAX_LABEL
+
+    for m in doc.methods:
+        if m.label is not None and len(m.label) > MAX_LABEL:
+            raise UserError(f"{path}: the label of a {m.name} entry is {len(m.label):,} characters long; a label is at "
+                            f"most {MAX_LABEL}", "shorten it (it names a table row)")
     methods = [(m.name, m.label or "", dict(m.set or {})) for m in doc.methods]
     experiment = check_experiment_name(doc.experiment or name)
     cfg = SuiteConfig(name, experiment, seeds, protocol, [(e.name, dict(e.options or {})) for e in doc.scenarios],
