@@ -468,8 +468,10 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def md_escape(text: str) -> str:
-    """Markdown link and image syntax made literal: ``[x](javascript:…)`` stays text, never a link."""
-    return text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+    """Markdown link and image syntax made literal: ``[x](javascript:…)`` stays text, never a link.
+    An inline link or image needs ``](`` with nothing between; escaping that parenthesis is enough
+    (``er[buffer_size=200]`` stays as it is). Autolinks (``<…>``) are HTML-escaped by the callers."""
+    return text.replace("](", "]\\(")
 
 
 def to_html(frame: pd.DataFrame, ranked: bool = False) -> str:
