@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from harness.core.data import SampleCodec, Task
 from harness.core.defaults import documented
+from harness.core.memory import check_allocation, sample_bytes, stream_samples
 from harness.core.method import HParams, Method, register, tensor_bytes
 
 
@@ -41,10 +42,16 @@ class ERParams(HParams):
 
 
 class ReservoirBuffer:
-    """Fixed-size reservoir of (x, y) on one device; insertion is vectorised per batch."""
+    """Fixed-size reservoir of (x, y) on one device; insertion is vectorised per batch.
 
-    def __init__(self, size: int, device: torch.device, generator: torch.Generator) -> None:
+    ``capacity`` (default ``size``) is what is allocated: a reservoir of M slots fed N <= M samples
+    holds them at slots 0..N-1 and never draws a slot >= N, so a stream of N samples needs only
+    min(M, N) slots, with the same contents, draws and numbers as M."""
+
+    def __init__(self, size: int, device: torch.device, generator: torch.Generator,
+                 capacity: int | None = None) -> None:
         self.size = size
+        self.capacity = size if capacity is None else min(size, capacity)
         self.device = device
         self.generator = generator  # CPU generator: reproducible draws on any device
         self.n_seen = 0
@@ -80,8 +87,8 @@ class ReservoirBuffer:
                 raise RuntimeError("ER: the task's inputs are not exactly representable in the source's format")
             x = stored
         if self.x is None:
-            self.x = torch.zeros((self.size, *x.shape[1:]), dtype=x.dtype, device=self.device)
-            self.y = torch.zeros(self.size, dtype=y.dtype, device=self.device)
+            self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype, device=self.device)
+            self.y = torch.zeros(self.capacity, dtype=y.dtype, device=self.device)
         slots = self.slots_for(len(y))
         self.n_seen += len(y)
         keep = slots >= 0
@@ -89,7 +96,10 @@ class ReservoirBuffer:
         if len(slots) == 0:
             return
         # Last writer wins, as in sequential insertion: the highest source index per slot.
-        winner = torch.full((self.size,), -1, dtype=torch.long)
+        if int(slots.max()) >= self.capacity:
+            raise RuntimeError(f"reservoir slot beyond its {self.capacity} allocated slots: the stream is longer "
+                               "than the capacity it was given")
+        winner = torch.full((self.capacity,), -1, dtype=torch.long)
         winner.scatter_reduce_(0, slots, src, reduce="amax")
         dest = torch.nonzero(winner >= 0).flatten()
         src = winner[dest]
@@ -123,7 +133,12 @@ class ER(Method):
     def __init__(self, hp: ERParams, ctx) -> None:
         super().__init__(hp, ctx)
         gen = torch.Generator().manual_seed(ctx.seed + 2_147_483)
-        self.buffer = ReservoirBuffer(hp.buffer_size, ctx.device, gen)
+        stream = stream_samples(ctx.scenario)  # a buffer never holds more than the stream's samples
+        slots = min(hp.buffer_size, stream)
+        check_allocation(f"er's replay buffer (buffer_size={hp.buffer_size}: {slots:,} slots)",
+                         slots * sample_bytes(ctx.scenario), ctx.device,
+                         "lower buffer_size (Mammoth uses 200 / 500 / 5120)")
+        self.buffer = ReservoirBuffer(hp.buffer_size, ctx.device, gen, capacity=stream)
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)

@@ -30,6 +30,7 @@ from reports.tables import (
     group_rows,
     is_ablation,
     leaderboards,
+    md_escape,
     table_key,
     to_html,
     to_markdown,
@@ -54,7 +55,9 @@ LEGEND = ("Final acc. A_T = mean accuracy over all tasks after the last task; Av
           "the run itself added), Persistent memory = the most bytes the method carried from one task to "
           "the next (parameters and buffers, stored samples as stored, importance maps, snapshots, optimiser "
           "state kept across tasks; docs/methods.md §2), % of budget = that share of the suite's memory "
-          "budget, bytes sent between nodes, wall time = training + evaluation seconds.")
+          "budget, bytes sent between nodes, wall time = training + evaluation seconds. ‡ marks a row whose "
+          "tasks ran under different code (a run resumed after the code changed, or seeds run at different "
+          "revisions; each task's code is in its record): its numbers mix those versions.")
 # The page the LEGEND cites ("docs/methods.md §1"); report.html links the citation to it by a relative path.
 METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 METHODS_CITATION = "docs/methods.md"
@@ -102,7 +105,7 @@ def md_text(text: object) -> str:
     """Text from records and suite files as markdown text: HTML escaped, one line."""
     import html
 
-    return html.escape(" ".join(str(text).split()), quote=False)
+    return md_escape(html.escape(" ".join(str(text).split()), quote=False))
 
 
 def leaderboard_markdown(title: str, boards: list[Leaderboard], ablations: list, failed, meta: dict[str, str]) -> str:
@@ -257,7 +260,15 @@ def make_report(records: Iterable[Record], out_dir: str | Path, title: str = "dm
     records = list(records)
     abl = [r for r in records if is_ablation(r)] + list(ablation or [])
     main = [r for r in records if not is_ablation(r)]
+    from reports.load import PROGRESS_FROM
+
+    loud = len(records) >= PROGRESS_FROM  # a long report says what it is doing
+    if loud:
+        print(f"report: {len(records):,} records; building the tables", file=sys.stderr)
     boards = leaderboards(main)
+    if loud:
+        print(f"report: {len(boards)} tables; writing LEADERBOARD.md and report.html"
+              f"{' with figures' if figures else ''}", file=sys.stderr)
     ablations = ablation_tables(abl)
     failed = failed_runs(records + list(ablation or []))
     meta = run_metadata(records + list(ablation or []))

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import UserError
-from harness.engine.record import RunRecord
+from harness.engine.record import MAX_LABEL, RunRecord, bounded_label
 
 RECORD_ARTIFACT = "record.json"
+PROGRESS_FROM = 200  # records: a report reading this many shows its progress
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -48,14 +49,18 @@ def experiment_dirs(results_dir: Path, experiment: str | None) -> list[Path]:
 
 def load_json_records(results_dir: str | Path, experiment: str | None = None) -> list[dict[str, Any]]:
     """Every ``results_dir/<experiment>/runs/*.json`` record (all experiments when None)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    files = [(d, f) for d in experiment_dirs(Path(results_dir), experiment) for f in sorted((d / "runs").glob("*.json"))
+             if not f.name.startswith(".")]  # a name starting with "." is a temporary file a killed writer left
     records = []
-    for d in experiment_dirs(Path(results_dir), experiment):
-        for f in sorted((d / "runs").glob("*.json")):
-            if f.name.startswith("."):  # a temporary file a killed writer left behind
-                continue
-            rec = _read_json(f)
-            rec.setdefault("experiment", d.name)
-            records.append(rec)
+    for d, f in tqdm(files, desc="report: reading records", unit="record", file=sys.stderr,
+                     disable=len(files) < PROGRESS_FROM, mininterval=1.0):
+        rec = _read_json(f)
+        rec.setdefault("experiment", d.name)
+        records.append(rec)
     return records
 
 
@@ -166,5 +171,7 @@ def distinct_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         k = key(r)
         if len(groups[k]) > 1:
             r = dict(r, label=f"{r.get('label')} [{str(r.get('config_group', ''))[:6] or 'old'}]")
+        if r.get("label") is not None and len(str(r["label"])) > MAX_LABEL:  # a record older than the bound
+            r = dict(r, label=bounded_label(str(r["label"])))
         out.append(r)
     return out

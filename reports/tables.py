@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from harness.engine.record import COLUMNS, columns, fmt_fixed, fmt_si, passes_of
+from harness.engine.record import COLUMNS, codes_of, columns, fmt_fixed, fmt_si, passes_of
 
 # The metrics and costs shown (record paths, headers, kinds and formats) are harness/engine/record.py's COLUMNS.
 ABLATION_COSTS = ("params", "train_flops", "comm_bytes")  # the cost columns of an ablation table
@@ -412,6 +412,7 @@ def row_stats(recs: Sequence[Record], setting: str) -> dict[str, Any]:
     out["tuned_trials"] = max(int(r.get("tuned_trials", 0) or 0) for r in recs)
     # Joint's cumulative rule reads every earlier task's data: no memory budget counts that.
     out["outside_memory_budget"] = any(r.get("costs", {}).get("budget_rule") == "cumulative" for r in recs)
+    out["code_versions"] = len(codes_of(recs))  # > 1: the row's tasks ran under different code
     return out
 
 
@@ -503,7 +504,8 @@ def _rank_and_compare(frame: pd.DataFrame, by_seed: list[dict[Any, float]], refe
 def display_frame(board: Leaderboard) -> pd.DataFrame:
     """The leaderboard as strings with units, the columns shown in markdown and HTML."""
     f = board.frame
-    out = pd.DataFrame({"Rank": f["rank"].astype(str), "Method": f["method"], "Seeds": f["seeds"]})
+    methods = [m + (f" ‡ ({n} code versions)" if n > 1 else "") for m, n in zip(f["method"], f["code_versions"])]
+    out = pd.DataFrame({"Rank": f["rank"].astype(str), "Method": methods, "Seeds": f["seeds"]})
     for c in columns("metrics"):
         m = c.name
         out[c.title] = [MeanStd(a, b, int(n)).fmt(c.kind.digits)
@@ -610,12 +612,19 @@ def to_markdown(frame: pd.DataFrame) -> str:
     """GitHub markdown table of a frame of display values (HTML and pipes escaped: a label from a
     suite file is text, never markup)."""
     def cell(v: Any) -> str:
-        return html.escape(str(v), quote=False).replace("|", "\\|").replace("\n", " ")
+        return md_escape(html.escape(str(v), quote=False)).replace("|", "\\|").replace("\n", " ")
 
     cols = [cell(c) for c in frame.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def md_escape(text: str) -> str:
+    """Markdown link and image syntax made literal: ``[x](javascript:…)`` stays text, never a link.
+    An inline link or image needs ``](`` with nothing between; escaping that parenthesis is enough
+    (``er[buffer_size=200]`` stays as it is). Autolinks (``<…>``) are HTML-escaped by the callers."""
+    return text.replace("](", "]\\(")
 
 
 def to_html(frame: pd.DataFrame, ranked: bool = False) -> str:

@@ -311,8 +311,15 @@ def generate(name: str, out: Path, scale: float = 1.0, seed: int = 0) -> dict[st
             raise UserError(f"unknown synthetic data set {n!r}", f"choose one of: {', '.join(DATASETS)}, all")
     if not 0.0 < scale <= 1.0:
         raise UserError(f"--scale must be in (0, 1], got {scale}", "use --scale 1 for the real sizes")
-    out.mkdir(parents=True, exist_ok=True)
-    return {n: DATASETS[n](out, scale, seed) for n in names}
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder", "pass a folder (it is created when missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return {n: DATASETS[n](out, scale, seed) for n in names}
+    except OSError as e:
+        where = e.filename or out
+        raise UserError(f"cannot write the synthetic data under {out} ({e.strerror or e}: {where})",
+                        "pass a writable folder with --out (with room for the data set)") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
+def _code_change(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-code-change", default="refuse", choices=["refuse", "restart", "resume"],
+                   help="a checkpoint written by other code (another git revision or edited sources): refuse "
+                        "(default, one line), restart from task 0, or resume with each task's code recorded")
+
+
 def add_suite_options(s: argparse.ArgumentParser) -> None:
     """The `dmkd suite` options for coordination and launching."""
     from harness.orchestration.launch import LAUNCHERS
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch missing CIFAR-10/100 with torchvision's download (online machines only)")
     r.add_argument("--nodes-backend", default=None, choices=["inprocess", "distributed"],
                    help="decentralized methods: run nodes in one process or one process per node (torchrun)")
+    _code_change(r)
     _common(r)
 
     s = sub.add_parser("suite", help="run a suite YAML (methods x scenarios x seeds); resumable")
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "tuning:, else end-of-stream)")
     s.add_argument("--sampler-seed", type=int, default=0,
                    help="run the tuned files of this TPE sampler seed (default 0)")
+    _code_change(s)
     add_suite_options(s)
     _common(s)
 
@@ -168,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="grid over DMKD's switches (Optuna GridSampler)")
     a.add_argument("config")
     a.add_argument("--storage", default=None)
+    _code_change(a)
     _common(a)
     return ap
 
@@ -301,7 +310,7 @@ def cmd_run(args) -> int:
         bar.refresh()
 
     try:
-        rec = execute(spec, store, progress=prog)
+        rec = execute(spec, store, progress=prog, on_code_change=args.on_code_change)
     finally:
         bar.close()
     if rec.get("reused"):

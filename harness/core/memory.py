@@ -20,6 +20,10 @@ Kinds (the breakdown recorded as ``costs.persistent_by_kind``):
 
 A method declares the kind of each top-level key of its ``extra_state`` in ``STATE_KINDS``; an
 undeclared key counts as ``other``.
+
+Below them, allocations checked before training: an estimate of what a setting makes the run hold,
+against what the machine has. A setting that cannot fit is one UserError line before anything trains,
+instead of an out-of-memory kill or a traceback from the allocator.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from harness.core.errors import UserError
 
 KINDS = ("model", "replay", "importance", "snapshot", "router", "optimizer", "nodes", "other")
 MIB = 1 << 20
@@ -80,8 +86,6 @@ def persistent_by_kind(state: Mapping[str, Any], kinds: Mapping[str, str]) -> di
 
 def parse_bytes(text: Any, where: str = "memory") -> int:
     """``4 MiB``, ``512 KiB``, ``1.5 GiB``, ``2000000`` (bytes) or ``3 MB`` as a number of bytes."""
-    from harness.core.errors import UserError
-
     units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
     if isinstance(text, bool):
         raise UserError(f"{where}: {text!r} is not a size", "write it as bytes or with a unit, e.g. 4 MiB")
@@ -115,3 +119,39 @@ def format_bytes(n: float | None) -> str:
     if n >= 1 << 10:
         return f"{n / (1 << 10):.1f} KiB"
     return f"{int(n)} B"
+
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can still get: free host memory (psutil), or the GPU's free memory."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_allocation(what: str, nbytes: float, device: torch.device, fix: str) -> None:
+    """Refuse ``what`` when its estimated ``nbytes`` exceed the memory available on ``device``."""
+    have = available_bytes(device)
+    if nbytes > have:
+        raise UserError(f"{what} needs about {_gib(nbytes)} on {device.type}, and {_gib(have)} are available",
+                        fix)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.3g} GiB"
+
+
+def stream_samples(scenario) -> int:
+    """Training samples of the whole stream (every task's training split)."""
+    return sum(len(t.train_idx) for t in scenario.tasks)
+
+
+def sample_bytes(scenario) -> int:
+    """Bytes of one stored training example: its float32 input and an int64 label."""
+    n = 1
+    for d in scenario.input_shape:
+        n *= int(d)
+    return 4 * n + 8

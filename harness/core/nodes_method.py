@@ -22,6 +22,7 @@ from harness.core.context import RunContext
 from harness.core.data import Task
 from harness.core.defaults import documented
 from harness.core.errors import UserError
+from harness.core.memory import check_allocation
 from harness.core.method import HParams, Method
 from harness.core.nodes import BACKENDS, FAULT_POLICIES, Nodes, make_nodes, node_generator, using_generator
 from harness.core.partition import SCHEMES, partition_indices, partition_stats, task_class_order
@@ -96,6 +97,21 @@ def round_batch_counts(total_batches: int, rounds: int) -> list[int]:
     return [(r + 1) * total_batches // rounds - r * total_batches // rounds for r in range(rounds)]
 
 
+def check_node_count(n_nodes: int, ctx: RunContext) -> None:
+    """Before anything is allocated: no more nodes than the smallest task has training samples (a
+    node without data learns nothing), and the nodes' models (weights, gradients and optimiser
+    state) and the n x n topology fit the memory of the run's device."""
+    fewest = min(len(t.train_idx) for t in ctx.scenario.tasks)
+    if n_nodes > fewest:
+        raise UserError(f"n_nodes={n_nodes} is more nodes than the {fewest:,} training samples of the smallest "
+                        "task; each node needs samples of its own", f"use n_nodes <= {fewest}, e.g. 4")
+    model = ctx._model_factory()  # on the CPU, the RNG untouched
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_allocation(f"n_nodes={n_nodes} ({n_nodes:,} models of {model_bytes:,} bytes with gradients and "
+                     "optimiser state, and the topology)", 3 * n_nodes * model_bytes + n_nodes**2, ctx.device,
+                     "use fewer nodes, e.g. n_nodes=4")
+
+
 class NodesMethod(Method):
     """Shared machinery of methods on the nodes API (not registered itself)."""
 
@@ -103,6 +119,7 @@ class NodesMethod(Method):
 
     def __init__(self, hp: NodesParams, ctx: RunContext) -> None:
         super().__init__(hp, ctx)
+        check_node_count(hp.n_nodes, ctx)
         self.nodes: Nodes = ctx.nodes if ctx.nodes is not None else make_nodes(
             hp.backend, hp.n_nodes, hp.topology, round_timeout_s=hp.round_timeout_s, on_fault=hp.on_fault,
             faults=hp.faults())

@@ -1,5 +1,6 @@
 """YAML for user files: plain data only, no aliases (a few hundred bytes of aliases can expand to
-gigabytes), bounded size, and every problem one UserError line."""
+gigabytes), no key written twice in one mapping (YAML parsers keep the last one silently, so an
+earlier ``methods:`` or ``seeds:`` would vanish), bounded size, and every problem one UserError line."""
 
 from __future__ import annotations
 
@@ -22,11 +23,37 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not allowed", event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A mapping whose keys are all distinct, at every level; a repeated key is an error naming
+        both lines."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, first, again) -> None:
+        super().__init__(None, None, f"key {key!r} appears twice", again)
+        self.key, self.first_line, self.again_line = key, first.line + 1, again.line + 1
+
 
 def load_yaml_text(text: str, where: str) -> Any:
     """Parse YAML text from ``where`` (a file name, for the message)."""
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+    except DuplicateKeyError as e:
+        raise UserError(f"{where}: key {e.key!r} appears twice in one mapping (lines {e.first_line} and "
+                        f"{e.again_line}); only the last would count", "write each key once") from None
     except yaml.constructor.ConstructorError as e:
         if "aliases" in str(e.problem):
             mark = e.problem_mark

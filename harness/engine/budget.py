@@ -40,7 +40,7 @@ import torch
 from harness.core.config import hparams_from
 from harness.core.data import Scenario, TensorSource
 from harness.core.errors import UserError
-from harness.core.memory import format_bytes
+from harness.core.memory import format_bytes, stream_samples
 from harness.engine.costs import persistent_memory
 from harness.engine.runner import RunSpec, build_context, get_scenario, resolve_method
 
@@ -193,9 +193,9 @@ def total(kinds: dict[str, int]) -> int:
     return int(sum(kinds.values()))
 
 
-def stream_samples(spec: RunSpec) -> int:
+def eval_stream_samples(spec: RunSpec) -> int:
     """Training samples of the evaluation stream (a count: no sample is read)."""
-    return int(sum(len(t.train_idx) for t in get_scenario(_evaluation(spec)).tasks))
+    return int(stream_samples(get_scenario(_evaluation(spec))))
 
 
 def _with(spec: RunSpec, **values: Any) -> RunSpec:
@@ -217,7 +217,7 @@ def fit_to_budget(spec: RunSpec, budget: int, fixed: dict[str, Any] | None = Non
         per_sample, base = two - one, 2 * one - two
         if per_sample <= 0:
             raise RuntimeError(f"{spec.method}: {name} does not change persistent memory")
-        size = min((budget - base) // per_sample, stream_samples(spec))
+        size = min((budget - base) // per_sample, eval_stream_samples(spec))
         if "le" in buffers[0].metadata:
             size = min(size, int(buffers[0].metadata["le"]))
         if size < 1:
@@ -226,8 +226,13 @@ def fit_to_budget(spec: RunSpec, budget: int, fixed: dict[str, Any] | None = Non
                             f"({format_bytes(per_sample)})", "raise the budget (budget: {memory: ...})")
         spec = _with(spec, **{name: int(size)})
         note = f"{name}={int(size)} filled to the budget ({format_bytes(per_sample)} a sample)"
-    planned = probe(spec)
-    need = total(planned)
+        # Stored samples cost the same bytes each: the plan is affine in the buffer (the miniature stream
+        # holds fewer samples than the buffer, and a buffer never allocates more slots than its stream).
+        planned = probe(_with(spec, **{name: 1}))
+        need = base + per_sample * int(size)
+    else:
+        planned = probe(spec)
+        need = total(planned)
     if need > budget:
         model = planned.get("model", 0)
         caps = ", ".join(f.name for f in role_fields(spec.method, "capacity"))

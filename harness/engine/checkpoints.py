@@ -22,7 +22,7 @@ def capture_state(method: Method, ctx: RunContext, record: dict[str, Any], meter
     return {
         "method": method.state_dict(),
         "rng": rng_state(ctx),
-        "record": {k: record[k] for k in ("acc", "random_init_acc", "per_task", "method_metrics", "artifacts")},
+        "record": {k: record[k] for k in RESUMED_RECORD_KEYS if k in record},
         "flops_total": meter_total,
         "boundary_flops": boundary_flops,
         "comm": (ctx.comm_bytes, ctx.comm_rounds),
@@ -53,6 +53,9 @@ def restore_rng(st: dict[str, Any], ctx: RunContext) -> None:
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
+
+# What of the record so far a checkpoint carries into the resumed run ("code": each task's code).
+RESUMED_RECORD_KEYS = ("acc", "random_init_acc", "per_task", "method_metrics", "artifacts", "code")
 
 # The keys a resumable state must have (see capture_state); anything else is not resumed from.
 STATE_KEYS = frozenset({"method", "rng", "record", "flops_total", "boundary_flops", "comm", "samples_seen",

@@ -102,6 +102,7 @@ class PerTask(_Model):
     passes: Number | None = None
     budget_passes: Number | None = None
     avg_acc: dict[str, Number] | None = None  # mean accuracy on tasks 0..k per setting
+    code: str | None = None  # digest of the code that trained and evaluated this task (engine/codestate.py)
 
 
 class SettingMetrics(_Model):
@@ -204,6 +205,7 @@ class RunRecord(_Model):
     per_task: list[PerTask] = []
     method_metrics: list[list[Any]] = []  # [name, value, step]
     artifacts: dict[str, Any] = {}
+    code: dict[str, str] | None = None  # every code digest of per_task -> its git revision, for people
     started_at: str | None = None
     resumed_from_task: int | None = None
     random_init_eval_s: Number | None = None
@@ -372,6 +374,29 @@ def columns(where: str) -> list[Column]:
     raise ValueError(f"unknown place {where!r}")
 
 
+MAX_LABEL = 100  # characters of a row's label: suite files refuse longer ones, reports shorten older ones
+
+
+def bounded_label(label: str) -> str:
+    """A label of at most MAX_LABEL characters: a longer one keeps its start and ends with a digest of
+    the whole, so two long labels never become one row."""
+    import hashlib
+
+    if len(label) <= MAX_LABEL:
+        return label
+    return label[: MAX_LABEL - 10] + "…" + hashlib.sha256(label.encode()).hexdigest()[:8]
+
+
+def codes_of(records: Iterable[Any]) -> set[str | None]:
+    """The code digests that produced the tasks of these records (None: a task recorded before
+    code was recorded). More than one: their numbers come from different code."""
+    out: set[str | None] = set()
+    for rec in records:
+        for p in lookup(rec, ("per_task",)) or []:
+            out.add(lookup(p, ("code",)))
+    return out
+
+
 def passes_of(rec: Any) -> list[float] | None:
     """Measured passes over each task's training data (``costs.passes_per_task``); None if unknown."""
     v = lookup(rec, ("costs", "passes_per_task"))
@@ -420,5 +445,5 @@ for _c in (
     register(_c)
 del _c
 
-__all__ = ["COLUMNS", "Column", "Costs", "Kind", "PerTask", "RunConfig", "RunRecord", "SettingMetrics", "TaskInfo",
-           "columns", "fmt_si", "lookup", "passes_of", "register", "unregister"]
+__all__ = ["COLUMNS", "MAX_LABEL", "Column", "Costs", "Kind", "PerTask", "RunConfig", "RunRecord", "SettingMetrics", "TaskInfo",
+           "bounded_label", "codes_of", "columns", "fmt_si", "lookup", "passes_of", "register", "unregister"]

@@ -29,7 +29,8 @@ from harness.core.method import METHODS, Method
 from harness.core.protocol import Protocol
 from harness.core.streams import FIRST_TASKS, HELD_OUT_STREAM, TuningProtocol, held_out_seed
 from harness.engine import metrics
-from harness.engine.checkpoints import capture_state, restore_rng
+from harness.engine.checkpoints import RESUMED_RECORD_KEYS, capture_state, restore_rng
+from harness.engine.codestate import code_state
 from harness.engine.costs import (
     PeakMemory,
     StepFlopMeter,
@@ -310,6 +311,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     ctx = build_context(spec, scenario, device)
     method = cls(hp, ctx)
     T = len(scenario.tasks)
+    code = code_state()
 
     record = RunRecord(
         key=spec.key(),
@@ -346,6 +348,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         per_task=[],
         method_metrics=[],
         artifacts={},
+        code={code.digest: code.describe()},
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         **{k: dict(v) for k, v in (("stream", spec.stream), ("tuning", spec.tuning)) if v is not None},
     )
@@ -358,8 +361,8 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
     if resume_state is not None:
         method.load_state_dict(resume_state["method"])
         restore_rng(resume_state["rng"], ctx)
-        record = RunRecord.from_dict(record.to_dict() | {k: resume_state["record"][k] for k in (
-            "acc", "random_init_acc", "per_task", "method_metrics", "artifacts")}, "in the checkpoint")
+        record = RunRecord.from_dict(record.to_dict() | {k: resume_state["record"][k] for k in RESUMED_RECORD_KEYS
+                                                         if k in resume_state["record"]}, "in the checkpoint")
         meter.total = resume_state["flops_total"]
         boundary_flops = resume_state["boundary_flops"]
         ctx.comm_bytes, ctx.comm_rounds = resume_state["comm"]
@@ -368,6 +371,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
         start_task = resume_state["next_task"]
         record.resumed_from_task = start_task
         persistent = persistent_memory(method)  # what the finished tasks carried into this one
+        record.code = (record.code or {}) | {code.digest: code.describe()}  # the tasks to come
     record = _notify(observer.on_start, record)
 
     sources = _data_sources(scenario)
@@ -426,6 +430,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
                 compute_budget_flops=ctx.task_flops_budget,
                 compute_budget_cut=ctx.budget_cut if ctx.task_flops_budget is not None else None,
                 avg_acc={s: float(np.mean(accs[s][: k + 1])) for s in settings},
+                code=code.digest,
             ))
             record.method_metrics = [list(m) for m in ctx.metrics]
             record.artifacts = ctx.artifacts

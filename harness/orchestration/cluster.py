@@ -313,7 +313,8 @@ def _execute(execute, study, trial, key, spec, cfg, store, group_ids, suite_id, 
             extra["slurm_job"] = job
         if cfg.reference:
             extra["reference"] = cfg.reference
-        return execute(spec, store, group_ids.get(gkey), progress=prog, extra=extra)
+        return execute(spec, store, group_ids.get(gkey), progress=prog, extra=extra,
+                       on_code_change=cfg.on_code_change)
     except BaseException as e:
         # Back to the queue: another worker (or this suite run again) resumes it from its checkpoint.
         trial.set_user_attr("interrupted", type(e).__name__)

@@ -55,7 +55,7 @@ def print_records(records: list[dict[str, Any]]) -> None:
     one seed). Without pandas (minimal installs) one plain line per run."""
     import math
 
-    from harness.engine.record import RunRecord, columns
+    from harness.engine.record import RunRecord, codes_of, columns
 
     try:
         import pandas as pd
@@ -71,6 +71,11 @@ def print_records(records: list[dict[str, Any]]) -> None:
 
     cols = columns("console")
     rows = []
+    by_row: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        if isinstance(r, dict) and r.get("status") == "finished":
+            by_row.setdefault((str(r.get("scenario")), row_label(r)), []).append(r)
+    mixed = {k for k, rr in by_row.items() if len(codes_of(rr)) > 1}  # tasks run under different code
     for r in records:
         rec = RunRecord.from_dict(r, f"of run {r.get('key')}") if isinstance(r, dict) else r
         if rec.status != "finished":
@@ -78,7 +83,8 @@ def print_records(records: list[dict[str, Any]]) -> None:
                          cols[0].name: float("nan"), "status": rec.status})
             continue
         for s in rec.metrics or {}:
-            row: dict[str, Any] = {"scenario": rec.scenario, "setting": s, "method": row_label(r), "seed": rec.seed}
+            label = row_label(r) + (" ‡" if (rec.scenario, row_label(r)) in mixed else "")
+            row: dict[str, Any] = {"scenario": rec.scenario, "setting": s, "method": label, "seed": rec.seed}
             for c in cols:
                 v = c.value(rec, s)
                 row[c.name] = float("nan") if v is None else v
@@ -115,3 +121,6 @@ def print_records(records: list[dict[str, Any]]) -> None:
         print(f"±95%: half-width of the 95% Student-t interval of {first.header} over seeds (blank: one seed); "
               f"peak: the run's own ({', '.join(kinds)}); persistent: bytes carried from task to task; "
               "budget: share of the memory budget")
+    if mixed:
+        print("‡: the row's tasks ran under different code (each task's code is in its record); its numbers mix "
+              "those versions")

@@ -90,7 +90,8 @@ def plan_workers(workers: str, per_gpu: int | None, n_cells: int, cores: int | N
 def worker_argv(args: argparse.Namespace, threads: int | None) -> list[str]:
     """The `dmkd suite` arguments of one launched worker (paths made absolute)."""
     argv = ["suite", str(Path(args.config).resolve()), "--results", str(Path(args.results).resolve()), "--worker",
-            "--heartbeat", str(args.heartbeat), "--grace", str(args.grace), "--device", args.device]
+            "--heartbeat", str(args.heartbeat), "--grace", str(args.grace), "--device", args.device,
+            "--on-code-change", args.on_code_change]
     for opt, val in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri),
                      ("--data-root", args.data_root)):
         if val is not None:
@@ -135,6 +136,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
     use_probe_cache(Path(args.results) / "budget_probes.json")  # shared by the workers of the suite
     cfg = load_suite(args.config, getattr(args, "budget", None))
+    cfg.on_code_change = args.on_code_change
     if args.data_root:
         cfg.data_root = args.data_root
     if args.device != "auto":

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from optuna.storages import JournalStorage
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from harness.core.errors import UserError, one_line, redact
@@ -52,8 +52,9 @@ def make_storage(url: str | None, results_dir: Path, heartbeat_interval: int | N
         if (db.exists() and not os.access(db, os.W_OK)) or (not db.exists() and not os.access(db.parent, os.W_OK)):
             raise UserError(f"the Optuna storage {db} is not writable", "pass a writable --storage (or --results)")
     engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    cls = RDBHeartbeatStorage if hb else optuna.storages.RDBStorage
     try:  # workers starting together race to create the tables: retried with jittered waits
-        return retrying(6, 0.3)(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine, **hb))()
+        return retrying(6, 0.3)(lambda: cls(url, engine_kwargs=engine, **hb))()
     except Exception as e:  # noqa: BLE001 - any failure to open becomes one line
         raise UserError(f"cannot open Optuna storage {redact(url)} ({type(e).__name__}: {one_line(e, 160)})",
                         "check the URL, that the database server is reachable and the driver installed") from None
@@ -108,12 +109,61 @@ def heartbeat(storage, tid: int):
         thread.join()
 
 
+class SilenceClock:
+    """Death judged by the reader's clock alone: a running trial is stale once its heartbeat value
+    has stayed the same for ``grace`` seconds of the reader's monotonic clock. What the value is (a
+    writer's date, a database's date, a counter) does not matter, only that it changes with every
+    beat: a heartbeat dated in the future (a writer's clock ahead, a clock stepped back) cannot hide
+    a death, and one dated in the past cannot fake one."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._seen: dict[int, tuple[Any, float]] = {}
+
+    def stale(self, beats: list[tuple[int, Any]]) -> list[int]:
+        """``beats``: (trial id, heartbeat value) of every running trial that has a heartbeat."""
+        now = time.monotonic()
+        out = []
+        for tid, beat in beats:
+            seen = self._seen.get(tid)
+            if seen is None or seen[0] != beat:
+                self._seen[tid] = (beat, now)
+            elif now - seen[1] > self.grace:
+                out.append(tid)
+        return out
+
+
+class RDBHeartbeatStorage(RDBStorage):
+    """An RDB storage (sqlite, PostgreSQL) whose stale trials are found by :class:`SilenceClock`.
+
+    Optuna compares the stored heartbeat date with the database's ``now()``; with sqlite both are the
+    clock of whichever process runs the statement, so a worker whose clock runs ahead writes dates
+    from the future that never look stale, and its death would never be noticed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._silence = SilenceClock(self.grace_period or 2 * (self.heartbeat_interval or 1))
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        import sqlalchemy
+        from optuna.storages._rdb import models
+        from optuna.trial import TrialState
+
+        query = (sqlalchemy.select(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
+                 .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
+                 .where(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING))
+        with self.engine.connect() as con:
+            rows = [(int(tid), beat) for tid, beat in con.execute(query)]
+        return self._silence.stale(rows)
+
+
 class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
     """A journal-file storage with Optuna's heartbeat protocol (the journal has none of its own).
 
     A worker writes a changing value into the running trial's system attributes; another worker
     calls a trial stale when it has seen that value unchanged for ``grace_period`` seconds of its
-    own monotonic clock, so clocks that disagree between machines cannot fake or hide a death.
+    own monotonic clock (:class:`SilenceClock`), so clocks that disagree between machines cannot
+    fake or hide a death.
     """
 
     ATTR = "dmkd_heartbeat"
@@ -123,7 +173,7 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
         self._hb_interval = heartbeat_interval
         self._grace = grace_period
         self._stale_cb = heartbeat_stale_trial_callback
-        self._seen: dict[int, tuple[Any, float]] = {}
+        self._silence = SilenceClock(grace_period)
         self._beats = 0
 
     def record_heartbeat(self, trial_id: int) -> None:
@@ -134,17 +184,9 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         from optuna.trial import TrialState
 
-        now = time.monotonic()
-        stale = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = t.system_attrs.get(self.ATTR)
-            tid = self.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            seen = self._seen.get(tid)
-            if seen is None or seen[0] != beat:
-                self._seen[tid] = (beat, now)
-            elif now - seen[1] > self._grace:
-                stale.append(tid)
-        return stale
+        beats = [(self.get_trial_id_from_study_id_trial_number(study_id, t.number), t.system_attrs.get(self.ATTR))
+                 for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))]
+        return self._silence.stale(beats)
 
     def get_heartbeat_interval(self) -> int | None:
         return self._hb_interval

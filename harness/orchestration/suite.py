@@ -46,6 +46,7 @@ class SuiteConfig:
     description: str = ""
     tuned: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     reference: str = ""  # label of the row the report compares every other row with (component suites)
+    on_code_change: str = "refuse"  # a checkpoint written by other code: refuse, restart or resume (execute)
     source: Path | None = None  # the YAML file (tuned settings live beside it, under tuned/<name>/)
     # The persistent-memory budget (harness/engine/budget.py): None, "aligned" or bytes; and whether it
     # is the file's own (else --budget overrode it: tuned settings and the experiment get a suffix).
@@ -250,6 +251,12 @@ def load_suite(path: str | Path, budget: str | None = None) -> SuiteConfig:
     seeds = parse_seeds(doc.seeds, str(path))
     protocol = doc.protocol or {}
     protocol_from(protocol)  # validate early
+    from harness.engine.record import MAX_LABEL
+
+    for m in doc.methods:
+        if m.label is not None and len(m.label) > MAX_LABEL:
+            raise UserError(f"{path}: the label of a {m.name} entry is {len(m.label):,} characters long; a label is at "
+                            f"most {MAX_LABEL}", "shorten it (it names a table row)")
     methods = [(m.name, m.label or "", dict(m.set or {})) for m in doc.methods]
     experiment = check_experiment_name(doc.experiment or name)
     own = parse_budget(doc.budget.memory if doc.budget else None, f"{path}: budget.memory")
@@ -378,6 +385,10 @@ class TrackingObserver(RunObserver):
         kill_after = os.environ.get("DMKD_TEST_KILL_AFTER_TASK")  # testing hook: a real kill -9 mid-suite
         if kill_after is not None and int(kill_after) == task_id:
             os.kill(os.getpid(), signal.SIGKILL)
+        hold = os.environ.get("DMKD_TEST_HOLD_AFTER_TASK")  # testing hook "k:file": wait after task k for file
+        if hold is not None and int(hold.split(":", 1)[0]) == task_id:
+            while not Path(hold.split(":", 1)[1]).exists():
+                time.sleep(0.1)
 
     def on_end(self, record: dict[str, Any]) -> None:
         ml = self.store.mlflow
@@ -426,11 +437,52 @@ def _log_run_end(ml, run_id: str | None, record: dict[str, Any]) -> None:
     if record.get("artifacts"):
         ml.log_dict(run_id, record["artifacts"], "method_artifacts.json")
     ml.log_dict(run_id, record, "record.json")
+ON_CODE_CHANGE = ("refuse", "restart", "resume")
+
+
+def check_code(state: dict[str, Any] | None, spec: RunSpec, store: Store, policy: str) -> dict[str, Any] | None:
+    """The checkpoint to resume from, given the code that wrote it.
+
+    Written by this code: resumed. Written by other code (or before code was recorded): ``refuse``
+    is one UserError line offering the two choices; ``restart`` sets the checkpoint aside and runs
+    from task 0 under this code; ``resume`` keeps its tasks, and the record names each task's code
+    (the report marks the row as mixed)."""
+    from harness.engine.codestate import code_state
+
+    if state is None:
+        return None
+    if policy not in ON_CODE_CHANGE:
+        raise UserError(f"--on-code-change {policy!r} is not one of {', '.join(ON_CODE_CHANGE)}",
+                        "pass refuse, restart or resume")
+    now = code_state()
+    per_task = (state.get("record") or {}).get("per_task") or []
+    codes = {p.get("code") if isinstance(p, dict) else None for p in per_task}
+    if codes <= {now.digest}:
+        return state
+    names = (state.get("record") or {}).get("code") or {}
+    then = "; ".join(sorted(str(names.get(c, f"sources {c}") if c else "code not recorded") for c in codes))
+    done = {0: "no task", 1: "task 0"}.get(len(per_task), f"tasks 0-{len(per_task) - 1}")
+    key = spec.key()
+    if policy == "refuse":
+        raise UserError(f"the checkpoint of {key} ({done}) was written by other code ({then}); this is "
+                        f"{now.describe()}, and resuming would mix the two in one result",
+                        "pass --on-code-change restart (run it again from task 0 under this code) or "
+                        "--on-code-change resume (keep those tasks; the record names each task's code)")
+    if policy == "restart":
+        store.drop_checkpoint(key)
+        print(f"note: the checkpoint of {key} was written by other code ({then}); restarting from task 0 "
+              f"under {now.describe()}", file=sys.stderr)
+        return None
+    print(f"note: resuming {key} after {done} written by other code ({then}); the rest runs under "
+          f"{now.describe()}, and the record names each task's code", file=sys.stderr)
+    return state
 
 
 def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume: bool = True,
-            progress: Any = None, extra: dict[str, Any] | None = None, checkpoint: bool = True) -> dict[str, Any]:
-    """Run one spec with tracking; resume from its checkpoint when one exists.
+            progress: Any = None, extra: dict[str, Any] | None = None, checkpoint: bool = True,
+            on_code_change: str = "refuse") -> dict[str, Any]:
+    """Run one spec with tracking; resume from its checkpoint when one exists (see :func:`check_code`
+    for a checkpoint written by other code).
 
     A run whose loss diverges is recorded as failed with the reason and returned (the caller
     goes on); a user error propagates; a crash leaves the record 'running' and the checkpoint.
@@ -438,16 +490,25 @@ def execute(spec: RunSpec, store: Store, parent_id: str | None = None, *, resume
     key = spec.key()
     prev = store.load_record(key)
     if prev is not None and prev.get("status") == "finished" and prev.get("config_hash") == spec.config_hash():
-        # The identical configuration has run to the end: its record stands (never re-run over).
-        reconcile_mlflow(store, [prev])
+        reconcile_mlflow(store, [prev])  # final: no claim needed to read it
         prev["reused"] = True
         return prev
-    state = store.load_checkpoint(key, spec.config_hash()) if resume else None
-    observer = TrackingObserver(store, spec, parent_id, extra, checkpoint=checkpoint)
-    try:
-        return run(spec, observer, resume_state=state, progress=progress)
-    except TrainingDiverged as e:
-        return _fail(store, observer, spec, str(e))
+    with store.claim(key) as waited:  # the key's one process; a second comer waits here
+        prev = store.load_record(key)
+        same = prev is not None and prev.get("config_hash") == spec.config_hash()
+        if same and (prev.get("status") == "finished" or (waited and prev.get("status") == "failed")):
+            # The identical configuration has run to the end (or, while we waited, failed): its record
+            # stands (never re-run over).
+            reconcile_mlflow(store, [prev])
+            prev["reused"] = True
+            return prev
+        state = store.load_checkpoint(key, spec.config_hash()) if resume else None
+        state = check_code(state, spec, store, on_code_change)
+        observer = TrackingObserver(store, spec, parent_id, extra, checkpoint=checkpoint)
+        try:
+            return run(spec, observer, resume_state=state, progress=progress)
+        except TrainingDiverged as e:
+            return _fail(store, observer, spec, str(e))
 
 
 def _fail(store: Store, observer: TrackingObserver, spec: RunSpec, reason: str) -> dict[str, Any]:
@@ -620,7 +681,8 @@ def run_sequential(cfg: SuiteConfig, store: Store, *, show_progress: bool = True
     for spec in tqdm(specs, desc=f"suite {cfg.name}", unit="run", disable=not show_progress, file=sys.stderr):
         if (store.load_record(spec.key()) or {}).get("status") in ("finished", "failed"):
             continue
-        execute(spec, store, group_run(store, cfg, spec, suite_id) if ml else None, extra=extra)
+        execute(spec, store, group_run(store, cfg, spec, suite_id) if ml else None, extra=extra,
+                on_code_change=cfg.on_code_change)
     recs = [r for r in (store.load_record(s.key()) for s in specs) if r is not None]
     reconcile_mlflow(store, recs)
     return recs

@@ -6,6 +6,7 @@ Layout under the results folder::
     results/mlartifacts/                       MLflow artifacts
     results/<experiment>/runs/<key>.json       one record per run; status running|finished|failed
     results/<experiment>/checkpoints/<key>.pt  resumable state after the last completed task
+    results/<experiment>/claims/<key>.lock     held (flock) by the one process running that key
 
 MLflow nesting: suite -> (method configuration, scenario) -> seed. A run is marked FINISHED in
 MLflow only when it is; a killed run stays RUNNING until resumed. When MLflow fails (an
@@ -15,6 +16,7 @@ carry on, so no number is ever lost.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +65,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def _write_error(path: Path, e: OSError) -> UserError:
     if e.errno == errno.ENOSPC:
         return UserError(f"no space left on the device holding {path.parent}; {path.name} was not written "
-                         "(what was recorded before is intact; the run resumes from its last checkpoint)",
+                         "(what was recorded before is intact: the record stays 'running' after the last task "
+                         "written, and the run resumes from its last checkpoint)",
                          "free disk space or pass another --results folder, then run the command again")
     return UserError(f"cannot write {path} ({e.strerror or e})", "pass a writable folder with --results")
+
+
+def _save_error(path: Path, e: Exception) -> UserError:
+    """A write that failed with an error that is not an OSError (torch.save's RuntimeError): the
+    previous checkpoint and the record as last written (status running) are intact."""
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"writing {path} failed ({type(e).__name__}: {one_line(e, 120)}; {free}); nothing was "
+                     "overwritten: the record stays 'running' after the last task written and the run resumes "
+                     "from its last checkpoint", "free disk space or pass another --results folder, then run "
+                     "the command again")
 
 
 _EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -109,7 +128,7 @@ class Store:
         self.results_dir = check_results_dir(Path(results_dir))
         self.experiment = check_experiment_name(experiment)
         self.dir = self.results_dir / experiment
-        for sub in ("runs", "checkpoints"):
+        for sub in ("runs", "checkpoints", "claims"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         if tracking_uri is None:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.results_dir.resolve()}/mlflow.db"
@@ -152,6 +171,58 @@ class Store:
                 continue
         return out
 
+    # ---- one process per key ----------------------------------------------------------------
+    def claim_path(self, key: str) -> Path:
+        return self.dir / "claims" / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def claim(self, key: str, poll_s: float = 1.0, report_s: float = 60.0) -> Iterator[bool]:
+        """Hold the key's claim while the block runs: whoever runs a key (a suite, another suite, a
+        single run, an ablation), no two processes run it at once. A second comer waits, saying so,
+        until the holder ends; it then finds the holder's record (finished, failed, or running with a
+        checkpoint when the holder died). Yields whether it had to wait.
+
+        The claim is an OS file lock (flock through filelock): the kernel releases it when its holder
+        exits, even by kill -9, so a dead holder never blocks a key."""
+        from filelock import FileLock, Timeout
+
+        path = self.claim_path(key)
+        owner = path.with_suffix(".owner")
+        lock = FileLock(str(path))
+        waited = False
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            waited = True
+            last = time.monotonic()
+            print(f"run {key} is running in another process ({self._owner(owner)}); waiting for it to end, then "
+                  "its record is used", file=sys.stderr)
+            while True:
+                try:
+                    lock.acquire(timeout=poll_s)
+                    break
+                except Timeout:
+                    if time.monotonic() - last >= report_s:
+                        print(f"still waiting for run {key} ({self._owner(owner)})", file=sys.stderr)
+                        last = time.monotonic()
+        except OSError as e:
+            raise _write_error(path, e) from None
+        try:
+            with contextlib.suppress(OSError):
+                owner.write_text(f"worker {self.worker_id}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+            yield waited
+        finally:
+            with contextlib.suppress(OSError):
+                owner.unlink()
+            lock.release()  # the lock file stays: removing it would let a waiter and a newcomer both hold one
+
+    @staticmethod
+    def _owner(path: Path) -> str:
+        try:
+            return path.read_text()[:200] or "owner unknown"
+        except OSError:
+            return "owner unknown"
+
     # ---- checkpoints ------------------------------------------------------------------------
     CHECKPOINT_FORMAT = "dmkd-checkpoint/2"
 
@@ -170,6 +241,8 @@ class Store:
             tmp.unlink(missing_ok=True)
             if isinstance(e, OSError):
                 raise _write_error(path, e) from None
+            if isinstance(e, Exception):  # torch.save reports a full disk as RuntimeError (iostream error)
+                raise _save_error(path, e) from None
             raise
 
     def load_checkpoint(self, key: str, config_hash: str) -> dict[str, Any] | None:

@@ -312,7 +312,8 @@ def _grid_cells(grid: dict[str, list]) -> list[dict[str, Any]]:
 
 
 def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = None, tracking_uri: str | None = None,
-           data_root: str | None = None, device: str = "auto", show_progress: bool = True) -> list[dict[str, Any]]:
+           data_root: str | None = None, device: str = "auto", show_progress: bool = True,
+           on_code_change: str = "refuse") -> list[dict[str, Any]]:
     """Run every grid cell (all seeds, test split) through GridSampler; cooperative across workers."""
     import optuna
 
@@ -342,7 +343,8 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
                            device=device, data_root=data_root)
             rec = store.load_record(spec.key())
             if rec is None or rec.get("status") != "finished":
-                rec = execute(spec, store, parent, extra={"ablation": {"study": cfg["name"], "params": combo}})
+                rec = execute(spec, store, parent, extra={"ablation": {"study": cfg["name"], "params": combo}},
+                              on_code_change=on_code_change)
             if rec.get("status") != "finished":
                 raise RuntimeError(rec.get("error", "run failed"))
             s = setting.setdefault("s", "class_il" if "class_il" in rec["metrics"] else "domain_il")
@@ -357,7 +359,8 @@ def ablate(cfg: dict[str, Any], results_dir: Path, storage_url: str | None = Non
 
 def cmd_ablate(args) -> int:
     cfg = load_ablation(args.config)
-    recs = ablate(cfg, Path(args.results), args.storage, args.tracking_uri, args.data_root, args.device)
+    recs = ablate(cfg, Path(args.results), args.storage, args.tracking_uri, args.data_root, args.device,
+                  on_code_change=args.on_code_change)
     from harness.orchestration.console import print_records
 
     print_records(recs)

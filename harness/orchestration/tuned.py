@@ -50,6 +50,29 @@ def tuning_from_args(args, cfg):
     return TuningProtocol(proto, k)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: an object with a key written twice is refused (json keeps the last)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
+
+
+def trial_count(value: Any, where: str, fix: str) -> int:
+    """A number of tuning trials: a whole number >= 0 (an integral float such as 20.0 is accepted)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where} must be a whole number of trials >= 0, got {value!r}", fix)
+    return value
+
+
 def best_params_path(results_dir: Path, method: str, scenario: str) -> Path:
     return Path(results_dir) / "tuned" / f"{method}__{scenario}.json"
 
@@ -61,14 +84,17 @@ def load_best_params(results_dir: Path, cfg) -> dict[tuple[str, str], dict[str, 
         for sc, _ in cfg.scenarios:
             p = best_params_path(results_dir, m, sc)
             if p.exists():
+                again = f"delete it and run `dmkd tune --method {m} --scenario {sc}` again"
                 try:
-                    saved = json.loads(p.read_text())
+                    saved = json.loads(p.read_text(), object_pairs_hook=_distinct_keys)
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise UserError(f"tuned settings {p} are unreadable ({type(e).__name__})",
-                                    f"delete it and run `dmkd tune --method {m} --scenario {sc}` again") from None
+                    raise UserError(f"tuned settings {p} are unreadable ({type(e).__name__})", again) from None
+                except _RepeatedKey as e:
+                    raise UserError(f"tuned settings {p}: key {e.args[0]!r} appears twice in one object; only "
+                                    "the last would count", again) from None
                 if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
-                    raise UserError(f"tuned settings {p} have no 'params' mapping",
-                                    f"delete it and run `dmkd tune --method {m} --scenario {sc}` again")
+                    raise UserError(f"tuned settings {p} have no 'params' mapping", again)
+                saved["n_trials"] = trial_count(saved.get("n_trials", 0), f"tuned settings {p}: n_trials", again)
                 out[(m, sc)] = saved
     if not out:
         raise UserError(f"--tuned: no saved parameters under {Path(results_dir) / 'tuned'}",
@@ -138,6 +164,8 @@ def load_tuned_suite(cfg, directory: Path) -> dict[tuple[str, str], dict[str, An
                                 f"the suite has {m_name} with {dict(overrides)}",
                                 "re-run `dmkd tune-suite` for this suite, or pass --defaults")
             prov = e.get("provenance") or {}
-            out[(row, sc_name)] = {"params": dict(e.get("params") or {}), "n_trials": int(prov.get("trials", 0)),
+            trials = trial_count(prov.get("trials", 0), f"{path}: entry {row!r}: provenance.trials",
+                                 "re-run `dmkd tune-suite` for this suite, or pass --defaults")
+            out[(row, sc_name)] = {"params": dict(e.get("params") or {}), "n_trials": trials,
                                    "provenance": prov, "file": str(path), "tuning": dict(tuning)}
     return out
