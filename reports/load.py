@@ -59,10 +59,13 @@ def load_json_records(results_dir: str | Path, experiment: str | None = None) ->
     return records
 
 
-def load_mlflow_records(tracking_uri: str, experiment: str | None = None) -> list[dict[str, Any]]:
+def load_mlflow_records(tracking_uri: str, experiment: str | None = None,
+                        known_run_ids: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Records stored as the ``record.json`` artifact of each MLflow run (parent runs have none).
 
-    MLflow is imported here, not at module level: importing it takes seconds.
+    Runs in ``known_run_ids`` are skipped: their record was already read from its JSON file (which the
+    run writes after every task, so it is never older than the artifact), and each download costs a
+    round trip to the store. MLflow is imported here, not at module level: importing it takes seconds.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -86,6 +89,8 @@ def load_mlflow_records(tracking_uri: str, experiment: str | None = None) -> lis
             while True:
                 page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
                 for r in page:
+                    if r.info.run_id in known_run_ids:
+                        continue
                     try:
                         local = mlflow.artifacts.download_artifacts(
                             run_id=r.info.run_id, artifact_path=RECORD_ARTIFACT,
@@ -119,20 +124,25 @@ def load_records(results_dir: str | Path = "results", experiment: str | None = N
     """Records from the JSON files and, when ``tracking_uri`` is given, from MLflow too (runs made
     with tracking off are in the JSON files only; runs of other machines may be in MLflow only);
     one record per run."""
+    json_records: list[dict[str, Any]] = []
+    json_error: UserError | None = None
+    try:
+        json_records = load_json_records(results_dir, experiment)
+    except UserError as e:
+        json_error = e
     records: list[dict[str, Any]] = []
     mlflow_error: UserError | None = None
     if tracking_uri:
+        known = frozenset(str(r["mlflow_run_id"]) for r in json_records if r.get("mlflow_run_id"))
         try:
-            records = load_mlflow_records(tracking_uri, experiment)
+            records = load_mlflow_records(tracking_uri, experiment, known)
         except UserError as e:  # the JSON records may still hold the runs
             mlflow_error = e
-    try:
-        records += load_json_records(results_dir, experiment)
-    except UserError:
-        if not records:
-            if mlflow_error is not None:
-                raise mlflow_error from None
-            raise
+    if json_error is not None and not records:
+        if mlflow_error is not None:
+            raise mlflow_error from None
+        raise json_error
+    records += json_records
     if not records:
         where = f"experiment {experiment!r}" if experiment else str(results_dir)
         raise UserError(f"no run records found in {where}", "run a suite first (dmkd suite configs/quick.yaml)")
