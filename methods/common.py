@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,12 +137,14 @@ def batch_mean_fisher(
     labels: str = "empirical",
     max_samples: int | None = None,
     generator: torch.Generator | None = None,
+    run: Callable[..., Any] | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal importance of FACIL and Avalanche: per batch b the squared gradient of the batch-mean
     loss −mean_b log p(y|x), averaged over batches weighted by their size:
     F = Σ_b |b| (∇ ℓ_b)² / Σ_b |b| (Avalanche weights batches equally; the two differ only through a
     smaller last batch). About batch-size times smaller than :func:`diagonal_fisher`'s per-sample mean.
-    labels as in :func:`diagonal_fisher`; the model is evaluated in eval mode."""
+    labels as in :func:`diagonal_fisher`; the model is evaluated in eval mode. ``run(fn, *args)`` runs
+    each batch's work (``ctx.counted``: its FLOPs measured once per batch shape); default: a plain call."""
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -149,11 +152,8 @@ def batch_mean_fisher(
     was_training = model.training
     model.eval()
     n_seen = 0
-    for x, y in batches:
-        if max_samples is not None:
-            x, y = x[: max_samples - n_seen], y[: max_samples - n_seen]
-        if len(y) == 0:
-            break
+
+    def accumulate(model: nn.Module, x: Tensor, y: Tensor) -> None:
         logits = model(x)
         if labels == "sampled":
             with torch.no_grad():
@@ -163,6 +163,16 @@ def batch_mean_fisher(
         for n, g in zip(params, grads):
             if g is not None:
                 fisher[n] += g.detach().pow(2) * len(y)
+
+    for x, y in batches:
+        if max_samples is not None:
+            x, y = x[: max_samples - n_seen], y[: max_samples - n_seen]
+        if len(y) == 0:
+            break
+        if run is None:
+            accumulate(model, x, y)
+        else:
+            run(accumulate, model, x, y)
         n_seen += len(y)
         if max_samples is not None and n_seen >= max_samples:
             break

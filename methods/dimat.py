@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from harness.core.accuracy import seen_classes_accuracy
@@ -211,6 +210,8 @@ def match_units(model_a: nn.Module, model_b: nn.Module, batches: list[Tensor],
     model_a's :func:`observed_activations` on ``batches`` when the caller already has them (an agent
     matches every neighbour against the same activations of its own).
     """
+    from scipy.optimize import linear_sum_assignment  # scipy.optimize costs seconds to import
+
     names = [g.observe for g in groups]
     corr = {n: _Correlation() for n in names}
     if acts_a is None:

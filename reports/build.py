@@ -200,6 +200,8 @@ def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, 
     """report.html: every table and figure (figures=False: tables only); images embedded as data URIs.
     ``methods_href``: the relative path from report.html to docs/methods.md (default: results/report/)."""
     sections: list[H.Section] = []
+    kinds = (plots.accuracy_heatmaps, plots.task_accuracy_over_time, plots.forgetting_bwt_bars, plots.pareto_plots)
+    pngs = iter(plots.render_all([(fn, b) for b in boards for fn in kinds]) if figures else [])
     for b in boards:
         s = H.Section(b.anchor, b.title)
         s.body += [f'<div class="proto"><strong>Protocol:</strong> {escape(b.protocol)}</div>',
@@ -207,13 +209,13 @@ def html_report(title: str, boards: list[Leaderboard], ablations: list, failed, 
         sections.append(s)
         if not figures:
             continue
-        s.body.append(H.figure(plots.accuracy_heatmaps(b), f"Accuracy matrix per method, mean over seeds "
+        s.body.append(H.figure(next(pngs), f"Accuracy matrix per method, mean over seeds "
                                f"(row k: after training task k; column j: task j), {b.title}."))
-        s.body.append(H.figure(plots.task_accuracy_over_time(b), f"Accuracy on each task after each later task, "
+        s.body.append(H.figure(next(pngs), f"Accuracy on each task after each later task, "
                                f"mean over seeds, {b.title}."))
-        s.body.append(H.figure(plots.forgetting_bwt_bars(b), f"Forgetting and BWT, mean ± 1 std over seeds, "
+        s.body.append(H.figure(next(pngs), f"Forgetting and BWT, mean ± 1 std over seeds, "
                                f"{b.title}."))
-        s.body.append(H.figure(plots.pareto_plots(b), "Final average accuracy (mean ± std) against total "
+        s.body.append(H.figure(next(pngs), "Final average accuracy (mean ± std) against total "
                                "training FLOPs, persistent memory (the bytes a method carries from task to task; "
                                "dotted: the memory budget) and bytes communicated; the dashed line joins the "
                                "Pareto-optimal configurations (no other is both cheaper and more accurate)."))

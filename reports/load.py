@@ -64,10 +64,17 @@ def load_json_records(results_dir: str | Path, experiment: str | None = None) ->
     return records
 
 
-def load_mlflow_records(tracking_uri: str, experiment: str | None = None) -> list[dict[str, Any]]:
+def load_mlflow_records(tracking_uri: str, experiment: str | None = None,
+                        known_run_ids: frozenset[str] = frozenset(),
+                        complete: set[str] | None = None) -> list[dict[str, Any]]:
     """Records stored as the ``record.json`` artifact of each MLflow run (parent runs have none).
 
-    MLflow is imported here, not at module level: importing it takes seconds.
+    Runs in ``known_run_ids`` are skipped: their record was already read from its JSON file (which the
+    run writes after every task, so it is never older than the artifact), and each download costs a
+    round trip to the store, unless MLflow has not marked the run ended (a run cut off by an outage:
+    its artifact is read, or found missing). ``complete``, when given, receives the ids of the runs
+    MLflow holds in full (ended and known, or with their record). MLflow is imported here, not at
+    module level: importing it takes seconds.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -91,6 +98,10 @@ def load_mlflow_records(tracking_uri: str, experiment: str | None = None) -> lis
             while True:
                 page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
                 for r in page:
+                    if r.info.run_id in known_run_ids and r.info.status in ("FINISHED", "FAILED"):
+                        if complete is not None:
+                            complete.add(r.info.run_id)
+                        continue
                     try:
                         local = mlflow.artifacts.download_artifacts(
                             run_id=r.info.run_id, artifact_path=RECORD_ARTIFACT,
@@ -100,6 +111,8 @@ def load_mlflow_records(tracking_uri: str, experiment: str | None = None) -> lis
                     rec = _read_json(Path(local))
                     rec.setdefault("experiment", exp.name)
                     records.append(rec)
+                    if complete is not None:
+                        complete.add(r.info.run_id)
                 token = page.token
                 if not token:
                     break
@@ -125,25 +138,30 @@ def load_records(results_dir: str | Path = "results", experiment: str | None = N
     with tracking off are in the JSON files only; runs of other machines may be in MLflow only);
     one record per run. ``missing``, when given, receives the keys (``experiment/key``) of the
     finished or failed JSON records that MLflow lacks."""
-    records: list[dict[str, Any]] = []
-    mlflow_error: UserError | None = None
-    if tracking_uri:
-        try:
-            records = load_mlflow_records(tracking_uri, experiment)
-        except UserError as e:  # the JSON records may still hold the runs
-            mlflow_error = e
-    in_mlflow = {(str(r.get("experiment")), str(r["key"])) for r in records}
+    json_records: list[dict[str, Any]] = []
+    json_error: UserError | None = None
     try:
         json_records = load_json_records(results_dir, experiment)
-    except UserError:
-        if not records:
-            if mlflow_error is not None:
-                raise mlflow_error from None
-            raise
-        json_records = []
+    except UserError as e:
+        json_error = e
+    records: list[dict[str, Any]] = []
+    mlflow_error: UserError | None = None
+    complete: set[str] = set()
+    if tracking_uri:
+        known = frozenset(str(r["mlflow_run_id"]) for r in json_records if r.get("mlflow_run_id"))
+        try:
+            records = load_mlflow_records(tracking_uri, experiment, known, complete)
+        except UserError as e:  # the JSON records may still hold the runs
+            mlflow_error = e
+    if json_error is not None and not records:
+        if mlflow_error is not None:
+            raise mlflow_error from None
+        raise json_error
     if tracking_uri and missing is not None and mlflow_error is None:
+        in_mlflow = {(str(r.get("experiment")), str(r["key"])) for r in records}
         missing += sorted(f"{r['experiment']}/{r['key']}" for r in json_records
                           if r.get("status") in ("finished", "failed")
+                          and str(r.get("mlflow_run_id")) not in complete
                           and (str(r["experiment"]), str(r["key"])) not in in_mlflow)
     records += json_records
     if not records:

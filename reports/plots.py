@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import io
 import math
+import multiprocessing
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import matplotlib
@@ -50,6 +53,34 @@ def to_png(fig: plt.Figure) -> bytes:
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches=bbox)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _call(job: tuple[Callable[..., bytes | None], Any]) -> bytes | None:
+    fn, arg = job
+    return fn(arg)
+
+
+def render_all(jobs: Sequence[tuple[Callable[..., bytes | None], Any]], workers: int | None = None) -> list[bytes | None]:
+    """``fn(arg)`` of every (fn, arg) job, in order. Drawing a figure is single-threaded matplotlib work,
+    independent of the other figures, so with several cores the figures are drawn at once in forked
+    worker processes (the same code on the same inputs: the same PNG bytes); in this process with one
+    core, one job, or where processes cannot be forked. The default is this process: forking a process
+    that holds torch's and MLflow's threads (the end of `dmkd suite`) is not known safe, and on a busy
+    2-core machine the workers were measured slower; ``workers`` or $DMKD_REPORT_WORKERS asks for more."""
+    import os
+
+    workers = min(len(jobs), workers or int(os.environ.get("DMKD_REPORT_WORKERS", "1") or 1))
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_call(job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_call, jobs))
 
 
 def _grid(n: int, ncols: int = 4, size: tuple[float, float] = (3.6, 3.1)) -> tuple[plt.Figure, list[plt.Axes]]:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.datasets import CIFAR10, CIFAR100
 
 from harness.core.data import Scenario
 from harness.core.defaults import documented
@@ -62,12 +61,19 @@ class _Checked:
             self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]  # type: ignore[attr-defined]
 
 
-class _CIFAR10(_Checked, CIFAR10):
-    pass
+def _torchvision_class(num_classes: int) -> type:
+    """torchvision's CIFAR10 or CIFAR100 class, imported when data are read: importing torchvision
+    costs seconds, which listing or validating a scenario does not pay."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    return CIFAR10 if num_classes == 10 else CIFAR100
 
 
-class _CIFAR100(_Checked, CIFAR100):
-    pass
+@functools.cache
+def _checked_class(num_classes: int) -> type:
+    """:class:`_Checked` over torchvision's class of that family."""
+    base = _torchvision_class(num_classes)
+    return type(f"_{base.__name__}", (_Checked, base), {"__module__": __name__})
 
 
 @dataclass(frozen=True)
@@ -75,21 +81,23 @@ class _Family:
     name: str
     folder: str  # torchvision's base_folder
     archive: str
-    dataset: type
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    @property
+    def dataset(self) -> type:
+        return _checked_class(self.num_classes)
+
 
 FAMILIES = {
     10: _Family(
-        "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", _CIFAR10, 10, CIFAR10_MEAN, CIFAR10_STD
+        "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", 10, CIFAR10_MEAN, CIFAR10_STD
     ),
     100: _Family(
         "CIFAR-100",
         "cifar-100-python",
         "cifar-100-python.tar.gz",
-        _CIFAR100,
         100,
         CIFAR100_MEAN,
         CIFAR100_STD,
@@ -117,7 +125,7 @@ def download_cifar(fam: _Family, data_root: str | None) -> Path:
         raise UserError(f"download of {fam.name} needs a target folder", "pass --data-root DIR or set DMKD_DATA")
     root = roots[0]
     try:
-        (CIFAR10 if fam.num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
+        _torchvision_class(fam.num_classes)(str(root), train=True, download=True)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
         raise UserError(
             f"downloading {fam.archive} into {root} failed ({type(e).__name__}: {e})",

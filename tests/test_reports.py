@@ -396,3 +396,41 @@ def test_dmkd_rows_name_their_router():
     rec["label"] = "dmkd (learned router)"
     assert row_label(rec) == "dmkd (learned router)"  # a label that names it is kept
     assert row_label(fake_record("ft", 0, 0.5)) == "ft"
+
+
+def test_records_in_json_and_mlflow_are_read_once(tmp_path, monkeypatch):
+    """A run whose JSON record is there is not downloaded from MLflow again; a run found only in MLflow
+    (another machine's) still is, and each run is reported once."""
+    import mlflow
+
+    from reports import load
+
+    res = tmp_path / "results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp_id = mlflow.create_experiment("quick", artifact_location=(tmp_path / "artifacts").as_uri())
+    local, remote = fake_record("ft", 0, 0.35), fake_record("ft", 1, 0.45)
+    try:
+        for rec in (local, remote):
+            with mlflow.start_run(experiment_id=exp_id, run_name=rec["key"]) as run:
+                mlflow.log_dict(rec, "record.json")
+                rec["mlflow_run_id"] = run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+    _write_results(res, "quick", [local])  # the other run's JSON record is on another machine
+    downloads = []
+    real = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts",
+                        lambda **kw: downloads.append(kw["run_id"]) or real(**kw))
+    got = load.load_records(res, "quick", uri)
+    assert downloads == [remote["mlflow_run_id"]]
+    assert sorted(r["key"] for r in got) == sorted([local["key"], remote["key"]])
+
+
+def test_figures_drawn_in_worker_processes_are_the_same_png(known_runs):
+    from reports import plots
+
+    board = leaderboards(known_runs)[0]
+    jobs = [(plots.forgetting_bwt_bars, board), (plots.pareto_plots, board), (abs, -3)]
+    assert plots.render_all(jobs, workers=2) == plots.render_all(jobs, workers=1)
+    assert plots.render_all(jobs, workers=2)[2] == 3

@@ -43,7 +43,7 @@ def _code_change(p: argparse.ArgumentParser) -> None:
 def add_suite_options(s: argparse.ArgumentParser) -> None:
     """The `dmkd suite` options for coordination and launching."""
     from harness.orchestration.launch import LAUNCHERS
-    from harness.orchestration.suite import GRACE_S, HEARTBEAT_S
+    from harness.orchestration.retry import GRACE_S, HEARTBEAT_S
 
     s.add_argument("--storage", default=None,
                    help="Optuna storage that coordinates the workers: sqlite under --results (default), "

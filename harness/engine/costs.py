@@ -158,6 +158,21 @@ class StepFlopMeter:
         self.batch_index = 0
         self._in_task = False
 
+    def count_boundary(self, fn, *args: Any) -> int:
+        """Run ``fn(*args)`` (work after ``train_task``: a consolidation pass) and return its exact FLOPs,
+        counted in the meter's own boundary counter, which ``ctx.counted`` work inside it suspends (so
+        that such work, counted once per signature, is neither counted twice nor through the
+        counter's per-operation dispatch on every call)."""
+        self._close_counter()
+        before, self.boundary = self.boundary, 0
+        self._open(step=False)
+        try:
+            fn(*args)
+        finally:
+            self._close_counter()
+            flops, self.boundary = self.boundary, before
+        return int(flops)
+
     def take_boundary(self) -> int:
         """The boundary FLOPs counted since the last call (the runner adds them to the run's)."""
         flops, self.boundary = self.boundary, 0

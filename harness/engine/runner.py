@@ -399,7 +399,7 @@ def run(spec: RunSpec, observer: RunObserver | None = None, resume_state: dict[s
             finally:
                 meter.finish_task()  # closes the open counter, even when train_task raised
             ctx.check_losses(method.NAME, task.id)  # every loss through ctx.backward, whatever the schedule
-            f_after, _ = count_flops(method.after_task, task)
+            f_after = meter.count_boundary(method.after_task, task)
             train_s = watch.stop()
             boundary_flops += f_before + meter.take_boundary() + f_after
             watch.start()

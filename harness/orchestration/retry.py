@@ -1,10 +1,15 @@
 """Retries through tenacity: the storages and MLflow's sqlite store are shared by concurrent workers,
-and a call that meets a lock or a table being created is tried again after a jittered wait."""
+and a call that meets a lock or a table being created is tried again after a jittered wait. Also the
+timing of workers that share a storage (heartbeat, grace), here in the lowest layer so that the
+command line can show the defaults without importing the suite (torch)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/orchestration/cluster.py)
+GRACE_S = 60  # seconds of silence after which a worker counts as dead
 
 
 def retrying(attempts: int, step_s: float, when: Callable[[BaseException], bool] | None = None) -> Any:

@@ -26,11 +26,10 @@ from harness.core.context import TrainingDiverged
 from harness.core.errors import UserError
 from harness.core.protocol import Protocol
 from harness.engine.runner import RunObserver, RunSpec, _safe, run
+from harness.orchestration.retry import GRACE_S, HEARTBEAT_S
 from harness.orchestration.tracking import Store, flatten
 
 DONE = ("finished", "failed")  # a cell with a record in one of these states is done
-HEARTBEAT_S = 10  # seconds between a suite worker's heartbeats (harness/orchestration/cluster.py)
-GRACE_S = 60  # seconds of silence after which a worker counts as dead
 
 
 @dataclass
