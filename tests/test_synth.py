@@ -175,7 +175,7 @@ def test_download_uses_torchvision_download_into_the_data_root(tmp_path, monkeyp
             calls.append((root, train, download))
             generate("cifar10", tmp_path, scale=0.002)
 
-    monkeypatch.setattr(cifar, "CIFAR10", FakeCIFAR10)
+    monkeypatch.setattr(cifar, "_torchvision_class", lambda n: FakeCIFAR10)
     cifar.load_cifar.cache_clear()
     sc = build_scenario("split-cifar10", {"download": True}, 0, str(tmp_path))
     assert calls == [(str(tmp_path), True, True)] and len(sc.tasks) == 5
@@ -189,7 +189,7 @@ def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
         def __init__(self, root, train, download):
             raise urllib.error.URLError("network unreachable")
 
-    monkeypatch.setattr(cifar, "CIFAR100", Offline)
+    monkeypatch.setattr(cifar, "_torchvision_class", lambda n: Offline)
     with pytest.raises(UserError) as e:
         build_scenario("split-cifar100", {"download": True}, 0, str(tmp_path))
     assert "downloading cifar-100-python.tar.gz" in e.value.problem and "offline" in e.value.fix
